@@ -1,0 +1,202 @@
+"""Reading SRe2L relabel output: the directory layout and one batch file, loaded safely and checked."""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import ConvertError
+
+_EPOCH_DIR = re.compile(r"epoch_(\d+)")
+_BATCH_FILE = re.compile(r"batch_(\d+)\.tar")
+
+
+def _numpy_safe_globals() -> list:
+    """Exactly the numpy types a CutMix file's bbox (numpy.int64) or a numpy lambda needs.
+
+    Registered under both the numpy>=2 and the numpy 1.x module names, since files written
+    with either may be read.
+    """
+    scalar = np._core.multiarray.scalar
+    return [
+        scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype,
+        np.dtypes.Int64DType, np.dtypes.Float64DType,
+    ]
+
+
+@dataclass(frozen=True)
+class RelabelLayout:
+    """The epochs and per-epoch batch count found under ``--fkd-path``."""
+
+    root: str
+    epochs: int
+    batches_per_epoch: int
+
+    def batch_path(self, epoch: int, batch: int) -> str:
+        return os.path.join(self.root, f"epoch_{epoch}", f"batch_{batch}.tar")
+
+
+@dataclass(frozen=True)
+class RelabelBatch:
+    """One batch file's content as numpy, plus what the converter needs to check it."""
+
+    coords: np.ndarray
+    flips: np.ndarray
+    mix_index: np.ndarray | None
+    mix_lam: float | None
+    mix_bbox: tuple[int, int, int, int] | None
+    soft_labels: np.ndarray
+    file_bytes: int
+
+    @property
+    def size(self) -> int:
+        return int(self.coords.shape[0])
+
+    @property
+    def mix_type(self) -> str:
+        if self.mix_bbox is not None:
+            return "cutmix"
+        return "mixup" if self.mix_lam is not None else "none"
+
+
+def scan_layout(root: str) -> RelabelLayout:
+    """Find ``epoch_{e}/batch_{b}.tar``; every epoch must hold the same batches 0..nb-1, no gaps."""
+    if not os.path.isdir(root):
+        raise ConvertError(f"{root}: relabel directory not found")
+    epochs = _numbered_entries(root, _EPOCH_DIR, "epoch_{}", want_dirs=True)
+    if not epochs:
+        raise ConvertError(f"{root}: no epoch_<e> directories (not an SRe2L relabel output)")
+    layout_batches = None
+    for epoch in range(len(epochs)):
+        directory = os.path.join(root, f"epoch_{epoch}")
+        batches = _numbered_entries(directory, _BATCH_FILE, "batch_{}.tar", want_dirs=False)
+        if not batches:
+            raise ConvertError(f"{directory}: no batch_<b>.tar files")
+        if layout_batches is None:
+            layout_batches = len(batches)
+        elif len(batches) != layout_batches:
+            extra_or_missing = "missing" if len(batches) < layout_batches else "extra"
+            first = min(len(batches), layout_batches)
+            raise ConvertError(
+                f"{os.path.join(directory, f'batch_{first}.tar')}: {extra_or_missing} batch file "
+                f"(epoch 0 has {layout_batches} batches, this epoch {len(batches)})"
+            )
+    return RelabelLayout(root, len(epochs), layout_batches)
+
+
+def _numbered_entries(directory: str, pattern: re.Pattern, template: str, want_dirs: bool) -> list[int]:
+    """Numbers 0..k-1 of the entries matching ``pattern``; a gap or a stray entry is an error."""
+    numbers = []
+    for entry in sorted(os.listdir(directory)):
+        if entry.startswith("."):
+            continue
+        match = pattern.fullmatch(entry)
+        path = os.path.join(directory, entry)
+        if match is None or os.path.isdir(path) != want_dirs:
+            raise ConvertError(f"{path}: unexpected entry in a relabel directory")
+        numbers.append(int(match.group(1)))
+    numbers.sort()
+    for expected, found in enumerate(numbers):
+        if found != expected:
+            raise ConvertError(f"{os.path.join(directory, template.format(expected))}: missing")
+    return numbers
+
+
+def load_batch(path: str, input_size: int) -> RelabelBatch:
+    """Load one relabel file with ``weights_only=True`` (plus the numpy scalar types) and check it."""
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            content = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConvertError(f"{path}: missing") from None
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise ConvertError(f"{path}: needs unsafe unpickling; refused (only tensors, numbers and "
+                               "numpy scalars are loaded)") from None
+        raise ConvertError(f"{path}: truncated or not a torch.save file ({_first_line(exc)})") from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError, zipfile errors, ... for broken files
+        raise ConvertError(f"{path}: truncated or not a torch.save file ({_first_line(exc)})") from None
+    return _check_batch(path, content, input_size)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def _check_batch(path: str, content: object, input_size: int) -> RelabelBatch:
+    def fail(message: str) -> None:
+        raise ConvertError(f"{path}: {message}")
+
+    if not isinstance(content, (list, tuple)) or len(content) != 6:
+        fail("not an SRe2L relabel batch (expected a list of 6 items)")
+    coords, flips, mix_index, lam, bbox, soft = content
+    coords = _array(path, "coords", coords)
+    flips = _array(path, "flip_status", flips)
+    soft = _array(path, "soft_label", soft)
+    if coords.ndim != 2 or coords.shape[1] != 4 or coords.dtype != np.float32:
+        fail(f"coords is {coords.dtype}{list(coords.shape)}, expected float32 (n, 4)")
+    n = coords.shape[0]
+    if n == 0:
+        fail("empty batch")
+    if not np.all(np.isfinite(coords)) or coords.min() < 0 or coords.max() > 1:
+        fail("coords outside [0, 1]")
+    if flips.shape != (n,) or flips.dtype != np.bool_:
+        fail(f"flip_status is {flips.dtype}{list(flips.shape)}, expected bool ({n},)")
+    if soft.ndim != 2 or soft.shape[0] != n or soft.dtype not in (np.float16, np.float32):
+        fail(f"soft_label is {soft.dtype}{list(soft.shape)}, expected float16/float32 ({n}, C)")
+    if mix_index is not None:
+        mix_index = _array(path, "mix_index", mix_index)
+        if mix_index.shape != (n,) or mix_index.dtype.kind not in "iu":
+            fail(f"mix_index is {mix_index.dtype}{list(mix_index.shape)}, expected integers ({n},)")
+        if not np.array_equal(np.sort(mix_index), np.arange(n)):
+            fail("mix_index is not a permutation of the batch rows")
+        mix_index = mix_index.astype(np.int64)
+    if lam is not None:
+        if isinstance(lam, bool) or not isinstance(lam, (float, int, np.floating)):
+            fail(f"mix_lam is {type(lam).__name__}, expected a float")
+        lam = float(lam)
+        if not 0.0 <= lam <= 1.0:
+            fail(f"mix_lam {lam} outside [0, 1]")
+    if bbox is not None:
+        try:
+            bbox = tuple(int(v) for v in bbox)
+        except (TypeError, ValueError):
+            fail("mix_bbox is not 4 integers")
+        if len(bbox) != 4:
+            fail("mix_bbox is not 4 integers")
+        x1, y1, x2, y2 = bbox
+        if not (0 <= x1 <= x2 <= input_size and 0 <= y1 <= y2 <= input_size):
+            fail(f"mix_bbox {list(bbox)} outside the {input_size}x{input_size} crop")
+    if bbox is not None and (lam is None or mix_index is None):
+        fail("mix_bbox without mix_index and mix_lam")
+    if (lam is None) != (mix_index is None):
+        fail("mix_index and mix_lam must both be present or both be None")
+    return RelabelBatch(coords, flips, mix_index, lam, bbox, soft, os.path.getsize(path))
+
+
+def _array(path: str, name: str, value: object) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return value
+    raise ConvertError(f"{path}: {name} is {type(value).__name__}, expected a tensor")
+
+
+def infer_sizes(layout: RelabelLayout, first: RelabelBatch, last: RelabelBatch) -> tuple[int, int]:
+    """(B, N) from batch 0 and the last batch of epoch 0, as the original does."""
+    batch_size = first.size
+    num_images = batch_size * (layout.batches_per_epoch - 1) + last.size
+    if last.size > batch_size:
+        raise ConvertError(
+            f"{layout.batch_path(0, layout.batches_per_epoch - 1)}: {last.size} rows, more than "
+            f"batch 0's {batch_size}"
+        )
+    assert math.ceil(num_images / batch_size) == layout.batches_per_epoch
+    return batch_size, num_images

@@ -1,0 +1,51 @@
+"""Shared fixtures: a small ImageFolder plus relabel output, written by tests/relabel_fixture.py."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.relabel_fixture import make_image_folder, make_relabel
+
+torch.set_num_threads(1)
+
+INPUT_SIZE = 16
+
+
+@pytest.fixture
+def relabel_case(tmp_path):
+    """Factory: ``relabel_case(mix_type=..., dtype=..., ...)`` -> (train_dir, fkd_path, samples, truth)."""
+
+    def build(mix_type="cutmix", dtype=torch.float16, num_classes=4, per_class=5, epochs=3,
+              batch_size=6, width=None, seed=42, name="case"):
+        root = tmp_path / name
+        train_dir, fkd_path = str(root / "train"), str(root / "fkd")
+        samples = make_image_folder(train_dir, num_classes, per_class)
+        truth = make_relabel(fkd_path, samples, epochs=epochs, batch_size=batch_size,
+                             width=width or num_classes, input_size=INPUT_SIZE, mix_type=mix_type,
+                             dtype=dtype, seed=seed)
+        return train_dir, fkd_path, samples, truth
+
+    return build
+
+
+@pytest.fixture
+def converted(relabel_case, tmp_path):
+    """Factory: build a relabel case and convert it; returns (output_dir, samples, truth)."""
+    from convert import ConvertOptions, convert
+
+    def build(shard_bytes=10**9, **kwargs):
+        train_dir, fkd_path, samples, truth = relabel_case(**kwargs)
+        output = str(tmp_path / (kwargs.get("name", "case") + "-shards"))
+        convert(ConvertOptions(train_dir, fkd_path, output, input_size=INPUT_SIZE,
+                               fkd_seed=kwargs.get("seed", 42), shard_bytes=shard_bytes, progress=False),
+                log=lambda *_: None)
+        return output, samples, truth
+
+    return build
+
+
+def listing(directory: str) -> list[str]:
+    return sorted(os.listdir(directory)) if os.path.isdir(directory) else []

@@ -1,0 +1,291 @@
+"""fkd-convert: round trips against the independent fixture, the replay, and every input error."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import shards
+from convert.cli import main as convert_main
+from convert.imagefolder import list_image_folder
+from convert.replay import epoch_orders
+from tests.conftest import INPUT_SIZE, listing
+from tests.relabel_fixture import replay_orders
+
+
+@pytest.mark.parametrize("mix_type,dtype", [("cutmix", torch.float16), ("mixup", torch.float32),
+                                            ("none", torch.float16)])
+def test_round_trip_matches_relabel_files(converted, mix_type, dtype):
+    output, samples, truth = converted(mix_type=mix_type, dtype=dtype, shard_bytes=1500)
+    s = shards.ShardSet(output)
+    m = s.manifest
+    assert (m.num_images, m.batch_size, m.epochs, m.mix_type) == (20, 6, 3, mix_type)
+    assert m.soft_label_dtype == str(dtype).removeprefix("torch.")
+    assert len(m.shards_of("labels")) > m.epochs  # small shard size: several shards per epoch
+    seen = []
+    for rec in s.batches():
+        seen.append((rec.epoch, rec.batch))
+        coords, flips, mix_index, lam, bbox, soft = torch.load(truth.files[(rec.epoch, rec.batch)],
+                                                               weights_only=False)
+        assert rec.indices.tolist() == truth.indices(rec.epoch, rec.batch)
+        assert rec.coords.tobytes() == coords.numpy().tobytes()
+        assert rec.flips.tolist() == flips.tolist()
+        assert rec.soft_labels.dtype == soft.numpy().dtype
+        assert rec.soft_labels.tobytes() == soft.numpy().tobytes()
+        if mix_type == "none":
+            assert rec.mix_index is None and rec.mix_lam is None and rec.mix_bbox is None
+        else:
+            assert rec.mix_index.tolist() == mix_index.tolist()
+            assert rec.mix_lam == lam  # bit-exact float
+            assert rec.mix_bbox == (None if bbox is None else tuple(int(v) for v in bbox))
+    assert seen == [(e, b) for e in range(3) for b in range(4)]
+    assert [rec.batch for rec in s.batches() if rec.epoch == 2] == [0, 1, 2, 3]
+    assert s.batches(start_epoch=2).__next__().epoch == 2
+    images = list(s.images())
+    assert [img.index for img in images] == list(range(20))
+    for img, (path, label) in zip(images, samples):
+        assert img.label == label
+        with open(path, "rb") as f:
+            assert img.data == f.read()
+
+
+def test_short_last_batch_and_label_shards_never_span_epochs(converted):
+    output, _, _ = converted(batch_size=8)  # N=20: batches of 8, 8, 4
+    s = shards.ShardSet(output)
+    sizes = [rec.size for rec in s.batches(end_epoch=1)]
+    assert sizes == [8, 8, 4]
+    for shard in s.manifest.shards_of("labels"):
+        assert shard.epoch is not None
+
+
+def test_sampler_replay_pinned():
+    # Hand-derived: torch.randperm with one generator, two draws per epoch (the second discarded).
+    g = torch.Generator().manual_seed(42)
+    expected = []
+    for _ in range(3):
+        expected.append(torch.randperm(7, generator=g).tolist())
+        torch.randperm(7, generator=g)
+    got = [o.tolist() for o in epoch_orders(7, 42, 3)]
+    assert got == expected == replay_orders(7, 42, 3)
+    # Pinned values, so that a change in torch's RNG or sampler shows up here first.
+    assert got == [[1, 6, 3, 5, 4, 0, 2], [6, 1, 3, 2, 0, 4, 5], [3, 2, 0, 4, 5, 6, 1]]
+    # Drawing only ONE randperm per epoch would give another epoch-1 order.
+    g = torch.Generator().manual_seed(42)
+    one_draw = [torch.randperm(7, generator=g).tolist() for _ in range(2)]
+    assert got[1] != one_draw[1]
+
+
+def _walk_order(root: str) -> list[tuple[str, int]]:
+    """SRE2L-FACTS section 1, written out: sorted class dirs; os.walk entries sorted by dirpath
+    string, file names sorted inside each; image extensions by lower-cased name."""
+    exts = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    out = []
+    for rank, cls in enumerate(classes):
+        walked = sorted(os.walk(os.path.join(root, cls), followlinks=True), key=lambda t: t[0])
+        for dirpath, _, files in walked:
+            out += [(os.path.join(dirpath, f), rank) for f in sorted(files) if f.lower().endswith(exts)]
+    return out
+
+
+def test_image_folder_order_matches_written_out_rules(tmp_path):
+    root = tmp_path / "tree"
+    for rel in ["b/x.jpg", "b/a/b-2/z.png", "b/a/b/c/y.PNG", "b/a/b/c/notes.txt", "a/2.jpg",
+                "a/10.jpg", ".hidden/q.jpg", "c/sub/k.JPEG"]:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    found = list_image_folder(str(root))
+    assert found.classes == [".hidden", "a", "b", "c"]
+    assert [(p, label) for p, label in found.samples] == _walk_order(str(root))
+    assert [os.path.relpath(p, root) for p, _ in found.samples][3:6] == \
+        ["b/x.jpg", "b/a/b-2/z.png", "b/a/b/c/y.PNG"]
+
+
+def _run_cli(train_dir, fkd_path, output, *extra):
+    return convert_main(["--train-dir", train_dir, "--fkd-path", fkd_path, "--output", output,
+                         "--input-size", str(INPUT_SIZE), "--workers", "1", "--no-progress", *extra])
+
+
+def _assert_fails(capsys, output, code, message, train_dir, fkd_path, *extra):
+    assert _run_cli(train_dir, fkd_path, output, *extra) == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("fkd-convert: error: ")
+    assert message in err, err
+    assert "manifest.json" not in listing(output)
+    with pytest.raises(shards.ManifestError):
+        shards.ShardSet(output)
+    return err
+
+
+def _mutate(path, index, value):
+    item = torch.load(path, weights_only=False)
+    item[index] = value(item) if callable(value) else value
+    torch.save(item, path)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing_batch", "batch_1.tar: missing"),
+    ("extra_batch", "batch_4.tar: extra batch file"),
+    ("missing_epoch", "epoch_1: missing"),
+    ("stray_file", "notes.txt: unexpected entry"),
+    ("wrong_rows", "epoch_1/batch_1.tar: 5 rows, expected 6"),
+    ("width_changes", "soft labels have 5 classes, batch 0 of epoch 0 has 4"),
+    ("width_too_small", "fewer than the 4 class folders"),
+    ("coords_range", "coords outside [0, 1]"),
+    ("not_permutation", "mix_index is not a permutation"),
+    ("lam_range", "mix_lam 1.5 outside [0, 1]"),
+    ("bbox_range", "outside the 16x16 crop"),
+    ("truncated", "truncated or not a torch.save file"),
+    ("not_torch", "truncated or not a torch.save file"),
+    ("unsafe_pickle", "needs unsafe unpickling"),
+    ("mixed_types", "mix type mixup, batch 0 of epoch 0 has cutmix"),
+    ("bad_image", "unreadable image"),
+    ("empty_train", "not a usable image folder"),
+    ("n_disagrees", "relabel output covers 20 images but"),
+    ("too_many_epochs", "--epochs 9 asked, the relabel output holds 3"),
+])
+def test_bad_input_is_one_line_error_and_no_output(relabel_case, tmp_path, capsys, case, message):
+    train_dir, fkd_path, samples, truth = relabel_case()
+    output = str(tmp_path / "out")
+    extra = []
+    b11 = truth.files[(1, 1)]
+    if case == "missing_batch":
+        os.remove(b11)
+    elif case == "extra_batch":
+        torch.save(torch.load(b11, weights_only=False), os.path.join(fkd_path, "epoch_1", "batch_4.tar"))
+    elif case == "missing_epoch":
+        os.rename(os.path.join(fkd_path, "epoch_1"), os.path.join(fkd_path, "epoch_7"))
+    elif case == "stray_file":
+        open(os.path.join(fkd_path, "epoch_0", "notes.txt"), "w").close()
+    elif case == "wrong_rows":
+        item = torch.load(b11, weights_only=False)
+        keep = [1, 0, 2, 3, 4]
+        torch.save([item[0][:5], item[1][:5], torch.tensor(keep), item[3], item[4], item[5][:5]], b11)
+    elif case == "width_changes":
+        _mutate(b11, 5, lambda it: torch.cat([it[5], it[5][:, :1]], 1))
+    elif case == "width_too_small":
+        for path in truth.files.values():
+            _mutate(path, 5, lambda it: it[5][:, :3])
+    elif case == "coords_range":
+        _mutate(b11, 0, lambda it: it[0] + 1.5)
+    elif case == "not_permutation":
+        _mutate(b11, 2, torch.zeros(6, dtype=torch.int64))
+    elif case == "lam_range":
+        _mutate(b11, 3, 1.5)
+    elif case == "bbox_range":
+        _mutate(b11, 4, [np.int64(0), np.int64(0), np.int64(17), np.int64(3)])
+    elif case == "truncated":
+        data = open(b11, "rb").read()
+        open(b11, "wb").write(data[: len(data) // 2])
+    elif case == "not_torch":
+        open(b11, "w").write("hello")
+    elif case == "unsafe_pickle":
+        _mutate(b11, 3, lambda it: {"lam": it[3], "obj": UnsafeThing()})
+    elif case == "mixed_types":
+        _mutate(b11, 4, None)
+    elif case == "bad_image":
+        open(samples[7][0], "wb").write(b"\xff\xd8\xff not really a jpeg")
+    elif case == "empty_train":
+        os.makedirs(os.path.join(train_dir, "new999"))
+    elif case == "n_disagrees":
+        os.remove(samples[3][0])
+    elif case == "too_many_epochs":
+        extra = ["--epochs", "9"]
+    _assert_fails(capsys, output, 1, message, train_dir, fkd_path, *extra)
+
+
+class UnsafeThing:
+    """A class a weights_only load must refuse to construct."""
+
+
+def test_output_is_refused_unless_overwrite(relabel_case, tmp_path, capsys):
+    train_dir, fkd_path, _, _ = relabel_case()
+    output = str(tmp_path / "out")
+    assert _run_cli(train_dir, fkd_path, output) == 0
+    first = shards.ShardSet(output).manifest
+    assert _run_cli(train_dir, fkd_path, output) == 1
+    assert "not empty (use --overwrite)" in capsys.readouterr().err
+    assert shards.ShardSet(output).manifest == first  # untouched
+    assert _run_cli(train_dir, fkd_path, output, "--overwrite", "--epochs", "2") == 0
+    assert shards.ShardSet(output).manifest.epochs == 2
+    assert len(listing(output)) == 1 + 1 + 2  # manifest, one image shard, two label shards
+
+
+def test_converter_killed_mid_run_leaves_no_accepted_set(relabel_case, tmp_path):
+    train_dir, fkd_path, _, truth = relabel_case()
+    blocking = truth.files[(1, 2)]
+    os.remove(blocking)
+    os.mkfifo(blocking)  # the converter blocks here, mid-run, until it is killed
+    output = str(tmp_path / "out")
+    proc = subprocess.Popen([sys.executable, "-m", "convert", "--train-dir", train_dir, "--fkd-path",
+                             fkd_path, "--output", output, "--input-size", str(INPUT_SIZE),
+                             "--workers", "1", "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while not any(name.startswith("labels-000001") for name in listing(output)):
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "manifest.json" not in listing(output)
+    with pytest.raises(shards.ManifestError, match="no manifest"):
+        shards.ShardSet(output)
+
+
+def test_failure_mid_run_removes_shards(relabel_case, tmp_path, capsys):
+    train_dir, fkd_path, _, truth = relabel_case()
+    open(truth.files[(2, 0)], "w").write("broken")
+    output = str(tmp_path / "out")
+    _assert_fails(capsys, output, 1, "epoch_2/batch_0.tar: truncated", train_dir, fkd_path)
+    assert listing(output) == []
+
+
+def test_verify_catches_a_flipped_byte(converted, capsys):
+    output, _, _ = converted()
+    shards.ShardSet(output).verify()
+    assert convert_main(["verify", output]) == 0
+    path = os.path.join(output, "labels-000001.tar")
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 3] ^= 0x01
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(shards.ShardError, match="labels-000001.tar: sha256 mismatch"):
+        shards.ShardSet(output).verify()
+    assert convert_main(["verify", output]) == 1
+    assert "labels-000001.tar: sha256 mismatch" in capsys.readouterr().err
+
+
+def test_alignment_detects_wrong_seed(relabel_case, tmp_path, capsys):
+    train_dir, fkd_path, _, _ = relabel_case(num_classes=10, per_class=4, mix_type="none", batch_size=8)
+    good = str(tmp_path / "good")
+    assert _run_cli(train_dir, fkd_path, good) == 0
+    out = capsys.readouterr().out
+    assert "WARNING" not in out
+    assert min(shards.ShardSet(good).manifest.alignment) == 1.0
+    wrong = str(tmp_path / "wrong")
+    assert _run_cli(train_dir, fkd_path, wrong, "--fkd-seed", "7") == 0
+    assert "WARNING: alignment is near chance" in capsys.readouterr().out
+    assert max(shards.ShardSet(wrong).manifest.alignment) < 0.5
+    _assert_fails(capsys, str(tmp_path / "strict"), 1, "below --min-alignment 0.9", train_dir, fkd_path,
+                  "--fkd-seed", "7", "--min-alignment", "0.9")
+
+
+def test_parallel_workers_give_identical_shards(relabel_case, tmp_path):
+    train_dir, fkd_path, _, _ = relabel_case()
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    assert _run_cli(train_dir, fkd_path, one) == 0
+    assert convert_main(["--train-dir", train_dir, "--fkd-path", fkd_path, "--output", two,
+                         "--input-size", str(INPUT_SIZE), "--workers", "2", "--no-progress"]) == 0
+    for name in listing(one):
+        assert open(os.path.join(one, name), "rb").read() == open(os.path.join(two, name), "rb").read()
