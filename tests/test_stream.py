@@ -1,0 +1,107 @@
+"""BatchStream: bit-identical to the written-out reference, ordered, sliced, checked."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import INPUT_SIZE
+from tests.reference import reference_batch
+from train.crop import crop_resize_flip
+from train.stream import BatchStream, StreamError, slice_rows
+
+
+@pytest.mark.parametrize("mix_type,dtype", [("cutmix", torch.float16), ("mixup", torch.float32),
+                                            ("none", torch.float16)])
+def test_batches_bit_identical_to_reference(converted, mix_type, dtype):
+    output, samples, truth = converted(mix_type=mix_type, dtype=dtype, batch_size=8)  # 8, 8, 4 rows
+    stream = BatchStream(output, workers=0)
+    seen = 0
+    for b in stream:
+        indices = truth.indices(b.epoch, b.batch)
+        x, targets, soft = reference_batch(truth.files, samples, indices, b.epoch, b.batch, INPUT_SIZE,
+                                           mix_type)
+        got = b.model_input("cpu")
+        assert got.dtype == torch.float32 and got.is_contiguous()
+        assert torch.equal(got, x), f"epoch {b.epoch} batch {b.batch}"
+        assert torch.equal(b.targets, targets)
+        assert torch.equal(b.soft_labels, soft) and b.soft_labels.dtype == torch.float32
+        assert b.images.dtype == torch.uint8 and b.images.shape == (len(indices), 3, INPUT_SIZE, INPUT_SIZE)
+        seen += 1
+    assert seen == len(stream) == 9
+
+
+def test_workers_give_identical_stream_and_keep_order(converted):
+    output, _, _ = converted(mix_type="cutmix")
+    inline = list(BatchStream(output, workers=0))
+    parallel = list(BatchStream(output, workers=2))
+    assert [(b.epoch, b.batch) for b in parallel] == [(e, k) for e in range(3) for k in range(4)]
+    for a, b in zip(inline, parallel):
+        assert (a.epoch, a.batch) == (b.epoch, b.batch)
+        assert torch.equal(a.model_input(), b.model_input())
+        assert torch.equal(a.soft_labels, b.soft_labels)
+
+
+def test_start_and_end_epoch(converted):
+    output, _, _ = converted()
+    got = [(b.epoch, b.batch) for b in BatchStream(output, start_epoch=1, end_epoch=2, workers=0)]
+    assert got == [(1, k) for k in range(4)]
+    with pytest.raises(ValueError, match="outside"):
+        BatchStream(output, start_epoch=0, end_epoch=4)
+
+
+@pytest.mark.parametrize("mix_type", ["cutmix", "mixup", "none"])
+def test_rank_slices_reassemble_the_batch(converted, mix_type):
+    output, _, _ = converted(mix_type=mix_type, batch_size=8)
+    full = list(BatchStream(output, workers=0, end_epoch=1))
+    parts = [list(BatchStream(output, workers=0, end_epoch=1, rank=r, world_size=4)) for r in range(4)]
+    for k, whole in enumerate(full):
+        slices = [p[k] for p in parts]
+        assert [list(s.rows) for s in slices] == [
+            list(range(r * 2, min(r * 2 + 2, whole.batch_rows))) for r in range(4)]
+        assert torch.equal(torch.cat([s.model_input() for s in slices]), whole.model_input())
+        assert torch.equal(torch.cat([s.targets for s in slices]), whole.targets)
+        assert torch.equal(torch.cat([s.soft_labels for s in slices]), whole.soft_labels)
+    # The short last batch (4 rows) leaves ranks 2 and 3 empty.
+    assert [len(p[2].rows) for p in parts] == [2, 2, 0, 0]
+
+
+def test_a_rank_crops_only_its_rows_and_partners(converted):
+    output, _, _ = converted(mix_type="none", batch_size=8)
+    stream = BatchStream(output, workers=0, rank=1, world_size=2)
+    list(stream)
+    assert stream.decoded_fraction == pytest.approx(0.4)  # 4+4+0 of 8+8+4 rows per epoch
+
+
+def test_slice_rows():
+    assert slice_rows(8, 8, 3, 4) == range(6, 8)
+    assert slice_rows(8, 5, 2, 4) == range(4, 5)
+    assert slice_rows(8, 3, 2, 4) == range(3, 3)
+
+
+def test_misaligned_worker_output_is_an_error(converted, monkeypatch):
+    output, _, _ = converted()
+    stream = BatchStream(output, workers=0)
+    original = stream._plan
+
+    def shifted(record):
+        task, layout = original(record)
+        return type(task)(task.epoch, task.batch + (record.batch == 2), task.samples, task.coords,
+                          task.flips), layout
+
+    monkeypatch.setattr(stream, "_plan", shifted)
+    with pytest.raises(StreamError, match="worker returned epoch 0 batch 3 for epoch 0 batch 2"):
+        list(stream)
+
+
+def test_crop_rounds_to_nearest_like_pil(tmp_path):
+    # A box edge at 2.6 px must round to 3, not truncate to 2.
+    pixels = np.arange(10 * 10 * 3, dtype=np.uint8).reshape(10, 10, 3)
+    img = Image.fromarray(pixels, "RGB")
+    coords = np.array([0.26, 0.0, 0.5, 0.5], dtype=np.float32)
+    out = crop_resize_flip(img, coords, False, 5)
+    expected = np.asarray(img.crop((0, 3, 5, 8)).resize((5, 5), Image.BILINEAR))
+    truncated = np.asarray(img.crop((0, 2, 5, 7)).resize((5, 5), Image.BILINEAR))
+    assert np.array_equal(out, expected) and not np.array_equal(out, truncated)

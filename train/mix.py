@@ -1,0 +1,35 @@
+"""Normalisation and the batch-level mix, on any device (SRE2L-FACTS sections 4.5 and 5)."""
+
+from __future__ import annotations
+
+import torch
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (n, 3, S, S) -> float32, as ToTensor then Normalize compute it: ``/ 255``, ``- mean``, ``/ std``.
+
+    Multiplying by reciprocals instead would change the last bits.
+    """
+    mean = torch.tensor(MEAN, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    std = torch.tensor(STD, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+def apply_mix(x: torch.Tensor, partners: torch.Tensor, mix_type: str, lam: float | None,
+              bbox: tuple[int, int, int, int] | None) -> torch.Tensor:
+    """Mix normalised rows ``x`` with their normalised mix partners (row ``r`` of ``partners`` is
+    the image at ``mix_index[r]``). CutMix pastes the partner's box (bbx indexes height, bby width);
+    Mixup blends with the Python-float lambda exactly as the original expression does."""
+    if mix_type == "none":
+        return x
+    if mix_type == "cutmix":
+        x1, y1, x2, y2 = bbox
+        out = x.clone()
+        out[:, :, x1:x2, y1:y2] = partners[:, :, x1:x2, y1:y2]
+        return out
+    if mix_type == "mixup":
+        return lam * x + (1 - lam) * partners
+    raise ValueError(f"unknown mix type {mix_type!r}")

@@ -1,0 +1,194 @@
+"""The ordered batch stream: every batch exactly as the teacher labelled it, through public DataLoader API.
+
+Label records are read in order in the main process. Each becomes a small crop task (no soft
+labels) that the DataLoader hands to its worker processes; the DataLoader returns results in task
+order, and every result carries its (epoch, batch), which is checked against the record it belongs
+to before the batch is yielded.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import shards
+
+from .crop import crop_resize_flip, decode_rgb
+from .mix import apply_mix, normalize
+
+
+class StreamError(RuntimeError):
+    """A batch that came back from the workers misaligned with its label record."""
+
+
+@dataclass(frozen=True)
+class CropTask:
+    """What a worker needs for one batch slice: the images to crop and where they go."""
+
+    epoch: int
+    batch: int
+    samples: np.ndarray  # int64 (u,): sample index of each crop to make
+    coords: np.ndarray  # float32 (u, 4)
+    flips: np.ndarray  # bool (u,)
+
+
+@dataclass(frozen=True)
+class CropResult:
+    epoch: int
+    batch: int
+    crops: torch.Tensor  # uint8 (u, 3, S, S)
+
+
+@dataclass
+class Batch:
+    """One rank's slice of one labelled batch (the whole batch when ``world_size`` is 1).
+
+    ``images`` are uint8 crops before normalisation and mixing; ``model_input()`` normalises and
+    mixes them with their partners, giving exactly what the original trainer's model saw.
+    """
+
+    epoch: int
+    batch: int
+    rows: range  # the slice's rows within the full batch
+    batch_rows: int  # n, the full batch's row count
+    images: torch.Tensor  # uint8 (m, 3, S, S)
+    targets: torch.Tensor  # int64 (m,)
+    soft_labels: torch.Tensor  # float32 (m, C)
+    mix_type: str
+    mix_lam: float | None
+    mix_bbox: tuple[int, int, int, int] | None
+    partner_images: torch.Tensor | None  # uint8 (m, 3, S, S): row r's mix partner
+
+    def model_input(self, device: str | torch.device = "cpu") -> torch.Tensor:
+        """float32 (m, 3, S, S) on ``device``: normalised, then mixed, contiguous NCHW."""
+        x = normalize(self.images.to(device, non_blocking=True))
+        if self.mix_type == "none" or len(self.rows) == 0:
+            return x
+        partners = normalize(self.partner_images.to(device, non_blocking=True))
+        return apply_mix(x, partners, self.mix_type, self.mix_lam, self.mix_bbox)
+
+
+def slice_rows(batch_size: int, batch_rows: int, rank: int, world_size: int) -> range:
+    """Rank ``rank``'s rows of a batch: ``[rank*B/K, (rank+1)*B/K)`` cut to the batch's rows."""
+    per_rank = batch_size // world_size
+    start = min(rank * per_rank, batch_rows)
+    return range(start, min(start + per_rank, batch_rows))
+
+
+class _CropDataset(Dataset):
+    """Map-style dataset whose 'index' is a :class:`CropTask`; holds the encoded images in memory."""
+
+    def __init__(self, images: list[bytes], input_size: int):
+        self.images = images
+        self.input_size = input_size
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, task: CropTask) -> CropResult:
+        size = self.input_size
+        crops = np.empty((len(task.samples), size, size, 3), dtype=np.uint8)
+        for k, sample in enumerate(task.samples):
+            crops[k] = crop_resize_flip(decode_rgb(self.images[sample]), task.coords[k],
+                                        bool(task.flips[k]), size)
+        # HWC -> contiguous CHW, as ToTensor and the collated batch have it.
+        chw = torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous()
+        return CropResult(task.epoch, task.batch, chw)
+
+
+def _keep(result: CropResult) -> CropResult:
+    return result
+
+
+class _Tasks:
+    """An iterable of crop tasks for the DataLoader's sampler slot; remembers what is in flight."""
+
+    def __init__(self, records: Iterator[shards.BatchRecord], plan):
+        self.records = records
+        self.plan = plan
+        self.in_flight: deque = deque()
+
+    def __iter__(self) -> Iterator[CropTask]:
+        for record in self.records:
+            task, layout = self.plan(record)
+            self.in_flight.append((record, layout))
+            yield task
+
+
+class BatchStream:
+    """Batches of epochs ``[start_epoch, end_epoch)`` in (epoch, batch) order, for rank ``rank`` of
+    ``world_size``. Images are read from the image shards once, at construction, and kept in memory.
+    """
+
+    def __init__(self, location: str | shards.ShardSet, start_epoch: int = 0, end_epoch: int | None = None,
+                 workers: int = 2, rank: int = 0, world_size: int = 1, prefetch_factor: int = 2):
+        self.shards = location if isinstance(location, shards.ShardSet) else shards.ShardSet(location)
+        m = self.manifest = self.shards.manifest
+        self.start_epoch = start_epoch
+        self.end_epoch = m.epochs if end_epoch is None else end_epoch
+        if not 0 <= start_epoch <= self.end_epoch <= m.epochs:
+            raise ValueError(f"epochs [{start_epoch}, {self.end_epoch}) outside the set's [0, {m.epochs})")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        if m.batch_size % world_size:
+            raise ValueError(f"batch size {m.batch_size} is not divisible by world size {world_size}")
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        self.rank, self.world_size, self.workers = rank, world_size, workers
+        self.prefetch_factor = prefetch_factor
+        encoded, labels = [], []
+        for image in self.shards.images():
+            encoded.append(image.data)
+            labels.append(image.label)
+        self._dataset = _CropDataset(encoded, m.input_size)
+        self.labels = torch.tensor(labels, dtype=torch.int64)
+        self.decoded_fraction = 1.0  # share of a batch's rows this rank crops, measured while iterating
+
+    def __len__(self) -> int:
+        return (self.end_epoch - self.start_epoch) * self.manifest.batches_per_epoch
+
+    def _plan(self, record: shards.BatchRecord):
+        """The crop task of this rank's slice: its rows plus their mix partners, each cropped once."""
+        rows = slice_rows(self.manifest.batch_size, record.size, self.rank, self.world_size)
+        own = np.arange(rows.start, rows.stop, dtype=np.int64)
+        partners = record.mix_index[own] if record.mix_index is not None else own[:0]
+        needed, inverse = np.unique(np.concatenate([own, partners]), return_inverse=True)
+        task = CropTask(record.epoch, record.batch, record.indices[needed], record.coords[needed],
+                        record.flips[needed])
+        return task, (rows, inverse[: len(own)], inverse[len(own):], len(needed))
+
+    def __iter__(self) -> Iterator[Batch]:
+        tasks = _Tasks(self.shards.batches(self.start_epoch, self.end_epoch), self._plan)
+        if self.workers == 0:
+            results = map(self._dataset.__getitem__, tasks)
+        else:
+            results = DataLoader(self._dataset, batch_size=None, sampler=tasks, num_workers=self.workers,
+                                 collate_fn=_keep, prefetch_factor=self.prefetch_factor)
+        cropped = total = 0
+        for result in results:
+            record, (rows, own_pos, partner_pos, needed) = tasks.in_flight.popleft()
+            if (result.epoch, result.batch) != (record.epoch, record.batch):
+                raise StreamError(f"worker returned epoch {result.epoch} batch {result.batch} for "
+                                  f"epoch {record.epoch} batch {record.batch}")
+            cropped, total = cropped + needed, total + record.size
+            self.decoded_fraction = cropped / total
+            yield self._batch(record, result.crops, rows, own_pos, partner_pos)
+
+    def _batch(self, record: shards.BatchRecord, crops: torch.Tensor, rows: range,
+               own_pos: np.ndarray, partner_pos: np.ndarray) -> Batch:
+        identity = len(own_pos) == len(crops) and np.array_equal(own_pos, np.arange(len(crops)))
+        images = crops if identity else crops[torch.from_numpy(own_pos)]
+        has_mix = record.mix_index is not None
+        sample = torch.from_numpy(record.indices[rows.start:rows.stop])
+        return Batch(
+            epoch=record.epoch, batch=record.batch, rows=rows, batch_rows=record.size, images=images,
+            targets=self.labels[sample],
+            soft_labels=torch.from_numpy(record.soft_labels[rows.start:rows.stop]).float(),
+            mix_type=self.manifest.mix_type, mix_lam=record.mix_lam, mix_bbox=record.mix_bbox,
+            partner_images=crops[torch.from_numpy(partner_pos)] if has_mix else None,
+        )
