@@ -1,0 +1,231 @@
+"""The KD loop of train_FKD.py (SRE2L-FACTS section 6), reading top to bottom."""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torchvision
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm import tqdm
+
+import shards
+
+from . import checkpoint
+from .config import ConfigError, TrainConfig
+from .distributed import DistEnv, sum_across_ranks
+from .kd import kd_loss, lr_factor, parameter_groups, topk_correct
+from .metrics import MetricsLog, start_wandb
+from .stream import Batch, BatchStream
+from .validate import evaluate, val_loader
+
+
+@dataclass
+class EpochTotals:
+    """Sums over an epoch's micro-batches, kept on the device until the epoch ends."""
+
+    loss: torch.Tensor  # sum of (loss / A) * rows, as the original's meter
+    top1: torch.Tensor
+    top5: torch.Tensor
+    rows: torch.Tensor
+
+    @classmethod
+    def zeros(cls, device: str) -> EpochTotals:
+        return cls(*(torch.zeros((), dtype=torch.float64, device=device) for _ in range(4)))
+
+
+def build_model(cfg: TrainConfig, num_classes: int, device: str) -> nn.Module:
+    if cfg.model not in torchvision.models.list_models(module=torchvision.models):
+        raise ConfigError(f"--model {cfg.model} is not a torchvision.models classification model")
+    model = torchvision.models.get_model(cfg.model, weights=None, num_classes=num_classes)
+    if cfg.init_weights:
+        weights = checkpoint.model_state(checkpoint.load(cfg.init_weights))
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as exc:
+            raise checkpoint.CheckpointError(f"{cfg.init_weights}: does not fit --model {cfg.model} "
+                                             f"({str(exc).splitlines()[0]})") from None
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if cfg.sgd:
+        return torch.optim.SGD(parameter_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
+                               momentum=cfg.momentum)
+    return torch.optim.AdamW(parameter_groups(model, cfg.adamw_weight_decay), lr=cfg.adamw_lr)
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, first_epoch: int) -> LambdaLR:
+    """LambdaLR stepped once per epoch, positioned at ``first_epoch``."""
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    return LambdaLR(optimizer, lambda e: lr_factor(e, cfg.epochs, cfg.cos), last_epoch=first_epoch - 1)
+
+
+def train_step(model: nn.Module, batch: Batch, cfg: TrainConfig, device: str, optimizer, scaler,
+               totals: EpochTotals, micro_rows: int) -> None:
+    """One loaded batch: zero_grad, micro-batches of B/(K*A) rows each with its own forward and
+    loss/A backward, then one optimizer step. Gradients sync on the last micro-step only."""
+    x = batch.model_input(device)
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    soft = batch.soft_labels.to(device)
+    targets = batch.targets.to(device)
+    steps = cfg.gradient_accumulation_steps
+    rows = len(batch.rows)
+    starts = list(range(0, rows, micro_rows))
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16 if cfg.amp == "bf16"
+                              else torch.float16, enabled=cfg.amp != "off")
+    optimizer.zero_grad()
+    if not starts:  # an empty slice (short last batch, many ranks) still joins the gradient sync
+        scaler.scale(sum(p.sum() for p in model.parameters()) * 0.0).backward()
+    for k, start in enumerate(starts):
+        sync = k == len(starts) - 1 or not isinstance(model, DistributedDataParallel)
+        with nullcontext() if sync else model.no_sync():
+            with autocast:
+                out = model(x[start:start + micro_rows])
+            part = slice(start, start + micro_rows)
+            loss = kd_loss(out.float(), soft[part], cfg.temperature) / steps
+            scaler.scale(loss).backward()
+        n = out.shape[0]
+        top1, top5 = topk_correct(out.detach(), targets[part], (1, 5))
+        totals.loss += loss.detach().double() * n
+        totals.top1 += top1
+        totals.top5 += top5
+        totals.rows += n
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def train(cfg: TrainConfig, shard_set: shards.ShardSet, env: DistEnv, api_key: str | None = None,
+          log=print) -> dict:
+    """Train epochs [start, E); returns the last epoch's metrics."""
+    m = shard_set.manifest
+    device = cfg.device
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    torch.manual_seed(0)  # the student's random init; the data order is fixed by the shards
+    model = build_model(cfg, m.soft_label_width, device)
+    if env.active:
+        if cfg.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
+    plain = model.module if env.active else model
+    optimizer = build_optimizer(cfg, plain)
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=cfg.amp == "fp16")
+    first_epoch, best_acc1 = cfg.start_epoch, 0.0
+    resume_path = _resume_path(cfg)
+    if resume_path:
+        state = checkpoint.load(resume_path)
+        if state.get("manifest") != m.identity():
+            raise checkpoint.CheckpointError(f"{resume_path}: written for another shard set")
+        plain.load_state_dict(checkpoint.model_state(state))
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state.get("scaler", {}))
+        first_epoch, best_acc1 = state["epoch"], state["best_acc1"]
+        _restore_rng(state["rng"], device)
+        if first_epoch >= cfg.epochs:
+            log(f"{resume_path}: already trained {first_epoch} of {cfg.epochs} epochs; nothing to do")
+            return {}
+    scheduler = build_scheduler(cfg, optimizer, first_epoch)
+    if resume_path:
+        scheduler.load_state_dict(state["scheduler"])
+
+    world = env.world_size
+    micro_rows = cfg.batch_size // (world * cfg.gradient_accumulation_steps)
+    if micro_rows == 0 or cfg.batch_size % (world * cfg.gradient_accumulation_steps):
+        raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by world size {world} x "
+                          f"--gradient-accumulation-steps {cfg.gradient_accumulation_steps}")
+    stream = BatchStream(shard_set, first_epoch, cfg.epochs, cfg.workers, env.rank, world)
+    val = val_loader(cfg.val_dir, m.input_size, cfg.batch_size, min(cfg.workers, 4), env) if cfg.val_dir else None
+    if val is not None and val.dataset.dataset.classes != m.classes:
+        raise ConfigError(f"{cfg.val_dir}: class folders differ from the shard set's classes")
+    if env.is_main:
+        log(f"fkd-train: {cfg.model} on {device}, N={m.num_images}, C={m.soft_label_width}, "
+            f"B={cfg.batch_size} = {world} rank(s) x {cfg.gradient_accumulation_steps} micro-batches "
+            f"x {micro_rows} rows, epochs {first_epoch}..{cfg.epochs - 1}, mix={m.mix_type}, "
+            f"T={cfg.temperature}, {'SGD' if cfg.sgd else 'AdamW'}, amp={cfg.amp}")
+    metrics_log = None
+    if env.is_main:
+        run = start_wandb(cfg.wandb_project, os.path.basename(os.path.normpath(cfg.output_dir)),
+                          cfg.wandb_mode, cfg.as_dict(), api_key)
+        metrics_log = MetricsLog(cfg.output_dir, first_epoch, run)
+
+    metrics: dict = {}
+    batches = iter(stream)
+    for epoch in range(first_epoch, cfg.epochs):
+        model.train()
+        totals = EpochTotals.zeros(device)
+        started = time.perf_counter()
+        bar = tqdm(total=m.batches_per_epoch, desc=f"epoch {epoch}", unit="batch", leave=False,
+                   disable=not env.is_main)
+        for _ in range(m.batches_per_epoch):
+            batch = next(batches)
+            assert batch.epoch == epoch, (batch.epoch, epoch)
+            train_step(model, batch, cfg, device, optimizer, scaler, totals, micro_rows)
+            bar.update(1)
+            if bar.n % 10 == 0 or bar.n == m.batches_per_epoch:
+                bar.set_postfix(loss=f"{totals.loss.item() / max(totals.rows.item(), 1):.4f}",
+                                img_s=f"{totals.rows.item() * world / (time.perf_counter() - started):.0f}")
+        bar.close()
+        train_time = time.perf_counter() - started
+        summed = sum_across_ranks(torch.stack([totals.loss, totals.top1, totals.top5, totals.rows]), env)
+        loss, top1, top5, rows = (v.item() for v in summed)
+        lr = scheduler.get_last_lr()[0]
+        metrics = {"train/loss": loss / rows, "train/loss_unscaled": loss / rows * cfg.gradient_accumulation_steps,
+                   "train/Top1": 100 * top1 / rows, "train/Top5": 100 * top5 / rows, "train/lr": lr,
+                   "train/epoch": epoch, "train/images_per_s": rows / train_time}
+        if env.is_main:
+            log(f"TRAIN Iter {epoch}: lr = {lr:.6f},\tloss = {metrics['train/loss']:.6f},\t"
+                f"Top-1 err = {100 - metrics['train/Top1']:.6f},\tTop-5 err = {100 - metrics['train/Top5']:.6f},\t"
+                f"train_time = {train_time:.6f}")
+        top1_val = 0.0
+        if val is not None and (epoch % cfg.val_every == 0 or epoch == cfg.epochs - 1):
+            metrics.update(evaluate(model, val, device, env))
+            metrics["val/epoch"] = epoch
+            top1_val = metrics["val/top1"]
+            if env.is_main:
+                log(f"TEST Iter {epoch}: loss = {metrics['val/loss']:.6f},\t"
+                    f"Top-1 err = {100 - top1_val:.6f},\tTop-5 err = {100 - metrics['val/top5']:.6f}")
+        scheduler.step()
+        is_best = top1_val > best_acc1
+        best_acc1 = max(best_acc1, top1_val)
+        if env.is_main:
+            checkpoint.save({
+                "epoch": epoch + 1, "state_dict": plain.state_dict(), "best_acc1": best_acc1,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "position": {"epoch": epoch + 1, "batch": 0},
+                "rng": _rng_state(device), "manifest": m.identity(), "config": cfg.as_dict(),
+            }, cfg.output_dir, is_best)
+            metrics_log.log(metrics)
+    if metrics_log is not None:
+        metrics_log.close()
+    return metrics
+
+
+def _resume_path(cfg: TrainConfig) -> str | None:
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        path = os.path.join(cfg.output_dir, checkpoint.CHECKPOINT_NAME)
+        return path if os.path.exists(path) else None
+    return cfg.resume
+
+
+
+def _rng_state(device: str) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.startswith("cuda"):
+        state["cuda"] = torch.cuda.get_rng_state(torch.device(device))
+    return state
+
+
+def _restore_rng(state: dict, device: str) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.startswith("cuda") and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], torch.device(device))
