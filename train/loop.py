@@ -142,9 +142,11 @@ def train(cfg: TrainConfig, shard_set: shards.ShardSet, env: DistEnv, api_key: s
         raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by world size {world} x "
                           f"--gradient-accumulation-steps {cfg.gradient_accumulation_steps}")
     stream = BatchStream(shard_set, first_epoch, cfg.epochs, cfg.workers, env.rank, world)
-    val = val_loader(cfg.val_dir, m.input_size, cfg.batch_size, min(cfg.workers, 4), env) if cfg.val_dir else None
-    if val is not None and val.dataset.dataset.classes != m.classes:
-        raise ConfigError(f"{cfg.val_dir}: class folders differ from the shard set's classes")
+    val = None
+    if cfg.val_dir:
+        val = val_loader(cfg.val_dir, m.input_size, cfg.batch_size, min(cfg.workers, 4), env)
+        if val.dataset.dataset.classes != m.classes:
+            raise ConfigError(f"{cfg.val_dir}: class folders differ from the shard set's classes")
     if env.is_main:
         log(f"fkd-train: {cfg.model} on {device}, N={m.num_images}, C={m.soft_label_width}, "
             f"B={cfg.batch_size} = {world} rank(s) x {cfg.gradient_accumulation_steps} micro-batches "
@@ -174,16 +176,12 @@ def train(cfg: TrainConfig, shard_set: shards.ShardSet, env: DistEnv, api_key: s
                                 img_s=f"{totals.rows.item() * world / (time.perf_counter() - started):.0f}")
         bar.close()
         train_time = time.perf_counter() - started
-        summed = sum_across_ranks(torch.stack([totals.loss, totals.top1, totals.top5, totals.rows]), env)
-        loss, top1, top5, rows = (v.item() for v in summed)
-        lr = scheduler.get_last_lr()[0]
-        metrics = {"train/loss": loss / rows, "train/loss_unscaled": loss / rows * cfg.gradient_accumulation_steps,
-                   "train/Top1": 100 * top1 / rows, "train/Top5": 100 * top5 / rows, "train/lr": lr,
-                   "train/epoch": epoch, "train/images_per_s": rows / train_time}
+        metrics = _train_metrics(totals, env, epoch, scheduler.get_last_lr()[0], train_time,
+                                 cfg.gradient_accumulation_steps)
         if env.is_main:
-            log(f"TRAIN Iter {epoch}: lr = {lr:.6f},\tloss = {metrics['train/loss']:.6f},\t"
-                f"Top-1 err = {100 - metrics['train/Top1']:.6f},\tTop-5 err = {100 - metrics['train/Top5']:.6f},\t"
-                f"train_time = {train_time:.6f}")
+            log(f"TRAIN Iter {epoch}: lr = {metrics['train/lr']:.6f},\tloss = {metrics['train/loss']:.6f},\t"
+                f"Top-1 err = {100 - metrics['train/Top1']:.6f},\t"
+                f"Top-5 err = {100 - metrics['train/Top5']:.6f},\ttrain_time = {train_time:.6f}")
         top1_val = 0.0
         if val is not None and (epoch % cfg.val_every == 0 or epoch == cfg.epochs - 1):
             metrics.update(evaluate(model, val, device, env))
@@ -206,6 +204,16 @@ def train(cfg: TrainConfig, shard_set: shards.ShardSet, env: DistEnv, api_key: s
     if metrics_log is not None:
         metrics_log.close()
     return metrics
+
+
+def _train_metrics(totals: EpochTotals, env: DistEnv, epoch: int, lr: float, seconds: float,
+                   steps: int) -> dict:
+    """The original's wandb keys (``train/loss`` is the loss already divided by A), summed over ranks."""
+    summed = sum_across_ranks(torch.stack([totals.loss, totals.top1, totals.top5, totals.rows]), env)
+    loss, top1, top5, rows = (v.item() for v in summed)
+    return {"train/loss": loss / rows, "train/loss_unscaled": loss / rows * steps,
+            "train/Top1": 100 * top1 / rows, "train/Top5": 100 * top5 / rows, "train/lr": lr,
+            "train/epoch": epoch, "train/images_per_s": rows / seconds}
 
 
 def _resume_path(cfg: TrainConfig) -> str | None:

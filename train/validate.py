@@ -32,9 +32,9 @@ def evaluate(model: nn.Module, loader: DataLoader, device: str, env: DistEnv) ->
         images, targets = images.to(device), targets.to(device)
         out = model(images)
         top1, top5 = topk_correct(out, targets, (1, 5))
-        rows = len(targets)
-        totals += torch.stack([F.cross_entropy(out, targets, reduction="sum").double().cpu(),
-                               top1.double().cpu(), top5.double().cpu(), torch.tensor(rows, dtype=torch.float64)])
+        loss_sum = F.cross_entropy(out, targets, reduction="sum")
+        counts = torch.stack([loss_sum.double(), top1.double(), top5.double()]).cpu()
+        totals += torch.cat([counts, torch.tensor([len(targets)], dtype=torch.float64)])
     totals = sum_across_ranks(totals.to(device), env).cpu()
     rows = max(totals[3].item(), 1.0)
     model.train()
