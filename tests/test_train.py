@@ -1,0 +1,205 @@
+"""fkd-train: the loop against the written-out reference, accumulation, resume, flags, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import shards
+from tests.conftest import INPUT_SIZE
+from tests.reference import reference_train
+from train import loop
+from train.cli import main as train_main
+from train.config import build_parser, resolve
+from train.distributed import DistEnv
+from train.kd import kd_loss, lr_factor, parameter_groups, topk_correct
+from train.stream import BatchStream
+
+
+def _init_weights(tmp_path, model_name="resnet18", classes=4):
+    torch.manual_seed(123)
+    model = torchvision.models.get_model(model_name, num_classes=classes)
+    path = str(tmp_path / f"init-{model_name}.pt")
+    torch.save(model.state_dict(), path)
+    return model, path
+
+
+def _train(output, out_dir, *extra):
+    argv = ["--shards", output, "--output-dir", str(out_dir), "-j", "0", "--device", "cpu", *extra]
+    assert train_main(argv) == 0
+
+
+def _weights(out_dir):
+    return torch.load(os.path.join(out_dir, "checkpoint.pth.tar"), weights_only=True)["state_dict"]
+
+
+@pytest.mark.parametrize("mix_type,steps", [("cutmix", 2), ("mixup", 1), ("none", 4)])
+def test_loop_matches_written_out_reference_bit_for_bit(converted, tmp_path, mix_type, steps):
+    output, samples, truth = converted(mix_type=mix_type, batch_size=8, epochs=2)  # 8, 8, 4 rows
+    model, init = _init_weights(tmp_path)
+    reference_train(model, truth.files, samples, truth, epochs=2, size=INPUT_SIZE, mix_type=mix_type,
+                    temperature=3.0, steps=steps)
+    _train(output, tmp_path / "run", "--init-weights", init, "--gradient-accumulation-steps", str(steps))
+    ours = _weights(tmp_path / "run")
+    expected = model.state_dict()
+    assert ours.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(ours[name], expected[name]), name
+
+
+class TinyNet(nn.Module):
+    """No batch norm, no dropout: accumulation must not change the update."""
+
+    def __init__(self, classes=4):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def _step_with(stream_batch, steps, micro):
+    torch.manual_seed(0)
+    model = TinyNet()
+    cfg = _config(steps)
+    optimizer = loop.build_optimizer(cfg, model)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loop.train_step(model, stream_batch, cfg, "cpu", optimizer, scaler, loop.EpochTotals.zeros("cpu"), micro)
+    return model.state_dict()
+
+
+def _config(steps, manifest=None):
+    args = build_parser().parse_args(["--shards", "x", "--gradient-accumulation-steps", str(steps)])
+    manifest = manifest or shards.Manifest(
+        num_images=20, batch_size=8, num_classes=4, soft_label_width=4, epochs=3, input_size=16,
+        mix_type="cutmix", fkd_seed=42, classes=list("abcd"), soft_label_dtype="float16", shards=[])
+    return resolve(args, manifest, None)
+
+
+def test_accumulation_gives_the_same_update_without_batch_norm(converted):
+    output, _, _ = converted(batch_size=8)
+    batch = next(iter(BatchStream(output, workers=0)))
+    one = _step_with(batch, 1, 8)
+    two = _step_with(batch, 2, 4)
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(one["fc.weight"], TinyNet().fc.weight)
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(converted, tmp_path, monkeypatch):
+    output, _, _ = converted(batch_size=8, epochs=3)
+    _, init = _init_weights(tmp_path)
+    _train(output, tmp_path / "straight", "--init-weights", init, "--cos")
+    real_step, calls = loop.train_step, []
+
+    def crash_in_epoch_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3 * 2 + 2:  # epoch 1 done and checkpointed; batch 2 of epoch 2
+            raise RuntimeError("simulated crash")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", crash_in_epoch_two)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _train(output, tmp_path / "resumed", "--init-weights", init, "--cos")
+    state = torch.load(tmp_path / "resumed" / "checkpoint.pth.tar", weights_only=True)
+    assert state["epoch"] == 2 and state["position"] == {"epoch": 2, "batch": 0}
+    monkeypatch.setattr(loop, "train_step", real_step)
+    _train(output, tmp_path / "resumed", "--init-weights", init, "--cos", "--resume", "auto")
+    straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    lines = [json.loads(x) for x in open(tmp_path / "resumed" / "metrics.jsonl")]
+    assert [x["train/epoch"] for x in lines] == [0, 1, 2]
+    assert lines == [json.loads(x) | {"train/images_per_s": y["train/images_per_s"]}
+                     for x, y in zip(open(tmp_path / "straight" / "metrics.jsonl"), lines)]
+
+
+def test_cli_end_to_end_writes_checkpoints_and_metrics(converted, tmp_path, relabel_case, capsys):
+    output, samples, _ = converted(batch_size=8)
+    val_dir = os.path.dirname(os.path.dirname(samples[0][0]))  # the train ImageFolder doubles as val
+    out = tmp_path / "run"
+    _train(output, out, "--val-dir", val_dir, "--val-every", "2", "--sgd", "-lr", "0.1", "-j", "2")
+    printed = capsys.readouterr().out
+    assert "B=8 = 1 rank(s) x 1 micro-batches x 8 rows" in printed
+    assert printed.count("TRAIN Iter") == 3 and printed.count("TEST Iter") == 2  # epochs 0 and 2
+    state = torch.load(out / "checkpoint.pth.tar", weights_only=True)
+    assert {"epoch", "state_dict", "best_acc1", "optimizer", "scheduler"} <= state.keys()
+    assert state["epoch"] == 3 and not any(k.startswith("module.") for k in state["state_dict"])
+    assert os.path.exists(out / "model_best.pth.tar")
+    lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert [x["train/epoch"] for x in lines] == [0, 1, 2]
+    assert [x["train/lr"] for x in lines] == pytest.approx([0.1, 0.1 * 2 / 3, 0.1 / 3])
+    assert {"train/loss", "train/Top1", "train/Top5", "val/loss", "val/top1", "val/top5", "val/epoch"} \
+        <= lines[0].keys() and "val/top1" not in lines[1]
+    assert 0 <= lines[2]["val/top1"] <= 100 and lines[2]["train/loss"] > 0
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--batch-size", "4"], "--batch-size 4 contradicts the shard set's B=6"),
+    (["--mix-type", "mixup"], "--mix-type mixup contradicts the shard set's cutmix"),
+    (["--fkd_seed", "1"], "--fkd_seed 1 contradicts the shard set's 42"),
+    (["--epochs", "4"], "--epochs 4 asked, the shard set holds 3"),
+    (["--gradient-accumulation-steps", "4"], "not divisible by --gradient-accumulation-steps 4"),
+    (["--train-dir", "x", "--fkd-path", "y"], "run fkd-convert"),
+    (["--model", "no_such_net"], "--model no_such_net is not a torchvision.models"),
+    (["--init-weights", "missing.pt"], "missing.pt: no such file"),
+    (["--start-epoch", "3"], "--start-epoch 3 outside [0, 3)"),
+    (["--amp", "fp16"], "--amp fp16 needs a CUDA device"),
+])
+def test_flag_conflicts_are_one_line_errors(converted, tmp_path, capsys, flags, message):
+    output, _, _ = converted()
+    argv = ["--shards", output, "--output-dir", str(tmp_path / "run"), "-j", "0", "--device", "cpu", *flags]
+    assert train_main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not os.path.exists(tmp_path / "run" / "checkpoint.pth.tar")
+
+
+def test_resume_refuses_a_checkpoint_of_another_shard_set(converted, tmp_path, capsys):
+    a, _, _ = converted(name="a")
+    b, _, _ = converted(name="b", batch_size=4)
+    _train(a, tmp_path / "run", "--epochs", "1")
+    argv = ["--shards", b, "--output-dir", str(tmp_path / "run"), "-j", "0", "--resume", "auto"]
+    assert train_main(argv) == 1
+    assert "written for another shard set" in capsys.readouterr().err
+
+
+def test_init_weights_refuses_unsafe_pickles(converted, tmp_path, capsys):
+    output, _, _ = converted()
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {}, "obj": TinyNet}, path)
+    assert train_main(["--shards", output, "--output-dir", str(tmp_path / "r"), "--init-weights",
+                       str(path)]) == 1
+    assert "cannot load safely" in capsys.readouterr().err
+
+
+def test_kd_loss_matches_hand_computation():
+    logits = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    soft = torch.tensor([[2.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    t = 2.0
+    total = 0.0
+    for row in range(2):
+        q = torch.softmax(soft[row] / t, 0)
+        log_p = torch.log_softmax(logits[row] / t, 0)
+        total += float((q * (q.log() - log_p)).sum())
+    assert kd_loss(logits, soft, t).item() == pytest.approx(total / 2, rel=1e-6)
+
+
+def test_schedule_groups_and_accuracy():
+    assert [lr_factor(e, 4, False) for e in (0, 1, 4, 5)] == [1.0, 0.75, 0.0, 0.0]
+    assert lr_factor(2, 4, True) == pytest.approx(0.5) and lr_factor(5, 4, True) == 0.0
+    groups = parameter_groups(TinyNet(), 0.01)
+    assert [len(g["params"]) for g in groups] == [2, 2] and groups[1]["weight_decay"] == 0.0
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.05]])
+    assert [int(c) for c in topk_correct(logits, torch.tensor([1, 2]), (1, 5))] == [1, 2]
+
+
+def test_distributed_env_defaults():
+    env = DistEnv()
+    assert env.is_main and not env.active
