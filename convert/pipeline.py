@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +17,7 @@ from .alignment import batch_hits, chance_rate, near_chance
 from .errors import ConvertError
 from .imagefolder import ImageFolderListing, list_image_folder, read_checked_image
 from .parallel import ordered_map
-from .relabel import RelabelBatch, infer_sizes, load_batch, scan_layout
+from .relabel import RelabelBatch, infer_sizes, load_batch, read_file, scan_layout
 from .replay import epoch_orders
 
 VERSION = "0.1.0"
@@ -39,13 +38,6 @@ class ConvertOptions:
     overwrite: bool = False
     min_alignment: float | None = None
     progress: bool = True
-
-
-def _loaded(item: tuple[str, int]) -> tuple[RelabelBatch, np.ndarray]:
-    """Worker task: one batch file, checked, with the argmax of its logits."""
-    path, input_size = item
-    batch = load_batch(path, input_size)
-    return batch, batch.soft_labels.argmax(axis=1)
 
 
 def convert(options: ConvertOptions, log=print) -> shards.Manifest:
@@ -78,18 +70,28 @@ def convert(options: ConvertOptions, log=print) -> shards.Manifest:
         f"soft labels {first.soft_labels.dtype}[{width}], seed {o.fkd_seed}")
 
     labels = np.asarray(folder.labels, dtype=np.int64)
-    with shards.ShardSetWriter(o.output, o.shard_bytes, o.overwrite) as writer:
-        _write_images(writer, folder, o)
-        alignment = _write_labels(writer, layout, labels, first, batch_size, num_images, epochs, o)
-        mixed = first.mix_type != "none"
-        _report_alignment(alignment, len(folder.classes), mixed, o, log)
-        manifest = writer.finish(shards.Manifest(
-            num_images=num_images, batch_size=batch_size, num_classes=len(folder.classes),
-            soft_label_width=width, epochs=epochs, input_size=o.input_size,
-            mix_type=first.mix_type, fkd_seed=o.fkd_seed, classes=list(folder.classes),
-            soft_label_dtype=str(first.soft_labels.dtype), shards=[],
-            alignment=[round(a, 6) for a in alignment], created_by=f"fkd-convert {VERSION}",
-        ))
+    pool = _label_pool(o.workers)
+    try:
+        with shards.ShardSetWriter(o.output, o.shard_bytes, o.overwrite) as writer:
+            _write_images(writer, folder, o)
+            started = time.perf_counter()
+            alignment, label_bytes = _write_labels(writer, pool, layout, labels, first, batch_size,
+                                                   num_images, epochs, o)
+            seconds = time.perf_counter() - started
+            log(f"labels: {label_bytes / 1e6:.1f} MB of batch files in {seconds:.2f} s "
+                f"({label_bytes / 1e6 / seconds:.1f} MB/s, {o.workers} worker(s))")
+            mixed = first.mix_type != "none"
+            _report_alignment(alignment, len(folder.classes), mixed, o, log)
+            manifest = writer.finish(shards.Manifest(
+                num_images=num_images, batch_size=batch_size, num_classes=len(folder.classes),
+                soft_label_width=width, epochs=epochs, input_size=o.input_size,
+                mix_type=first.mix_type, fkd_seed=o.fkd_seed, classes=list(folder.classes),
+                soft_label_dtype=str(first.soft_labels.dtype), shards=[],
+                alignment=[round(a, 6) for a in alignment], created_by=f"fkd-convert {VERSION}",
+            ))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     return manifest
 
 
@@ -105,27 +107,32 @@ def _write_images(writer: shards.ShardSetWriter, folder: ImageFolderListing, o: 
                                                 path=os.path.relpath(path, folder.root)))
 
 
-def _write_labels(writer, layout, labels, first: RelabelBatch, batch_size: int, num_images: int,
-                  epochs: int, o: ConvertOptions) -> list[float]:
-    tasks = [(layout.batch_path(e, b), o.input_size)
-             for e in range(epochs) for b in range(layout.batches_per_epoch)]
-    pool = None
-    if o.workers > 1:
-        pool = ProcessPoolExecutor(o.workers, mp_context=multiprocessing.get_context("spawn"))
+def _label_pool(workers: int) -> ThreadPoolExecutor | None:
+    """Threads that read batch files ahead (I/O releases the GIL). Unpickling stays in the main
+    thread: torch's allowlist is process-wide, and worker processes measured slower here, since
+    their results must be copied back (see the README's benchmark)."""
+    return ThreadPoolExecutor(workers) if workers > 1 else None
+
+
+def _write_labels(writer, pool, layout, labels, first: RelabelBatch, batch_size: int, num_images: int,
+                  epochs: int, o: ConvertOptions) -> tuple[list[float], int]:
+    paths = [layout.batch_path(e, b) for e in range(epochs) for b in range(layout.batches_per_epoch)]
     alignment: list[float] = []
     started, total_bytes = time.perf_counter(), 0
-    bar = tqdm(total=len(tasks), desc="labels", unit="batch", disable=not o.progress, file=sys.stderr)
+    bar = tqdm(total=len(paths), desc="labels", unit="batch", disable=not o.progress, file=sys.stderr)
     try:
-        loaded = ordered_map(pool, _loaded, tasks, window=4 * max(1, o.workers))
+        contents = ordered_map(pool, read_file, paths, window=4 * max(1, o.workers))
         orders = epoch_orders(num_images, o.fkd_seed, epochs)
         for epoch in range(epochs):
             order = next(orders)
             hits = 0
             for b in range(layout.batches_per_epoch):
                 path = layout.batch_path(epoch, b)
-                batch, argmax = next(loaded)
+                batch = load_batch(path, o.input_size, next(contents))
                 _check_consistent(path, batch, first, min(batch_size, num_images - b * batch_size))
                 indices = order[b * batch_size:(b + 1) * batch_size]
+                # float32 argmax: numpy's float16 argmax is 4x slower; the same first maximum wins.
+                argmax = batch.soft_labels.astype(np.float32).argmax(axis=1)
                 hits += batch_hits(labels, indices, argmax, batch.mix_index)
                 writer.add_batch(shards.BatchRecord(
                     epoch=epoch, batch=b, indices=indices, coords=batch.coords, flips=batch.flips,
@@ -139,9 +146,7 @@ def _write_labels(writer, layout, labels, first: RelabelBatch, batch_size: int, 
             alignment.append(hits / num_images)
     finally:
         bar.close()
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-    return alignment
+    return alignment, total_bytes
 
 
 def _check_consistent(path: str, batch: RelabelBatch, first: RelabelBatch, rows: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import pickle
@@ -108,13 +109,26 @@ def _numbered_entries(directory: str, pattern: re.Pattern, template: str, want_d
     return numbers
 
 
-def load_batch(path: str, input_size: int) -> RelabelBatch:
-    """Load one relabel file with ``weights_only=True`` (plus the numpy scalar types) and check it."""
+def read_file(path: str) -> bytes:
     try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            content = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            return f.read()
     except FileNotFoundError:
         raise ConvertError(f"{path}: missing") from None
+    except OSError as exc:
+        raise ConvertError(f"{path}: cannot read ({exc.strerror})") from None
+
+
+def load_batch(path: str, input_size: int, data: bytes | None = None) -> RelabelBatch:
+    """Load one relabel file (or its already-read bytes) with ``weights_only=True`` plus the numpy
+    scalar types, and check it.
+
+    Not thread-safe: torch's safe-globals allowlist is process-wide, so call it from one thread.
+    """
+    data = read_file(path) if data is None else data
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            content = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             raise ConvertError(f"{path}: needs unsafe unpickling; refused (only tensors, numbers and "
@@ -122,7 +136,7 @@ def load_batch(path: str, input_size: int) -> RelabelBatch:
         raise ConvertError(f"{path}: truncated or not a torch.save file ({_first_line(exc)})") from None
     except Exception as exc:  # torch raises RuntimeError, EOFError, zipfile errors, ... for broken files
         raise ConvertError(f"{path}: truncated or not a torch.save file ({_first_line(exc)})") from None
-    return _check_batch(path, content, input_size)
+    return RelabelBatch(*_check_batch(path, content, input_size), file_bytes=len(data))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -130,7 +144,7 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:200] if text else type(exc).__name__
 
 
-def _check_batch(path: str, content: object, input_size: int) -> RelabelBatch:
+def _check_batch(path: str, content: object, input_size: int) -> tuple:
     def fail(message: str) -> None:
         raise ConvertError(f"{path}: {message}")
 
@@ -178,7 +192,7 @@ def _check_batch(path: str, content: object, input_size: int) -> RelabelBatch:
         fail("mix_bbox without mix_index and mix_lam")
     if (lam is None) != (mix_index is None):
         fail("mix_index and mix_lam must both be present or both be None")
-    return RelabelBatch(coords, flips, mix_index, lam, bbox, soft, os.path.getsize(path))
+    return coords, flips, mix_index, lam, bbox, soft
 
 
 def _array(path: str, name: str, value: object) -> np.ndarray:

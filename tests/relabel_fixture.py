@@ -20,7 +20,8 @@ IMAGE_KINDS = [(23, 19, "RGB", "jpg"), (16, 16, "RGB", "JPEG"), (31, 17, "L", "p
                (20, 27, "P", "png"), (18, 22, "RGBA", "png")]
 
 
-def make_image_folder(root: str, num_classes: int, per_class: int, seed: int = 0) -> list[tuple[str, int]]:
+def make_image_folder(root: str, num_classes: int, per_class: int, seed: int = 0,
+                      kinds: list[tuple[int, int, str, str]] = IMAGE_KINDS) -> list[tuple[str, int]]:
     """Write SRe2L-style names ``new{c:03d}/class{c:03d}_id{i:03d}.ext``; returns (path, class) in
     the ImageFolder order written out by hand: class folders sorted, file names sorted."""
     rng = np.random.default_rng(seed)
@@ -29,7 +30,7 @@ def make_image_folder(root: str, num_classes: int, per_class: int, seed: int = 0
         folder = os.path.join(root, f"new{c:03d}")
         os.makedirs(folder, exist_ok=True)
         for i in range(per_class):
-            w, h, mode, ext = IMAGE_KINDS[(c + i) % len(IMAGE_KINDS)]
+            w, h, mode, ext = kinds[(c + i) % len(kinds)]
             pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
             pixels[..., c % 3] = np.clip(pixels[..., c % 3].astype(int) + 60, 0, 255)
             img = Image.fromarray(pixels, "RGB")
