@@ -15,21 +15,21 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     """
     mean = torch.tensor(MEAN, dtype=torch.float32, device=images.device).view(-1, 1, 1)
     std = torch.tensor(STD, dtype=torch.float32, device=images.device).view(-1, 1, 1)
-    return (images.float() / 255 - mean) / std
+    # In place on the fresh float copy: the same float32 operations, no temporaries.
+    return images.float().div_(255).sub_(mean).div_(std)
 
 
 def apply_mix(x: torch.Tensor, partners: torch.Tensor, mix_type: str, lam: float | None,
               bbox: tuple[int, int, int, int] | None) -> torch.Tensor:
     """Mix normalised rows ``x`` with their normalised mix partners (row ``r`` of ``partners`` is
-    the image at ``mix_index[r]``). CutMix pastes the partner's box (bbx indexes height, bby width);
-    Mixup blends with the Python-float lambda exactly as the original expression does."""
+    the image at ``mix_index[r]``). CutMix pastes the partner's box into ``x`` in place (bbx indexes
+    height, bby width); Mixup blends with the Python-float lambda exactly as the original does."""
     if mix_type == "none":
         return x
     if mix_type == "cutmix":
         x1, y1, x2, y2 = bbox
-        out = x.clone()
-        out[:, :, x1:x2, y1:y2] = partners[:, :, x1:x2, y1:y2]
-        return out
+        x[:, :, x1:x2, y1:y2] = partners[:, :, x1:x2, y1:y2]
+        return x
     if mix_type == "mixup":
         return lam * x + (1 - lam) * partners
     raise ValueError(f"unknown mix type {mix_type!r}")

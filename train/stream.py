@@ -56,20 +56,27 @@ class Batch:
     batch: int
     rows: range  # the slice's rows within the full batch
     batch_rows: int  # n, the full batch's row count
-    images: torch.Tensor  # uint8 (m, 3, S, S)
+    crops: torch.Tensor  # uint8 (u, 3, S, S): every image the slice needs, each cropped once
+    own: torch.Tensor | None  # int64 (m,): the slice's rows in ``crops``; None when all, in order
+    partners: torch.Tensor | None  # int64 (m,): each row's mix partner in ``crops``; None without mix
     targets: torch.Tensor  # int64 (m,)
     soft_labels: torch.Tensor  # float32 (m, C)
     mix_type: str
     mix_lam: float | None
     mix_bbox: tuple[int, int, int, int] | None
-    partner_images: torch.Tensor | None  # uint8 (m, 3, S, S): row r's mix partner
+
+    @property
+    def images(self) -> torch.Tensor:
+        """uint8 (m, 3, S, S): the slice's crops, not normalised, not mixed."""
+        return self.crops if self.own is None else self.crops[self.own]
 
     def model_input(self, device: str | torch.device = "cpu") -> torch.Tensor:
         """float32 (m, 3, S, S) on ``device``: normalised, then mixed, contiguous NCHW."""
-        x = normalize(self.images.to(device, non_blocking=True))
-        if self.mix_type == "none" or len(self.rows) == 0:
+        normalized = normalize(self.crops.to(device, non_blocking=True))
+        x = normalized if self.own is None else normalized[self.own.to(device)]
+        if self.partners is None or len(self.rows) == 0:
             return x
-        partners = normalize(self.partner_images.to(device, non_blocking=True))
+        partners = normalized[self.partners.to(device)]
         return apply_mix(x, partners, self.mix_type, self.mix_lam, self.mix_bbox)
 
 
@@ -182,13 +189,12 @@ class BatchStream:
     def _batch(self, record: shards.BatchRecord, crops: torch.Tensor, rows: range,
                own_pos: np.ndarray, partner_pos: np.ndarray) -> Batch:
         identity = len(own_pos) == len(crops) and np.array_equal(own_pos, np.arange(len(crops)))
-        images = crops if identity else crops[torch.from_numpy(own_pos)]
-        has_mix = record.mix_index is not None
         sample = torch.from_numpy(record.indices[rows.start:rows.stop])
         return Batch(
-            epoch=record.epoch, batch=record.batch, rows=rows, batch_rows=record.size, images=images,
+            epoch=record.epoch, batch=record.batch, rows=rows, batch_rows=record.size, crops=crops,
+            own=None if identity else torch.from_numpy(own_pos),
+            partners=torch.from_numpy(partner_pos) if record.mix_index is not None else None,
             targets=self.labels[sample],
             soft_labels=torch.from_numpy(record.soft_labels[rows.start:rows.stop]).float(),
             mix_type=self.manifest.mix_type, mix_lam=record.mix_lam, mix_bbox=record.mix_bbox,
-            partner_images=crops[torch.from_numpy(partner_pos)] if has_mix else None,
         )

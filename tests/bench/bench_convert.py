@@ -12,9 +12,9 @@ import os
 import shutil
 import tempfile
 
-from common import make_fixture, now, print_table
-
 from convert import ConvertOptions, convert
+
+from common import make_fixture, now, print_table
 
 
 def _dir_bytes(path: str) -> int:
