@@ -9,15 +9,16 @@ from PIL import Image
 
 from tests.conftest import INPUT_SIZE
 from tests.reference import reference_batch
-from train.crop import crop_resize_flip
+from train.crop import crop_resize_flip, crop_resize_flip_pixels
 from train.stream import BatchStream, StreamError, slice_rows
 
 
+@pytest.mark.parametrize("decode_cache", [True, False])
 @pytest.mark.parametrize("mix_type,dtype", [("cutmix", torch.float16), ("mixup", torch.float32),
                                             ("none", torch.float16)])
-def test_batches_bit_identical_to_reference(converted, mix_type, dtype):
+def test_batches_bit_identical_to_reference(converted, mix_type, dtype, decode_cache):
     output, samples, truth = converted(mix_type=mix_type, dtype=dtype, batch_size=8)  # 8, 8, 4 rows
-    stream = BatchStream(output, workers=0)
+    stream = BatchStream(output, workers=0, decode_cache=decode_cache)
     seen = 0
     for b in stream:
         indices = truth.indices(b.epoch, b.batch)
@@ -105,3 +106,18 @@ def test_crop_rounds_to_nearest_like_pil(tmp_path):
     expected = np.asarray(img.crop((0, 3, 5, 8)).resize((5, 5), Image.BILINEAR))
     truncated = np.asarray(img.crop((0, 2, 5, 7)).resize((5, 5), Image.BILINEAR))
     assert np.array_equal(out, expected) and not np.array_equal(out, truncated)
+
+
+def test_cropping_cached_pixels_equals_pil_crop_of_the_image():
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, size=(37, 29, 3), dtype=np.uint8), "RGB")
+    pixels = np.asarray(img)
+    cases = [np.array(c, dtype=np.float32) for c in
+             [(0.5 / 37, 0.5 / 29, 0.5, 0.5), (2.5 / 37, 1.5 / 29, 0.3, 0.7), (0, 0, 1, 1),
+              (0.9, 0.9, 0.2, 0.2), (0.0, 0.0, 0.01, 0.01)]]  # half-pixel edges, whole, outside, empty
+    cases += [rng.random(4, dtype=np.float32) * np.float32(0.7) + np.float32(0.05) for _ in range(200)]
+    for coords in cases:
+        for flip in (False, True):
+            for size in (7, 16):
+                assert np.array_equal(crop_resize_flip_pixels(pixels, coords, flip, size),
+                                      crop_resize_flip(img, coords, flip, size)), (coords, flip, size)

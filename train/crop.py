@@ -14,18 +14,36 @@ def decode_rgb(data: bytes) -> Image.Image:
         return img.convert("RGB")
 
 
+def crop_box(coords: np.ndarray, width: int, height: int) -> tuple[float, float, float, float]:
+    """PIL's crop box ``(left, top, right, bottom)`` of the stored coords, in Python floats."""
+    top = float(coords[0]) * height
+    left = float(coords[1]) * width
+    return left, top, left + float(coords[3]) * width, top + float(coords[2]) * height
+
+
+def crop_resize_flip_pixels(pixels: np.ndarray, coords: np.ndarray, flip: bool, size: int) -> np.ndarray:
+    """:func:`crop_resize_flip` on already decoded RGB pixels (H, W, 3), with the same result.
+
+    PIL's crop rounds each edge with Python's ``round``; an in-bounds box is then an exact slice.
+    A box reaching outside the image (PIL pads it) takes PIL's own crop.
+    """
+    height, width = pixels.shape[:2]
+    box = crop_box(coords, width, height)
+    x0, y0, x1, y1 = (round(v) for v in box)
+    if 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height:
+        out = Image.fromarray(np.ascontiguousarray(pixels[y0:y1, x0:x1])).resize((size, size), Image.BILINEAR)
+        out = np.asarray(out)
+        return out[:, ::-1] if flip else out
+    return crop_resize_flip(Image.fromarray(pixels), coords, flip, size)
+
+
 def crop_resize_flip(img: Image.Image, coords: np.ndarray, flip: bool, size: int) -> np.ndarray:
     """Crop the stored box, resize to (size, size) with PIL bilinear, flip; uint8 HWC.
 
     The box is computed in Python floats from the float32 coords; PIL rounds each edge to the
     nearest integer. Truncating instead would pick other pixels in most batches.
     """
-    width, height = img.size
-    top = float(coords[0]) * height
-    left = float(coords[1]) * width
-    box_h = float(coords[2]) * height
-    box_w = float(coords[3]) * width
-    out = img.crop((left, top, left + box_w, top + box_h)).resize((size, size), Image.BILINEAR)
+    out = img.crop(crop_box(coords, *img.size)).resize((size, size), Image.BILINEAR)
     if flip:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
     return np.asarray(out)

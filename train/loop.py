@@ -141,7 +141,8 @@ def train(cfg: TrainConfig, shard_set: shards.ShardSet, env: DistEnv, api_key: s
     if micro_rows == 0 or cfg.batch_size % (world * cfg.gradient_accumulation_steps):
         raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by world size {world} x "
                           f"--gradient-accumulation-steps {cfg.gradient_accumulation_steps}")
-    stream = BatchStream(shard_set, first_epoch, cfg.epochs, cfg.workers, env.rank, world)
+    stream = BatchStream(shard_set, first_epoch, cfg.epochs, cfg.workers, env.rank, world,
+                         decode_cache=cfg.decode_cache)
     val = None
     if cfg.val_dir:
         val = val_loader(cfg.val_dir, m.input_size, cfg.batch_size, min(cfg.workers, 4), env)

@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 
 import shards
 
-from .crop import crop_resize_flip, decode_rgb
+from .crop import crop_resize_flip, crop_resize_flip_pixels, decode_rgb
+from .decoded import DecodedImages
 from .mix import apply_mix, normalize
 
 
@@ -88,21 +89,26 @@ def slice_rows(batch_size: int, batch_rows: int, rank: int, world_size: int) -> 
 
 
 class _CropDataset(Dataset):
-    """Map-style dataset whose 'index' is a :class:`CropTask`; holds the encoded images in memory."""
+    """Map-style dataset whose 'index' is a :class:`CropTask`. Holds the images in memory: decoded
+    once (``decoded``), or encoded and decoded again for every crop, as the original does."""
 
-    def __init__(self, images: list[bytes], input_size: int):
-        self.images = images
+    def __init__(self, encoded: list[bytes] | None, decoded: DecodedImages | None, input_size: int):
+        self.encoded = encoded
+        self.decoded = decoded
         self.input_size = input_size
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.decoded if self.decoded is not None else self.encoded)
 
     def __getitem__(self, task: CropTask) -> CropResult:
         size = self.input_size
         crops = np.empty((len(task.samples), size, size, 3), dtype=np.uint8)
         for k, sample in enumerate(task.samples):
-            crops[k] = crop_resize_flip(decode_rgb(self.images[sample]), task.coords[k],
-                                        bool(task.flips[k]), size)
+            flip = bool(task.flips[k])
+            if self.decoded is not None:
+                crops[k] = crop_resize_flip_pixels(self.decoded.pixels(sample), task.coords[k], flip, size)
+            else:
+                crops[k] = crop_resize_flip(decode_rgb(self.encoded[sample]), task.coords[k], flip, size)
         # HWC -> contiguous CHW, as ToTensor and the collated batch have it.
         chw = torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous()
         return CropResult(task.epoch, task.batch, chw)
@@ -129,11 +135,14 @@ class _Tasks:
 
 class BatchStream:
     """Batches of epochs ``[start_epoch, end_epoch)`` in (epoch, batch) order, for rank ``rank`` of
-    ``world_size``. Images are read from the image shards once, at construction, and kept in memory.
+    ``world_size``. Images are read from the image shards once, at construction, and kept in memory;
+    with ``decode_cache`` they are also decoded once, into shared memory (H*W*3 bytes per image):
+    the same pixels, without a JPEG decode per crop (see the README's benchmark for when it pays).
     """
 
     def __init__(self, location: str | shards.ShardSet, start_epoch: int = 0, end_epoch: int | None = None,
-                 workers: int = 2, rank: int = 0, world_size: int = 1, prefetch_factor: int = 2):
+                 workers: int = 2, rank: int = 0, world_size: int = 1, prefetch_factor: int = 2,
+                 decode_cache: bool = False):
         self.shards = location if isinstance(location, shards.ShardSet) else shards.ShardSet(location)
         m = self.manifest = self.shards.manifest
         self.start_epoch = start_epoch
@@ -152,7 +161,8 @@ class BatchStream:
         for image in self.shards.images():
             encoded.append(image.data)
             labels.append(image.label)
-        self._dataset = _CropDataset(encoded, m.input_size)
+        decoded = DecodedImages(encoded, threads=max(1, workers)) if decode_cache else None
+        self._dataset = _CropDataset(None if decoded else encoded, decoded, m.input_size)
         self.labels = torch.tensor(labels, dtype=torch.int64)
         self.decoded_fraction = 1.0  # share of a batch's rows this rank crops, measured while iterating
 

@@ -27,15 +27,16 @@ def make_fixture(root: str, *, images: int, classes: int, size: int, batch_size:
     return train_dir, fkd_path, samples
 
 
-def _tree_rss_bytes(pid: int) -> int:
-    """Resident memory of ``pid`` and all its descendants."""
+def _tree_pss_bytes(pid: int) -> int:
+    """Proportional resident memory (PSS) of ``pid`` and all its descendants: pages shared by
+    several processes (a shared-memory cache, copy-on-write pages after fork) count once in total."""
     total, stack = 0, [pid]
     while stack:
         p = stack.pop()
         try:
-            with open(f"/proc/{p}/status") as f:
+            with open(f"/proc/{p}/smaps_rollup") as f:
                 for line in f:
-                    if line.startswith("VmRSS:"):
+                    if line.startswith("Pss:"):
                         total += int(line.split()[1]) * 1024
             for task in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{task}/children") as f:
@@ -45,11 +46,11 @@ def _tree_rss_bytes(pid: int) -> int:
     return total
 
 
-class PeakTreeRss:
-    """Samples this process tree's RSS every 20 ms; ``peak`` is the maximum seen."""
+class PeakTreeMemory:
+    """Samples this process tree's PSS every 20 ms; ``peak`` is the maximum seen."""
 
     def __enter__(self):
-        self.peak = _tree_rss_bytes(os.getpid())
+        self.peak = _tree_pss_bytes(os.getpid())
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -57,7 +58,7 @@ class PeakTreeRss:
 
     def _run(self):
         while not self._stop.wait(0.02):
-            self.peak = max(self.peak, _tree_rss_bytes(os.getpid()))
+            self.peak = max(self.peak, _tree_pss_bytes(os.getpid()))
 
     def __exit__(self, *exc):
         self._stop.set()

@@ -49,10 +49,14 @@ def _keep(item):
     return item
 
 
-def original_batches(samples, fkd_path, tasks, size: int, workers: int):
-    """Yield model inputs (normalised, mixed float32) as the original trainer computes them."""
+def original_batches(samples, fkd_path, tasks, size: int, workers: int, mix: bool = True):
+    """Yield model inputs (normalised, mixed float32) as the original trainer computes them; with
+    ``mix=False``, the loader's raw items, as they leave the workers."""
     loader = DataLoader(OriginalPath(samples, fkd_path, size), batch_size=None, sampler=tasks,
                         num_workers=workers, collate_fn=_keep)
+    if not mix:
+        yield from loader
+        return
     for images, targets, mix_index, lam, bbox, soft in loader:
         if bbox is not None:
             x1, y1, x2, y2 = bbox
