@@ -113,3 +113,30 @@ def make_relabel(fkd_path: str, samples: list[tuple[str, int]], *, epochs: int, 
             torch.save([coords, flips, mix_index, lam, bbox, logits.to(dtype)], path)
             files[(epoch, b)] = path
     return RelabelTruth(batch_size, epochs, orders, files)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tests.relabel_fixture OUT``: a small example relabel output for trying the tools."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m tests.relabel_fixture",
+                                description="Write OUT/train (ImageFolder) and OUT/fkd (relabel output, "
+                                            "original SRe2L layout) with random images and logits.")
+    p.add_argument("out")
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--per-class", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--input-size", type=int, default=32)
+    p.add_argument("--mix-type", default="cutmix", choices=["cutmix", "mixup", "none"])
+    a = p.parse_args(argv)
+    kinds = [(48, 40, "RGB", "jpg"), (40, 40, "RGB", "jpg"), (56, 44, "RGB", "png")]
+    samples = make_image_folder(os.path.join(a.out, "train"), a.classes, a.per_class, kinds=kinds)
+    make_relabel(os.path.join(a.out, "fkd"), samples, epochs=a.epochs, batch_size=a.batch_size,
+                 width=a.classes, input_size=a.input_size, mix_type=a.mix_type)
+    print(f"wrote {len(samples)} images to {a.out}/train and {a.epochs} epochs of relabel output to {a.out}/fkd")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
