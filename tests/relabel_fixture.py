@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     samples = make_image_folder(os.path.join(a.out, "train"), a.classes, a.per_class, kinds=kinds)
     make_relabel(os.path.join(a.out, "fkd"), samples, epochs=a.epochs, batch_size=a.batch_size,
                  width=a.classes, input_size=a.input_size, mix_type=a.mix_type)
-    print(f"wrote {len(samples)} images to {a.out}/train and {a.epochs} epochs of relabel output to {a.out}/fkd")
+    print(f"wrote {len(samples)} images to {a.out}/train and {a.epochs} epochs of relabel output "
+          f"to {a.out}/fkd")
     return 0
 
 

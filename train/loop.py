@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from contextlib import nullcontext
@@ -71,34 +72,41 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, first_ep
 def train_step(model: nn.Module, batch: Batch, cfg: TrainConfig, device: str, optimizer, scaler,
                totals: EpochTotals, micro_rows: int) -> None:
     """One loaded batch: zero_grad, micro-batches of B/(K*A) rows each with its own forward and
-    loss/A backward, then one optimizer step. Gradients sync on the last micro-step only."""
+    loss/A backward, then one optimizer step.
+
+    Every rank runs as many micro-steps as rank 0 (which holds the most rows); a rank whose part
+    of the short last batch is empty runs empty forwards with a zero loss, so that collective calls
+    (the gradient all-reduce on the last micro-step, SyncBatchNorm) match across ranks.
+    """
     x = batch.model_input(device)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     soft = batch.soft_labels.to(device)
     targets = batch.targets.to(device)
-    steps = cfg.gradient_accumulation_steps
-    rows = len(batch.rows)
-    starts = list(range(0, rows, micro_rows))
+    accumulation = cfg.gradient_accumulation_steps
+    rank0_rows = min(micro_rows * accumulation, batch.batch_rows)
+    micro_steps = max(1, math.ceil(rank0_rows / micro_rows))
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16 if cfg.amp == "bf16"
                               else torch.float16, enabled=cfg.amp != "off")
     optimizer.zero_grad()
-    if not starts:  # an empty slice (short last batch, many ranks) still joins the gradient sync
-        scaler.scale(sum(p.sum() for p in model.parameters()) * 0.0).backward()
-    for k, start in enumerate(starts):
-        sync = k == len(starts) - 1 or not isinstance(model, DistributedDataParallel)
-        with nullcontext() if sync else model.no_sync():
+    for k in range(micro_steps):
+        part = slice(k * micro_rows, (k + 1) * micro_rows)
+        last = k == micro_steps - 1
+        with nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync():
             with autocast:
-                out = model(x[start:start + micro_rows])
-            part = slice(start, start + micro_rows)
-            loss = kd_loss(out.float(), soft[part], cfg.temperature) / steps
+                out = model(x[part])
+            rows = out.shape[0]
+            if rows:
+                loss = kd_loss(out.float(), soft[part], cfg.temperature) / accumulation
+            else:
+                loss = out.float().sum() * 0.0
             scaler.scale(loss).backward()
-        n = out.shape[0]
-        top1, top5 = topk_correct(out.detach(), targets[part], (1, 5))
-        totals.loss += loss.detach().double() * n
-        totals.top1 += top1
-        totals.top5 += top5
-        totals.rows += n
+        if rows:
+            top1, top5 = topk_correct(out.detach(), targets[part], (1, 5))
+            totals.loss += loss.detach().double() * rows
+            totals.top1 += top1
+            totals.top5 += top5
+            totals.rows += rows
     scaler.step(optimizer)
     scaler.update()
 
@@ -114,7 +122,10 @@ def train(cfg: TrainConfig, shard_set: shards.ShardSet, env: DistEnv, api_key: s
     if env.active:
         if cfg.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
+        # Buffers are not broadcast: batch-norm running statistics stay per rank (rank 0's are
+        # saved), and forwards need no collective, so ranks may run different micro-batches.
+        model = DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None,
+                                        broadcast_buffers=False)
     plain = model.module if env.active else model
     optimizer = build_optimizer(cfg, plain)
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=cfg.amp == "fp16")
