@@ -190,6 +190,9 @@ def train(cfg: TrainConfig, shard_set: shards.ShardSet, env: DistEnv, api_key: s
         train_time = time.perf_counter() - started
         metrics = _train_metrics(totals, env, epoch, scheduler.get_last_lr()[0], train_time,
                                  cfg.gradient_accumulation_steps)
+        if env.is_main and env.active:
+            log(f"rank 0 cropped {stream.decoded_fraction:.1%} of the images of the batches it trained "
+                f"on (its rows plus their mix partners; 1/K = {1 / world:.1%})")
         if env.is_main:
             log(f"TRAIN Iter {epoch}: lr = {metrics['train/lr']:.6f},\tloss = {metrics['train/loss']:.6f},\t"
                 f"Top-1 err = {100 - metrics['train/Top1']:.6f},\t"

@@ -1,0 +1,120 @@
+"""GPU benchmark and NCCL check (skips cleanly without CUDA).
+
+    python tests/bench/bench_gpu.py [--steps 100] [--workers 8] [--images 2048]
+
+1. Training steps of resnet18 and resnet50 at batch 256, 224 px: synthetic data already on the GPU
+   versus the real data path (BatchStream, normalise and mix on the GPU), in fp32 and in
+   ``--amp bf16 --channels-last``. If the data path's images/s is below the synthetic one, the GPU waits.
+2. ``torchrun --nproc-per-node=<GPUs> -m train ... --device cuda`` for one epoch (NCCL).
+Prints a table last. Not a test: nothing about time is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+from common import make_fixture, now, print_table
+
+
+def _steps(model, batches, cfg, device, steps: int, micro: int) -> float:
+    from train import loop
+
+    optimizer = loop.build_optimizer(cfg, model)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    totals = loop.EpochTotals.zeros(device)
+    for k, batch in enumerate(batches):  # the first 5 steps warm up
+        if k == 5:
+            torch.cuda.synchronize()
+            start = now()
+        loop.train_step(model, batch, cfg, device, optimizer, scaler, totals, micro)
+        if k == steps + 4:
+            break
+    torch.cuda.synchronize()
+    return steps * micro / (now() - start)
+
+
+class _Synthetic:
+    """A batch already on the GPU (no data path at all)."""
+
+    def __init__(self, size: int, classes: int, device: str):
+        self.rows = range(size)
+        self.batch_rows = size
+        self.x = torch.randn(size, 3, 224, 224, device=device)
+        self.soft_labels = torch.randn(size, classes, device=device)
+        self.targets = torch.randint(0, classes, (size,), device=device)
+
+    def model_input(self, device):
+        return self.x
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("bench_gpu: CUDA is not available; skipping")
+        return 0
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
+    p.add_argument("--images", type=int, default=2048)
+    p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "fkd-bench"))
+    a = p.parse_args()
+    from convert import ConvertOptions, convert
+    from train.config import build_parser, resolve
+    from train.stream import BatchStream
+
+    root = os.path.join(a.workdir, f"gpu-{a.images}")
+    batch, epochs = 256, max(2, -(-(a.steps + 5) * 256 // a.images))
+    train_dir, fkd_path, _ = make_fixture(root, images=a.images, classes=100, size=224, batch_size=batch,
+                                          epochs=epochs, width=1000)
+    shard_dir = os.path.join(root, "shards")
+    if not os.path.exists(os.path.join(shard_dir, "manifest.json")):
+        convert(ConvertOptions(train_dir, fkd_path, shard_dir, overwrite=True, progress=False),
+                log=lambda *_: None)
+    from shards import ShardSet
+
+    manifest = ShardSet(shard_dir).manifest
+    device = "cuda"
+    rows = []
+    for name in ("resnet18", "resnet50"):
+        for amp, channels_last in (("off", False), ("bf16", True)):
+            flags = ["--shards", shard_dir, "--model", name, "--amp", amp, "--device", device]
+            cfg = resolve(build_parser().parse_args(flags + (["--channels-last"] if channels_last else [])),
+                          manifest, None)
+            rates = []
+            for source in ("synthetic", "data path"):
+                from train.loop import build_model
+
+                model = build_model(cfg, manifest.soft_label_width, device)
+                if source == "synthetic":
+                    fixed = _Synthetic(batch, manifest.soft_label_width, device)
+                    batches = (fixed for _ in range(a.steps + 5))
+                else:
+                    batches = iter(BatchStream(shard_dir, workers=a.workers))
+                rates.append(_steps(model, batches, cfg, device, a.steps, batch))
+            rows.append([name, "bf16+channels_last" if amp == "bf16" else "fp32", f"{rates[0]:.0f}",
+                         f"{rates[1]:.0f}", "yes" if rates[1] < 0.95 * rates[0] else "no"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    gpus = torch.cuda.device_count()
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={gpus}",
+                          "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "train", "--shards",
+                          shard_dir, "--output-dir", os.path.join(root, "ddp"), "--epochs", "1",
+                          "--device", "cuda", "-j", str(max(1, a.workers // gpus))],
+                         capture_output=True, text=True)
+    print_table(f"GPU: {torch.cuda.get_device_name()}, batch {batch}, 224 px, {a.steps} steps, "
+                f"{a.workers} workers, {os.cpu_count()} CPUs",
+                ["model", "precision", "synthetic img/s", "data path img/s", "GPU waits"], rows)
+    print(f"\ntorchrun --nproc-per-node={gpus} (NCCL), 1 epoch: "
+          f"{'OK' if ddp.returncode == 0 else 'FAILED: ' + ddp.stderr[-1500:]}")
+    return 0 if ddp.returncode == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
