@@ -1,0 +1,125 @@
+"""``fkd-demo [OUT]``: teacher, relabel (original layout), fkd-convert, fkd-train, and a comparison
+with the same student trained on hard labels, on scikit-learn's bundled digits."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from convert.cli import main as convert_main
+from train import config as train_config
+from train.cli import main as train_main
+from train.distributed import DistEnv
+from train.loop import build_model, build_optimizer, build_scheduler
+from train.stream import BatchStream
+from train.validate import evaluate, val_loader
+
+from .data import load_splits, write_image_folder
+from .relabel import write_relabel
+from .teacher import train_teacher
+
+
+def _step(message: str, started: float) -> None:
+    print(f"[{time.perf_counter() - started:6.1f}s] {message}", flush=True)
+
+
+def train_hard_labels(shard_dir: str, val_dir: str, model_name: str, epochs: int) -> float:
+    """The same student, batches, crops, mix, optimizer and schedule, but cross-entropy on the hard
+    labels (CutMix-weighted by the pasted area) instead of the teacher's soft labels."""
+    args = train_config.build_parser().parse_args(["--shards", shard_dir, "--model", model_name,
+                                                   "--epochs", str(epochs), "--device", "cpu"])
+    stream = BatchStream(shard_dir, end_epoch=epochs, workers=0)
+    cfg = train_config.resolve(args, stream.manifest, None)
+    torch.manual_seed(0)
+    model = build_model(cfg, stream.manifest.soft_label_width, "cpu")
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, 0)
+    size = stream.manifest.input_size
+    batches = iter(stream)
+    for _ in range(epochs):
+        model.train()
+        for _ in range(stream.manifest.batches_per_epoch):
+            b = next(batches)
+            out = model(b.model_input("cpu"))
+            x1, y1, x2, y2 = b.mix_bbox
+            kept = 1.0 - (x2 - x1) * (y2 - y1) / (size * size)
+            partner = b.targets[torch.as_tensor(b.partners)]
+            loss = kept * F.cross_entropy(out, b.targets) + (1 - kept) * F.cross_entropy(out, partner)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+    loader = val_loader(val_dir, size, 64, 0, DistEnv())
+    return evaluate(model, loader, "cpu", DistEnv())["val/top1"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fkd-demo", description=__doc__)
+    p.add_argument("out", nargs="?", default="fkd-demo-out",
+                   help="working directory (default: ./fkd-demo-out)")
+    p.add_argument("--per-class", type=int, default=10, help="distilled images per digit")
+    p.add_argument("--epochs", type=int, default=30, help="relabel and training epochs")
+    p.add_argument("--teacher-epochs", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=25)
+    p.add_argument("--input-size", type=int, default=24, help="crop size S (px)")
+    p.add_argument("--model", default="resnet18", help="student, any torchvision.models name")
+    p.add_argument("--temperature", type=float, default=4.0)
+    return p
+
+
+def run(a: argparse.Namespace) -> dict[str, float]:
+    """Every stage in order; returns the held-out top-1 (percent) of teacher and both students."""
+    started = time.perf_counter()
+    train_dir, val_dir = os.path.join(a.out, "train"), os.path.join(a.out, "val")
+    fkd_path, shard_dir = os.path.join(a.out, "fkd"), os.path.join(a.out, "shards")
+    splits = load_splits(a.per_class, held_out=500)
+    write_image_folder(train_dir, *splits.distilled)
+    write_image_folder(val_dir, *splits.held_out)
+    _step(f"digits: {len(splits.teacher[1])} teacher images, {len(splits.distilled[1])} distilled "
+          f"({a.per_class} per class) in {train_dir}, {len(splits.held_out[1])} held out in {val_dir}",
+          started)
+    teacher = train_teacher(*splits.teacher, size=a.input_size, epochs=a.teacher_epochs)
+    teacher_acc = evaluate(teacher, val_loader(val_dir, a.input_size, 64, 0, DistEnv()), "cpu",
+                           DistEnv())["val/top1"]
+    _step(f"teacher trained: {teacher_acc:.1f}% on the held-out set", started)
+    write_relabel(train_dir, fkd_path, teacher, epochs=a.epochs, batch_size=a.batch_size,
+                  input_size=a.input_size)
+    _step(f"relabel output written in the original SRe2L layout: {fkd_path}/epoch_*/batch_*.tar", started)
+    if convert_main(["--train-dir", train_dir, "--fkd-path", fkd_path, "--output", shard_dir,
+                     "--input-size", str(a.input_size), "--no-progress"]) != 0:
+        raise RuntimeError("fkd-convert failed")
+    _step("fkd-convert done; now fkd-train on the soft labels", started)
+    soft_dir = os.path.join(a.out, "student-soft")
+    if train_main(["--shards", shard_dir, "--output-dir", soft_dir, "--model", a.model, "-j", "0",
+                   "-T", str(a.temperature), "--val-dir", val_dir, "--val-every", str(a.epochs),
+                   "--device", "cpu"]) != 0:
+        raise RuntimeError("fkd-train failed")
+    with open(os.path.join(soft_dir, "metrics.jsonl")) as f:
+        soft_acc = json.loads(f.read().splitlines()[-1])["val/top1"]
+    _step("student on soft labels done; now the same student on hard labels", started)
+    hard_acc = train_hard_labels(shard_dir, val_dir, a.model, a.epochs)
+    _step("done", started)
+    return {"teacher": teacher_acc, "soft": soft_acc, "hard": hard_acc,
+            "teacher_images": len(splits.teacher[1]), "train_images": len(splits.distilled[1]),
+            "held_out": len(splits.held_out[1])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    if os.path.exists(a.out) and os.listdir(a.out):
+        print(f"fkd-demo: error: {a.out}: not empty; choose a new directory")
+        return 1
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    r = run(a)
+    print(f"\nHeld-out accuracy ({r['held_out']} digits, chance 10%), {r['train_images']} training images, "
+          f"{a.epochs} epochs, {a.model}:")
+    print("| model | top-1 % |\n|---|---|")
+    print(f"| teacher (trained on {r['teacher_images']} images) | {r['teacher']:.1f} |")
+    print(f"| student, soft labels (fkd-train, T={a.temperature:g}) | {r['soft']:.1f} |")
+    print(f"| student, hard labels only | {r['hard']:.1f} |")
+    return 0

@@ -1,0 +1,62 @@
+"""A small CNN teacher for the digits, trained on CPU in seconds."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from torch import nn
+
+from train.mix import MEAN, STD
+
+
+class DigitTeacher(nn.Module):
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+        )
+        self.head = nn.Linear(64 * 16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+def to_model_input(gray_u8: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (n, H, W) grey images -> normalised float (n, 3, size, size)."""
+    x = gray_u8.float().div(255).unsqueeze(1).expand(-1, 3, -1, -1)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _augment(x: torch.Tensor, size: int, scale: tuple[float, float]) -> torch.Tensor:
+    """Random resized crops and flips, per image: the views the relabel step will show the teacher."""
+    out = []
+    for image in x:
+        i, j, h, w = T.RandomResizedCrop.get_params(image, scale, (3 / 4, 4 / 3))
+        crop = TF.resized_crop(image, i, j, h, w, [size, size], antialias=True)
+        out.append(TF.hflip(crop) if torch.rand(1) < 0.5 else crop)
+    return torch.stack(out)
+
+
+def train_teacher(images, labels, size: int, epochs: int = 20, seed: int = 0,
+                  scale: tuple[float, float] = (0.35, 1.0)) -> DigitTeacher:
+    torch.manual_seed(seed)
+    model = DigitTeacher()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x = to_model_input(torch.from_numpy(images), images.shape[1])
+    y = torch.from_numpy(labels)
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(y)).split(64):
+            loss = F.cross_entropy(model(_augment(x[idx], size, scale)), y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
