@@ -63,24 +63,12 @@ def _verify(argv: list[str]) -> int:
 
 
 def _inspect(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="fkd-convert inspect", description="Summarise a shard set.")
+    p = argparse.ArgumentParser(prog="fkd-convert inspect", description="Summarise a shard set "
+                                "(for a picture of a batch: fkd-train inspect).")
     p.add_argument("location")
     args = p.parse_args(argv)
-    m = shards.ShardSet(args.location).manifest
     print(f"location        {args.location}")
-    print(f"format          {m.format} v{m.format_version} ({m.created_by})")
-    print(f"images N        {m.num_images} in {m.num_classes} classes")
-    print(f"batch size B    {m.batch_size} ({m.batches_per_epoch} batches per epoch)")
-    print(f"epochs E        {m.epochs}")
-    print(f"input size S    {m.input_size}")
-    print(f"mix type        {m.mix_type}")
-    print(f"fkd seed        {m.fkd_seed}")
-    print(f"soft labels     {m.soft_label_dtype} x {m.soft_label_width}")
-    if m.alignment:
-        print(f"alignment       mean {sum(m.alignment) / len(m.alignment):.3f}, min {min(m.alignment):.3f}")
-    for kind in ("images", "labels"):
-        found = m.shards_of(kind)
-        print(f"{kind + ' shards':<16}{len(found)}, {sum(s.bytes for s in found) / 1e6:.1f} MB")
+    print(shards.ShardSet(args.location).manifest.describe())
     return 0
 
 

@@ -70,6 +70,26 @@ class Manifest:
             "fkd_seed": self.fkd_seed, "input_size": self.input_size, "classes": list(self.classes),
         }
 
+    def describe(self) -> str:
+        """A human-readable summary, one fact per line."""
+        lines = [
+            f"format          {self.format} v{self.format_version} ({self.created_by})",
+            f"images N        {self.num_images} in {self.num_classes} classes",
+            f"batch size B    {self.batch_size} ({self.batches_per_epoch} batches per epoch)",
+            f"epochs E        {self.epochs}",
+            f"input size S    {self.input_size}",
+            f"mix type        {self.mix_type}",
+            f"fkd seed        {self.fkd_seed}",
+            f"soft labels     {self.soft_label_dtype} x {self.soft_label_width}",
+        ]
+        if self.alignment:
+            lines.append(f"alignment       mean {sum(self.alignment) / len(self.alignment):.3f}, "
+                         f"min {min(self.alignment):.3f}")
+        for kind in fmt.SHARD_KINDS:
+            found = self.shards_of(kind)
+            lines.append(f"{kind + ' shards':<16}{len(found)}, {sum(s.bytes for s in found) / 1e6:.1f} MB")
+        return "\n".join(lines)
+
     def to_json(self) -> str:
         body = asdict(self)
         body["batches_per_epoch"] = self.batches_per_epoch

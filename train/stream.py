@@ -169,6 +169,16 @@ class BatchStream:
     def __len__(self) -> int:
         return (self.end_epoch - self.start_epoch) * self.manifest.batches_per_epoch
 
+    def get(self, epoch: int, batch: int) -> Batch:
+        """One batch, out of the stream's order (reads that epoch's label records up to it)."""
+        if not 0 <= batch < self.manifest.batches_per_epoch:
+            raise ValueError(f"batch {batch} outside [0, {self.manifest.batches_per_epoch})")
+        for record in self.shards.batches(epoch, epoch + 1):
+            if record.batch == batch:
+                task, (rows, own_pos, partner_pos, _) = self._plan(record)
+                return self._batch(record, self._dataset[task].crops, rows, own_pos, partner_pos)
+        raise AssertionError("unreachable: the reader checks that every batch is present")
+
     def _plan(self, record: shards.BatchRecord):
         """The crop task of this rank's slice: its rows plus their mix partners, each cropped once."""
         rows = slice_rows(self.manifest.batch_size, record.size, self.rank, self.world_size)

@@ -1,0 +1,32 @@
+"""inspect: the manifest summary, and the PNG grid of a batch."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from convert.cli import main as convert_main
+from train.cli import main as train_main
+from train.grid import CAPTION_PX
+
+
+def test_summary_prints_the_fixture_numbers(converted, capsys):
+    output, _, _ = converted(batch_size=8, mix_type="mixup")
+    assert convert_main(["inspect", output]) == 0
+    text = capsys.readouterr().out
+    for line in ["images N        20 in 4 classes", "batch size B    8 (3 batches per epoch)",
+                 "epochs E        3", "input size S    16", "mix type        mixup", "fkd seed        42",
+                 "soft labels     float16 x 4", "labels shards   3,"]:
+        assert line in text, line
+
+
+def test_grid_has_the_expected_size_and_differs_between_batches(converted, tmp_path, capsys):
+    output, _, _ = converted(batch_size=8)
+    one, two = str(tmp_path / "one.png"), str(tmp_path / "two.png")
+    assert train_main(["inspect", output, "--batch", "1", "0", "--out", one, "--columns", "4"]) == 0
+    assert train_main(["inspect", output, "--batch", "1", "1", "--out", two, "--columns", "4"]) == 0
+    a, b = Image.open(one), Image.open(two)
+    assert a.size == b.size == (4 * 96, CAPTION_PX + 2 * (96 + CAPTION_PX))  # 8 images in 2 rows of 4
+    assert not np.array_equal(np.asarray(a), np.asarray(b))
+    assert train_main(["inspect", output, "--batch", "9", "0", "--out", one]) == 1
+    assert "epoch 9 outside [0, 3)" in capsys.readouterr().err
