@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import tarfile
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 from . import format as fmt
-from .io import HashingReader, LocationError, join, open_read
+from .io import HashingReader, LocationError, cached_fetch, fetch, is_local, join, open_read
 from .manifest import Manifest, ManifestError, ShardInfo
 from .records import BatchRecord, ImageRecord, RecordError, decode_batch, decode_image
 
@@ -16,22 +19,31 @@ class ShardError(ValueError):
 
 
 class ShardSet:
-    """A shard set at a local path or URL, validated on open.
+    """A shard set at a local path or URL (``file://``, ``https://``, ``s3://``, any fsspec URL),
+    validated on open.
 
-    >>> s = ShardSet("out/")              # doctest: +SKIP
-    >>> for rec in s.batches(): ...       # doctest: +SKIP
+    Local shards are streamed and their sha256 checked when each is read to its end. Remote shards
+    are fetched whole and verified before any record is parsed (failures retried ``retries`` times
+    with backoff), the next label shard being fetched while the current one is consumed: memory
+    holds at most ``read_ahead + 1`` label shards. With ``cache_dir``, verified remote shards are
+    kept on local disk and reused.
     """
 
-    def __init__(self, location: str):
+    def __init__(self, location: str, cache_dir: str | None = None, retries: int = 4,
+                 backoff_s: float = 0.5, read_ahead: int = 1):
         self.location = location
+        self.cache_dir = cache_dir
+        self.retries, self.backoff_s, self.read_ahead = retries, backoff_s, max(0, read_ahead)
+        self.remote = not is_local(location)
         manifest_url = join(location, fmt.MANIFEST_NAME)
         try:
-            with open_read(manifest_url) as f:
-                text = f.read().decode("utf-8")
-        except LocationError:
-            raise ManifestError(
-                f"{manifest_url}: no manifest; not a shard set, or an incomplete (interrupted) one"
-            ) from None
+            text = fetch(manifest_url, retries=retries, backoff_s=backoff_s).decode("utf-8")
+        except LocationError as exc:
+            if "no such file" in str(exc):
+                raise ManifestError(
+                    f"{manifest_url}: no manifest; not a shard set, or an incomplete (interrupted) one"
+                ) from None
+            raise ManifestError(str(exc)) from None
         except UnicodeDecodeError:
             raise ManifestError(f"{manifest_url}: not UTF-8 text") from None
         self.manifest = Manifest.from_json(text, manifest_url)
@@ -47,9 +59,9 @@ class ShardSet:
             raise ValueError(f"epochs [{start_epoch}, {end}) are outside the set's [0, {m.epochs})")
         expected = ((e, b) for e in range(start_epoch, end) for b in range(m.batches_per_epoch))
         shards = [s for s in m.shards_of(fmt.LABELS_KIND) if start_epoch <= s.epoch < end]
-        for shard in shards:
-            for members in self._records(shard):
-                url = self.url(shard)
+        for shard, source in self._sources(shards, self.read_ahead):
+            url = self.url(shard)
+            for members in self._records(shard, source):
                 try:
                     record = decode_batch(members)
                 except (RecordError, ValueError, KeyError) as exc:
@@ -68,9 +80,9 @@ class ShardSet:
     def images(self) -> Iterator[ImageRecord]:
         """Image records in sample-index order (``index`` runs from 0 to N-1)."""
         next_index = 0
-        for shard in self.manifest.shards_of(fmt.IMAGES_KIND):
+        for shard, source in self._sources(self.manifest.shards_of(fmt.IMAGES_KIND), 0):
             url = self.url(shard)
-            for members in self._records(shard):
+            for members in self._records(shard, source):
                 try:
                     record = decode_image(members)
                 except (RecordError, ValueError, KeyError) as exc:
@@ -86,16 +98,51 @@ class ShardSet:
         """Re-hash every shard against the manifest; raises :class:`ShardError` on the first mismatch."""
         for shard in self.manifest.shards:
             url = self.url(shard)
-            with open_read(url) as f:
-                reader = HashingReader(f)
-                reader.drain()
+            try:
+                with open_read(url) as f:
+                    reader = HashingReader(f)
+                    reader.drain()
+            except LocationError as exc:
+                raise ShardError(str(exc)) from None
             self._check_digest(url, shard, reader)
 
-    def _records(self, shard: ShardInfo) -> Iterator[dict[str, bytes]]:
-        """Group the members of one shard by key, in file order; checks size and sha256 at the end."""
+    def _sources(self, shards: list[ShardInfo], ahead: int) -> Iterator[tuple[ShardInfo, object]]:
+        """Each shard with what to read it from: a local URL to stream, or verified bytes or a
+        verified cached file for a remote one, fetched ``ahead`` shards in advance on a thread."""
+        if not self.remote:
+            yield from ((s, self.url(s)) for s in shards)
+            return
+        with ThreadPoolExecutor(1) as pool:
+            pending: deque = deque()
+            for shard in shards:
+                pending.append((shard, pool.submit(self._fetch_verified, shard)))
+                if len(pending) > ahead:
+                    done, future = pending.popleft()
+                    yield done, future.result()
+            while pending:
+                done, future = pending.popleft()
+                yield done, future.result()
+
+    def _fetch_verified(self, shard: ShardInfo) -> bytes | str:
+        url = self.url(shard)
+        try:
+            if self.cache_dir:
+                return cached_fetch(url, self.cache_dir, shard.name, shard.bytes, shard.sha256, self.retries,
+                                    self.backoff_s)
+            return fetch(url, shard.bytes, shard.sha256, self.retries, self.backoff_s)
+        except LocationError as exc:
+            raise ShardError(str(exc)) from None
+
+    def _records(self, shard: ShardInfo, source) -> Iterator[dict[str, bytes]]:
+        """Group the members of one shard by key, in file order; a streamed (local) shard has its
+        size and sha256 checked at its end, a fetched one was verified before."""
         url = self.url(shard)
         count = 0
-        with open_read(url) as f:
+        if isinstance(source, bytes):
+            stream = io.BytesIO(source)
+        else:
+            stream = open(source, "rb") if self.remote else open_read(source)
+        with stream as f:
             reader = HashingReader(f)
             try:
                 with tarfile.open(fileobj=reader, mode="r|") as tar:
@@ -116,7 +163,8 @@ class ShardSet:
                 reader.drain()
             except (tarfile.TarError, EOFError) as exc:
                 raise ShardError(f"{url}: corrupt or truncated tar ({exc})") from None
-        self._check_digest(url, shard, reader)
+        if not self.remote:
+            self._check_digest(url, shard, reader)
         if count != shard.count:
             raise ShardError(f"{url}: holds {count} records, manifest says {shard.count}")
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 
 import webdataset
 
 from . import format as fmt
-from .io import is_local, local_path
+from .io import LocationError, fsspec_module, is_local, local_path
 from .manifest import Manifest, ShardInfo
 from .records import BatchRecord, ImageRecord, encode_batch, encode_image
 
@@ -60,24 +62,107 @@ def write_atomically(path: str, data: bytes) -> None:
     os.replace(temp, path)
 
 
-def prepare_output(directory: str, overwrite: bool) -> None:
-    """Create ``directory``; refuse a non-empty one unless ``overwrite``, then remove a previous set.
+def _is_ours(name: str) -> bool:
+    return (name.startswith(tuple(k + "-" for k in fmt.SHARD_KINDS)) and ".tar" in name) or \
+        name == fmt.MANIFEST_NAME + fmt.TEMP_SUFFIX
 
-    The old manifest goes first, so an interrupted clean-up leaves an incomplete, rejected set.
-    Files that are not part of a shard set are left alone.
-    """
-    if os.path.exists(directory) and not os.path.isdir(directory):
-        raise OutputExistsError(f"{directory}: exists and is not a directory")
-    os.makedirs(directory, exist_ok=True)
-    entries = os.listdir(directory)
-    if entries and not overwrite:
-        raise OutputExistsError(f"{directory}: output directory is not empty (use --overwrite)")
-    if fmt.MANIFEST_NAME in entries:
-        os.remove(os.path.join(directory, fmt.MANIFEST_NAME))
-    for entry in entries:
-        ours = entry.startswith(tuple(k + "-" for k in fmt.SHARD_KINDS)) and ".tar" in entry
-        if ours or entry == fmt.MANIFEST_NAME + fmt.TEMP_SUFFIX:
-            os.remove(os.path.join(directory, entry))
+
+class _LocalOutput:
+    """A shard set in a local directory: shards written under temporary names and renamed."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.where = directory
+
+    def prepare(self, overwrite: bool) -> None:
+        """Create the directory; refuse a non-empty one unless ``overwrite``, then remove a previous
+        set, manifest first, so that an interrupted clean-up leaves an incomplete, rejected set."""
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise OutputExistsError(f"{self.directory}: exists and is not a directory")
+        os.makedirs(self.directory, exist_ok=True)
+        entries = os.listdir(self.directory)
+        if entries and not overwrite:
+            raise OutputExistsError(f"{self.directory}: output directory is not empty (use --overwrite)")
+        if fmt.MANIFEST_NAME in entries:
+            os.remove(os.path.join(self.directory, fmt.MANIFEST_NAME))
+        for entry in entries:
+            if _is_ours(entry):
+                os.remove(os.path.join(self.directory, entry))
+
+    def staging_path(self, name: str) -> str:
+        return os.path.join(self.directory, name + fmt.TEMP_SUFFIX)
+
+    def commit(self, name: str, staged: str) -> None:
+        os.replace(staged, os.path.join(self.directory, name))
+
+    def remove(self, name: str) -> None:
+        path = os.path.join(self.directory, name)
+        if os.path.exists(path):
+            os.remove(path)
+
+    def write_manifest(self, data: bytes) -> None:
+        write_atomically(os.path.join(self.directory, fmt.MANIFEST_NAME), data)
+
+    def close(self) -> None:
+        pass
+
+
+class _RemoteOutput:
+    """A shard set at an fsspec URL: shards staged in a local temporary directory and uploaded
+    when closed; objects appear whole, and the manifest is uploaded last."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self.where = self.url
+        try:
+            self.fs, self.root = fsspec_module().core.url_to_fs(self.url)
+        except (ImportError, ValueError) as exc:
+            raise LocationError(f"{self.url}: cannot use this location ({exc})") from None
+        self.staging = tempfile.mkdtemp(prefix="fkd-convert-")
+
+    def _call(self, what: str, fn, *args):
+        try:
+            return fn(*args)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # the back-end's own network and permission errors
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise LocationError(f"{self.url}: {what} failed ({first})") from None
+
+    def _path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def prepare(self, overwrite: bool) -> None:
+        try:
+            names = [p.rsplit("/", 1)[-1] for p in self._call("listing", self.fs.ls, self.root, False)]
+        except FileNotFoundError:
+            names = []
+        if names and not overwrite:
+            raise OutputExistsError(f"{self.url}: output location is not empty (use --overwrite)")
+        if fmt.MANIFEST_NAME in names:
+            self._call("removing the old manifest", self.fs.rm, self._path(fmt.MANIFEST_NAME))
+        for name in names:
+            if _is_ours(name):
+                self._call(f"removing {name}", self.fs.rm, self._path(name))
+
+    def staging_path(self, name: str) -> str:
+        return os.path.join(self.staging, name)
+
+    def commit(self, name: str, staged: str) -> None:
+        self._call(f"uploading {name}", self.fs.put_file, staged, self._path(name))
+        os.remove(staged)
+
+    def remove(self, name: str) -> None:
+        try:
+            self.fs.rm(self._path(name))
+        except Exception:  # best effort while cleaning up after another error
+            pass
+
+    def write_manifest(self, data: bytes) -> None:
+        self._call("uploading the manifest", self.fs.pipe_file, self._path(fmt.MANIFEST_NAME), data)
+
+    def close(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
 
 
 class ShardSetWriter:
@@ -88,13 +173,11 @@ class ShardSetWriter:
     """
 
     def __init__(self, output: str, shard_bytes: int = 512 * 10**6, overwrite: bool = False):
-        if not is_local(output):
-            raise ValueError(f"{output}: writing to remote locations is not supported yet")
         if shard_bytes <= 0:
             raise ValueError(f"shard size must be positive, got {shard_bytes}")
-        self.directory = local_path(output)
+        self.output = _LocalOutput(local_path(output)) if is_local(output) else _RemoteOutput(output)
         self.shard_bytes = shard_bytes
-        prepare_output(self.directory, overwrite)
+        self.output.prepare(overwrite)
         self._open: dict[str, _OpenShard] = {}
         self._numbers = {kind: 0 for kind in fmt.SHARD_KINDS}
         self._closed: list[ShardInfo] = []
@@ -126,8 +209,9 @@ class ShardSetWriter:
         images = [s for s in self._closed if s.kind == fmt.IMAGES_KIND]
         labels = [s for s in self._closed if s.kind == fmt.LABELS_KIND]
         complete = manifest.with_shards(images + labels)
-        complete.validate(os.path.join(self.directory, fmt.MANIFEST_NAME))
-        write_atomically(os.path.join(self.directory, fmt.MANIFEST_NAME), complete.to_json().encode())
+        complete.validate(f"{self.output.where}/{fmt.MANIFEST_NAME}")
+        self.output.write_manifest(complete.to_json().encode())
+        self.output.close()
         return complete
 
     def abort(self) -> None:
@@ -138,11 +222,12 @@ class ShardSetWriter:
                 shard.file.close()
             except (OSError, ValueError):
                 pass
-            self._written.append(shard.temp_path)
+            if os.path.exists(shard.temp_path):
+                os.remove(shard.temp_path)
         self._open.clear()
-        for path in self._written:
-            if os.path.exists(path):
-                os.remove(path)
+        for name in self._written:
+            self.output.remove(name)
+        self.output.close()
 
     def _shard_for(self, kind: str, position: int, epoch: int | None) -> _OpenShard:
         shard = self._open.get(kind)
@@ -155,7 +240,7 @@ class ShardSetWriter:
         if shard is None:
             name = fmt.shard_name(kind, self._numbers[kind])
             self._numbers[kind] += 1
-            temp_path = os.path.join(self.directory, name + fmt.TEMP_SUFFIX)
+            temp_path = self.output.staging_path(name)
             file = _HashingFile(temp_path)
             tar = webdataset.TarWriter(file, user=fmt.TAR_USER, group=fmt.TAR_USER, encoder=False,
                                        mtime=fmt.TAR_MTIME)
@@ -172,9 +257,8 @@ class ShardSetWriter:
         shard = self._open.pop(kind)
         shard.tar.close()
         shard.file.close()
-        final = os.path.join(self.directory, shard.name)
-        os.replace(shard.temp_path, final)
-        self._written.append(final)
+        self.output.commit(shard.name, shard.temp_path)
+        self._written.append(shard.name)
         self._closed.append(ShardInfo(
             name=shard.name, kind=kind, bytes=shard.file.size, sha256=shard.file.sha256.hexdigest(),
             count=shard.count, first=shard.first, last=shard.last, epoch=shard.epoch,

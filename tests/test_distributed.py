@@ -91,11 +91,11 @@ def test_killed_two_rank_run_resumes_on_one_process(converted, tmp_path):
         while "checkpoint.pth.tar" not in listing(str(out)):
             assert proc.poll() is None and time.time() < deadline
             time.sleep(0.01)
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_tree(proc.pid)
         proc.wait(60)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_tree(proc.pid)
     epoch = torch.load(out / "checkpoint.pth.tar", weights_only=True)["epoch"]
     if epoch == 3:
         pytest.skip("the run finished before it could be killed")
@@ -119,11 +119,35 @@ def test_a_failing_rank_fails_the_job_and_keeps_the_checkpoint(converted, tmp_pa
         _, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_tree(proc.pid)
     assert proc.returncode != 0
     assert "Signal 9 (SIGKILL)" in stderr or "exitcode: -9" in stderr, stderr[-2000:]
     state = torch.load(out / "checkpoint.pth.tar", weights_only=True)
     assert state["epoch"] >= 1 and "state_dict" in state
+
+
+def _descendants(pid: int) -> list[int]:
+    found, stack = [], [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    children = [int(c) for c in f.read().split()]
+                found += children
+                stack += children
+        except FileNotFoundError:
+            continue
+    return found
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL the launcher and every worker (torchrun may start workers in sessions of their own)."""
+    for p in [pid, *_descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _rank_pid(launcher: int, rank: int) -> int:

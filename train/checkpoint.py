@@ -18,13 +18,13 @@ class CheckpointError(ValueError):
 def save(state: dict, output_dir: str, is_best: bool) -> str:
     """Write ``OUTPUT_DIR/checkpoint.pth.tar`` atomically, and copy it to ``model_best`` when best."""
     path = os.path.join(output_dir, CHECKPOINT_NAME)
-    temp = path + ".partial"
-    torch.save(state, temp)
-    os.replace(temp, path)
+    suffix = f".{os.getpid()}.partial"  # unique: a writer never renames another process's file
+    torch.save(state, path + suffix)
+    os.replace(path + suffix, path)
     if is_best:
-        best_temp = os.path.join(output_dir, BEST_NAME + ".partial")
-        shutil.copyfile(path, best_temp)
-        os.replace(best_temp, os.path.join(output_dir, BEST_NAME))
+        best = os.path.join(output_dir, BEST_NAME)
+        shutil.copyfile(path, best + suffix)
+        os.replace(best + suffix, best)
     return path
 
 

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                               "--train-dir DIR --fkd-path DIR --output SHARDS first")
         if not args.shards:
             raise ConfigError("--shards LOCATION is required (a shard set written by fkd-convert)")
-        shard_set = shards.ShardSet(args.shards)
+        shard_set = shards.ShardSet(args.shards, cache_dir=args.cache_dir)
         api_key = os.environ.get("WANDB_API_KEY") or args.wandb_api_key
         cfg = resolve(args, shard_set.manifest, api_key)
         if args.keep_topk != 1000 and env.is_main:

@@ -46,6 +46,7 @@ class TrainConfig:
     channels_last: bool
     sync_bn: bool
     decode_cache: bool
+    cache_dir: str | None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--amp", default="off", choices=["bf16", "fp16", "off"], help="autocast (off: exact parity)")
     a("--channels-last", action="store_true", help="channels-last memory format (off: exact parity)")
     a("--sync-bn", action="store_true", help="SyncBatchNorm across ranks (torchrun)")
+    a("--cache-dir", default=None, help="keep verified remote shards here and reuse them")
     a("--decode-cache", action="store_true",
       help="decode every image once into shared memory (H*W*3 bytes each); same pixels")
     return p
@@ -137,5 +139,5 @@ def resolve(args: argparse.Namespace, manifest: shards.Manifest, api_key: str | 
         mix_type=mix_type, fkd_seed=fkd_seed, device=device, init_weights=args.init_weights,
         resume=args.resume, val_every=args.val_every, wandb_project=args.wandb_project,
         wandb_mode=wandb_mode, amp=args.amp, channels_last=args.channels_last, sync_bn=args.sync_bn,
-        decode_cache=args.decode_cache,
+        decode_cache=args.decode_cache, cache_dir=args.cache_dir,
     )

@@ -142,8 +142,11 @@ class BatchStream:
 
     def __init__(self, location: str | shards.ShardSet, start_epoch: int = 0, end_epoch: int | None = None,
                  workers: int = 2, rank: int = 0, world_size: int = 1, prefetch_factor: int = 2,
-                 decode_cache: bool = False):
-        self.shards = location if isinstance(location, shards.ShardSet) else shards.ShardSet(location)
+                 decode_cache: bool = False, cache_dir: str | None = None):
+        if isinstance(location, shards.ShardSet):
+            self.shards = location
+        else:
+            self.shards = shards.ShardSet(location, cache_dir=cache_dir)
         m = self.manifest = self.shards.manifest
         self.start_epoch = start_epoch
         self.end_epoch = m.epochs if end_epoch is None else end_epoch

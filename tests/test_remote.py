@@ -1,0 +1,168 @@
+"""Shard sets over HTTP and S3 (real servers on 127.0.0.1), faults, retries and the cache."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+import torch
+
+import shards
+from convert import ConvertOptions, convert
+from convert.cli import main as convert_main
+from tests.conftest import INPUT_SIZE, listing
+from tests.servers import StaticServer
+from train.cli import main as train_main
+from train.stream import BatchStream
+
+FAST = {"retries": 3, "backoff_s": 0.01}
+
+
+@pytest.fixture
+def http_set(converted):
+    output, _, _ = converted(batch_size=8, shard_bytes=3000)  # several label shards per epoch
+    server = StaticServer(output)
+    yield output, server
+    server.stop()
+
+
+def _same_batches(a: BatchStream, b: BatchStream) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=True):
+        assert (x.epoch, x.batch) == (y.epoch, y.batch)
+        assert torch.equal(x.model_input(), y.model_input())
+        assert torch.equal(x.soft_labels, y.soft_labels) and torch.equal(x.targets, y.targets)
+        n += 1
+    return n
+
+
+def test_http_stream_equals_local(http_set):
+    local, server = http_set
+    remote = shards.ShardSet(server.url, **FAST)
+    assert remote.manifest == shards.ShardSet(local).manifest
+    assert _same_batches(BatchStream(local, workers=0), BatchStream(remote, workers=0)) == 9
+    remote.verify()
+
+
+def test_http_faults_are_retried(http_set):
+    local, server = http_set
+    label = shards.ShardSet(local).manifest.shards_of("labels")[1].name
+    server.faults.errors.update({"manifest.json": 2, "images-000000.tar": 2, label: 2})
+    server.faults.cut[label] = 700
+    server.faults.flip[label], server.faults.flip_times[label] = 900, 1
+    remote = shards.ShardSet(server.url, **FAST)
+    assert _same_batches(BatchStream(local, workers=0), BatchStream(remote, workers=0)) == 9
+    # Every injected fault was served, and the stream still matches the local one.
+    assert set(server.faults.errors.values()) == {0} and label not in server.faults.cut
+    assert server.faults.flip_times[label] == 0
+
+
+def test_persistent_corruption_fails_naming_the_shard_and_yields_nothing_from_it(http_set):
+    local, server = http_set
+    labels = shards.ShardSet(local).manifest.shards_of("labels")
+    bad = labels[2]
+    server.faults.flip[bad.name] = 600
+    remote = shards.ShardSet(server.url, **FAST)
+    seen = []
+    with pytest.raises(shards.ShardError, match=f"{bad.name}: sha256 mismatch after 4 attempts"):
+        for record in remote.batches():
+            seen.append((record.epoch, record.batch))
+    before = sum(s.count for s in labels[:2])
+    assert len(seen) == before  # every batch of the good shards, none of the bad one
+
+
+def test_missing_shard_is_a_clear_error(http_set):
+    local, server = http_set
+    name = shards.ShardSet(local).manifest.shards_of("labels")[-1].name
+    os.rename(os.path.join(local, name), os.path.join(local, name + ".away"))
+    with pytest.raises(shards.ShardError, match=f"{name}: no such file"):
+        list(shards.ShardSet(server.url, **FAST).batches())
+
+
+def test_cache_dir_is_filled_once_and_reused(http_set, tmp_path):
+    local, server = http_set
+    cache = str(tmp_path / "cache")
+    first = BatchStream(shards.ShardSet(server.url, cache_dir=cache, **FAST), workers=0)
+    list(first)
+    files = listing(cache)
+    assert len(files) == len(shards.ShardSet(local).manifest.shards)
+    assert not any("partial" in f for f in files)
+    requests = len(server.faults.requests)
+    second = BatchStream(shards.ShardSet(server.url, cache_dir=cache, **FAST), workers=0)
+    assert _same_batches(BatchStream(local, workers=0), second) == 9
+    assert set(server.faults.requests[requests:]) == {"manifest.json"}  # all shards from the cache
+
+
+def test_two_processes_share_one_cache_dir(http_set, tmp_path):
+    _, server = http_set
+    cache = str(tmp_path / "cache")
+    code = ("import sys, shards; s = shards.ShardSet(sys.argv[1], cache_dir=sys.argv[2]);"
+            "print(len(list(s.images())), len(list(s.batches())))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, server.url, cache], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=os.getcwd()) for _ in range(2)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert [o[0].split() for o in outputs] == [["20", "9"], ["20", "9"]]
+    assert not any("partial" in f for f in listing(cache))
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """moto's S3-compatible server on 127.0.0.1, with a bucket; endpoint and keys in the environment."""
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+        monkeypatch.setenv(key, value)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem().mkdir("bucket")
+    yield "s3://bucket"
+    s3fs.S3FileSystem.clear_instance_cache()
+    # moto keeps its buckets in this process: empty them for the next test.
+    urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/moto-api/reset", method="POST"))
+    server.stop()
+
+
+def test_convert_to_s3_then_train_from_it(relabel_case, tmp_path, s3, capsys):
+    train_dir, fkd_path, _, _ = relabel_case(batch_size=8)
+    local = str(tmp_path / "local")
+    options = dict(input_size=INPUT_SIZE, shard_bytes=3000, progress=False)
+    convert(ConvertOptions(train_dir, fkd_path, local, **options), log=lambda *_: None)
+    url = f"{s3}/sets/one"
+    assert convert_main(["--train-dir", train_dir, "--fkd-path", fkd_path, "--output", url, "--input-size",
+                         str(INPUT_SIZE), "--shard-size", "3000", "--no-progress"]) == 0
+    assert convert_main(["--train-dir", train_dir, "--fkd-path", fkd_path, "--output", url, "--input-size",
+                         str(INPUT_SIZE), "--no-progress"]) == 1
+    assert "not empty (use --overwrite)" in capsys.readouterr().err
+    assert convert_main(["verify", url]) == 0
+    remote = shards.ShardSet(url, **FAST)
+    assert remote.manifest == shards.ShardSet(local).manifest  # same bytes, same hashes
+    cache = str(tmp_path / "cache")
+    assert _same_batches(BatchStream(local, workers=0), BatchStream(url, workers=0, cache_dir=cache)) == 9
+    for run, extra in (("cold", []), ("warm", [])):
+        out = tmp_path / run
+        assert train_main(["--shards", url, "--cache-dir", cache, "--output-dir", str(out), "-j", "0",
+                           "--device", "cpu", "--epochs", "1", *extra]) == 0
+    cold = torch.load(tmp_path / "cold" / "checkpoint.pth.tar", weights_only=True)["state_dict"]
+    warm = torch.load(tmp_path / "warm" / "checkpoint.pth.tar", weights_only=True)["state_dict"]
+    assert all(torch.equal(cold[k], warm[k]) for k in cold)
+
+
+def test_interrupted_upload_leaves_no_manifest(relabel_case, s3):
+    train_dir, fkd_path, _, truth = relabel_case(batch_size=8)
+    open(truth.files[(2, 1)], "w").write("broken")
+    url = f"{s3}/sets/broken"
+    assert convert_main(["--train-dir", train_dir, "--fkd-path", fkd_path, "--output", url, "--input-size",
+                         str(INPUT_SIZE), "--shard-size", "3000", "--no-progress"]) == 1
+    with pytest.raises(shards.ManifestError, match="no manifest"):
+        shards.ShardSet(url, **FAST)
+    import s3fs
+
+    assert s3fs.S3FileSystem().find("bucket/sets/broken") == []  # the uploaded shards were removed too
