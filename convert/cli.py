@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing shard set")
     p.add_argument("--min-alignment", type=float, default=None,
                    help="fail when any epoch's replay alignment is below this rate (0..1)")
+    p.add_argument("--label-codec", default="raw",
+                   help="raw (bit-exact, default), int8 (per-row affine) or topk:K (K largest logits)")
+    p.add_argument("--codec-temperature", type=float, default=20.0,
+                   help="training temperature T that topk:K keeps the tail mass for (default 20)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -86,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             input_size=args.input_size, fkd_seed=args.fkd_seed, epochs=args.epochs,
             shard_bytes=args.shard_size, workers=max(1, args.workers), overwrite=args.overwrite,
             min_alignment=args.min_alignment, progress=not args.no_progress,
+            label_codec=args.label_codec, codec_temperature=args.codec_temperature,
         )
         manifest = convert(options)
     except (ConvertError, shards.ManifestError, shards.ShardError, shards.LocationError,

@@ -38,6 +38,8 @@ class ConvertOptions:
     overwrite: bool = False
     min_alignment: float | None = None
     progress: bool = True
+    label_codec: str = "raw"
+    codec_temperature: float = 20.0
 
 
 def convert(options: ConvertOptions, log=print) -> shards.Manifest:
@@ -48,6 +50,10 @@ def convert(options: ConvertOptions, log=print) -> shards.Manifest:
     o = options
     if o.input_size <= 0:
         raise ConvertError(f"--input-size must be positive, got {o.input_size}")
+    try:
+        shards.codecs.parse(o.label_codec)
+    except ValueError as exc:
+        raise ConvertError(f"--label-codec: {exc}") from None
     folder = list_image_folder(o.train_dir)
     layout = scan_layout(o.fkd_path)
     first = load_batch(layout.batch_path(0, 0), o.input_size)
@@ -72,7 +78,8 @@ def convert(options: ConvertOptions, log=print) -> shards.Manifest:
     labels = np.asarray(folder.labels, dtype=np.int64)
     pool = _label_pool(o.workers)
     try:
-        with shards.ShardSetWriter(o.output, o.shard_bytes, o.overwrite) as writer:
+        with shards.ShardSetWriter(o.output, o.shard_bytes, o.overwrite, o.label_codec,
+                                   o.codec_temperature) as writer:
             _write_images(writer, folder, o)
             started = time.perf_counter()
             alignment, label_bytes = _write_labels(writer, pool, layout, labels, first, batch_size,
@@ -88,6 +95,8 @@ def convert(options: ConvertOptions, log=print) -> shards.Manifest:
                 mix_type=first.mix_type, fkd_seed=o.fkd_seed, classes=list(folder.classes),
                 soft_label_dtype=str(first.soft_labels.dtype), shards=[],
                 alignment=[round(a, 6) for a in alignment], created_by=f"fkd-convert {VERSION}",
+                label_codec=o.label_codec,
+                label_codec_temperature=None if o.label_codec == "raw" else o.codec_temperature,
             ))
     finally:
         if pool is not None:

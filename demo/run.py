@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, default=24, help="crop size S (px)")
     p.add_argument("--model", default="resnet18", help="student, any torchvision.models name")
     p.add_argument("--temperature", type=float, default=4.0)
+    p.add_argument("--codecs", nargs="*", default=[], metavar="CODEC",
+                   help="also train on labels stored with these codecs (e.g. int8 topk:3)")
     return p
 
 
@@ -90,23 +92,34 @@ def run(a: argparse.Namespace) -> dict[str, float]:
     write_relabel(train_dir, fkd_path, teacher, epochs=a.epochs, batch_size=a.batch_size,
                   input_size=a.input_size)
     _step(f"relabel output written in the original SRe2L layout: {fkd_path}/epoch_*/batch_*.tar", started)
+    soft_acc = _soft_student(a, train_dir, fkd_path, val_dir, "raw", shard_dir)
+    _step("student on soft labels done", started)
+    by_codec = {}
+    for codec in a.codecs:
+        directory = os.path.join(a.out, "shards-" + codec.replace(":", ""))
+        by_codec[codec] = _soft_student(a, train_dir, fkd_path, val_dir, codec, directory)
+        _step(f"student on {codec} soft labels done", started)
+    hard_acc = train_hard_labels(shard_dir, val_dir, a.model, a.epochs)
+    _step("done", started)
+    return {"teacher": teacher_acc, "soft": soft_acc, "hard": hard_acc, "codecs": by_codec,
+            "teacher_images": len(splits.teacher[1]), "train_images": len(splits.distilled[1]),
+            "held_out": len(splits.held_out[1])}
+
+
+def _soft_student(a: argparse.Namespace, train_dir: str, fkd_path: str, val_dir: str, codec: str,
+                  shard_dir: str) -> float:
+    """fkd-convert with ``codec``, then fkd-train on it (both through their CLIs); held-out top-1."""
     if convert_main(["--train-dir", train_dir, "--fkd-path", fkd_path, "--output", shard_dir,
-                     "--input-size", str(a.input_size), "--no-progress"]) != 0:
+                     "--input-size", str(a.input_size), "--no-progress", "--label-codec", codec,
+                     "--codec-temperature", str(a.temperature)]) != 0:
         raise RuntimeError("fkd-convert failed")
-    _step("fkd-convert done; now fkd-train on the soft labels", started)
-    soft_dir = os.path.join(a.out, "student-soft")
-    if train_main(["--shards", shard_dir, "--output-dir", soft_dir, "--model", a.model, "-j", "0",
+    out_dir = shard_dir.replace("shards", "student-soft")
+    if train_main(["--shards", shard_dir, "--output-dir", out_dir, "--model", a.model, "-j", "0",
                    "-T", str(a.temperature), "--val-dir", val_dir, "--val-every", str(a.epochs),
                    "--device", "cpu"]) != 0:
         raise RuntimeError("fkd-train failed")
-    with open(os.path.join(soft_dir, "metrics.jsonl")) as f:
-        soft_acc = json.loads(f.read().splitlines()[-1])["val/top1"]
-    _step("student on soft labels done; now the same student on hard labels", started)
-    hard_acc = train_hard_labels(shard_dir, val_dir, a.model, a.epochs)
-    _step("done", started)
-    return {"teacher": teacher_acc, "soft": soft_acc, "hard": hard_acc,
-            "teacher_images": len(splits.teacher[1]), "train_images": len(splits.distilled[1]),
-            "held_out": len(splits.held_out[1])}
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return json.loads(f.read().splitlines()[-1])["val/top1"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,5 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| model | top-1 % |\n|---|---|")
     print(f"| teacher (trained on {r['teacher_images']} images) | {r['teacher']:.1f} |")
     print(f"| student, soft labels (fkd-train, T={a.temperature:g}) | {r['soft']:.1f} |")
+    for codec, acc in r["codecs"].items():
+        print(f"| student, soft labels stored as {codec} | {acc:.1f} |")
     print(f"| student, hard labels only | {r['hard']:.1f} |")
     return 0

@@ -3,6 +3,7 @@
 ``ShardSet`` reads and verifies a set; ``ShardSetWriter`` writes one; ``Manifest`` describes it.
 """
 
+from . import codecs
 from .format import FORMAT_VERSION, MANIFEST_NAME
 from .io import LocationError
 from .manifest import Manifest, ManifestError, ShardInfo
@@ -13,5 +14,5 @@ from .writer import OutputExistsError, ShardSetWriter
 __all__ = [
     "FORMAT_VERSION", "MANIFEST_NAME", "BatchRecord", "ImageRecord", "LocationError", "Manifest",
     "ManifestError", "OutputExistsError", "RecordError", "ShardError", "ShardInfo", "ShardSet",
-    "ShardSetWriter",
+    "ShardSetWriter", "codecs",
 ]

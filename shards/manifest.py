@@ -6,6 +6,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 
+from . import codecs
 from . import format as fmt
 
 
@@ -48,6 +49,8 @@ class Manifest:
     shards: list[ShardInfo]
     alignment: list[float] = field(default_factory=list)
     created_by: str = ""
+    label_codec: str = codecs.RAW
+    label_codec_temperature: float | None = None
     format: str = fmt.FORMAT_NAME
     format_version: int = fmt.FORMAT_VERSION
 
@@ -81,6 +84,8 @@ class Manifest:
             f"mix type        {self.mix_type}",
             f"fkd seed        {self.fkd_seed}",
             f"soft labels     {self.soft_label_dtype} x {self.soft_label_width}",
+            f"label codec     {self.label_codec}" + (f" (T={self.label_codec_temperature:g})"
+                                                     if self.label_codec_temperature else ""),
         ]
         if self.alignment:
             lines.append(f"alignment       mean {sum(self.alignment) / len(self.alignment):.3f}, "
@@ -134,6 +139,10 @@ class Manifest:
                 fail(f"{name} must be a positive integer, found {value!r}")
         if self.mix_type not in fmt.MIX_TYPES:
             fail(f"mix_type {self.mix_type!r} is not one of {fmt.MIX_TYPES}")
+        try:
+            codecs.parse(self.label_codec)
+        except ValueError as exc:
+            fail(f"{exc}; this reader cannot decode this set's soft labels")
         if self.soft_label_dtype not in fmt.SOFT_LABEL_DTYPES:
             fail(f"soft_label_dtype {self.soft_label_dtype!r} is not one of {fmt.SOFT_LABEL_DTYPES}")
         if len(self.classes) != self.num_classes:

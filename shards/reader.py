@@ -63,7 +63,7 @@ class ShardSet:
             url = self.url(shard)
             for members in self._records(shard, source):
                 try:
-                    record = decode_batch(members)
+                    record = decode_batch(members, m.label_codec, m.soft_label_width)
                 except (RecordError, ValueError, KeyError) as exc:
                     raise ShardError(f"{url}: bad batch record: {exc}") from None
                 position = next(expected, None)
@@ -182,7 +182,8 @@ class ShardSet:
         if record.size != n:
             raise ShardError(f"{where}: {record.size} rows, expected {n}")
         soft = record.soft_labels
-        if soft.shape[1] != m.soft_label_width or str(soft.dtype) != m.soft_label_dtype:
+        dtype = m.soft_label_dtype if m.label_codec == "raw" else "float32"
+        if soft.shape[1] != m.soft_label_width or str(soft.dtype) != dtype:
             raise ShardError(f"{where}: soft labels are {soft.dtype}{list(soft.shape)}")
         if (record.mix_index is None) != (m.mix_type == "none"):
             raise ShardError(f"{where}: mix data does not match mix type {m.mix_type}")

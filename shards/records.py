@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import msgpack
 import numpy as np
 
+from . import codecs
 from . import format as fmt
 
 
@@ -83,8 +84,8 @@ def decode_image(members: dict[str, bytes]) -> ImageRecord:
     )
 
 
-def encode_batch(record: BatchRecord) -> dict[str, bytes]:
-    """Tar members (suffix -> bytes) of one batch record."""
+def encode_batch(record: BatchRecord, codec: str = codecs.RAW, temperature: float = 20.0) -> dict[str, bytes]:
+    """Tar members (suffix -> bytes) of one batch record, soft labels stored with ``codec``."""
     meta = {
         "epoch": record.epoch,
         "batch": record.batch,
@@ -97,22 +98,29 @@ def encode_batch(record: BatchRecord) -> dict[str, bytes]:
         fmt.INDICES: encode_npy(record.indices.astype(np.int64, copy=False)),
         fmt.COORDS: encode_npy(record.coords),
         fmt.FLIPS: encode_npy(record.flips.astype(np.bool_, copy=False)),
-        fmt.SOFT_LABELS: encode_npy(record.soft_labels),
     }
+    for name, array in codecs.encode(codec, temperature, record.soft_labels).items():
+        members[name + ".npy"] = encode_npy(array)
     if record.mix_index is not None:
         members[fmt.MIX_INDEX] = encode_npy(record.mix_index.astype(np.int64, copy=False))
     return members
 
 
-def decode_batch(members: dict[str, bytes]) -> BatchRecord:
-    """Inverse of :func:`encode_batch`; checks that every array has the record's row count."""
-    _require(members, (fmt.META, fmt.INDICES, fmt.COORDS, fmt.FLIPS, fmt.SOFT_LABELS))
+def decode_batch(members: dict[str, bytes], codec: str = codecs.RAW, width: int | None = None) -> BatchRecord:
+    """Inverse of :func:`encode_batch`; checks that every array has the record's row count.
+    ``width`` (the soft-label width C) is needed by the ``topk`` codec."""
+    stored = tuple(name + ".npy" for name in codecs.members(codec))
+    _require(members, (fmt.META, fmt.INDICES, fmt.COORDS, fmt.FLIPS, *stored))
     meta = decode_meta(members[fmt.META])
     n = int(meta["n"])
     indices = decode_npy(members[fmt.INDICES])
     coords = decode_npy(members[fmt.COORDS])
     flips = decode_npy(members[fmt.FLIPS])
-    soft = decode_npy(members[fmt.SOFT_LABELS])
+    arrays = {name: decode_npy(members[name + ".npy"]) for name in codecs.members(codec)}
+    for name, array in arrays.items():
+        if array.shape[:1] != (n,):
+            raise RecordError(f"{name} has shape {array.shape}, expected {n} rows")
+    soft = codecs.decode(codec, arrays, width)
     mix_index = decode_npy(members[fmt.MIX_INDEX]) if fmt.MIX_INDEX in members else None
     _check_shape("indices", indices, (n,), np.int64)
     _check_shape("coords", coords, (n, 4), np.float32)

@@ -172,11 +172,13 @@ class ShardSetWriter:
     writes no manifest, so the output is never taken for a complete set.
     """
 
-    def __init__(self, output: str, shard_bytes: int = 512 * 10**6, overwrite: bool = False):
+    def __init__(self, output: str, shard_bytes: int = 512 * 10**6, overwrite: bool = False,
+                 label_codec: str = "raw", codec_temperature: float = 20.0):
         if shard_bytes <= 0:
             raise ValueError(f"shard size must be positive, got {shard_bytes}")
         self.output = _LocalOutput(local_path(output)) if is_local(output) else _RemoteOutput(output)
         self.shard_bytes = shard_bytes
+        self.label_codec, self.codec_temperature = label_codec, codec_temperature
         self.output.prepare(overwrite)
         self._open: dict[str, _OpenShard] = {}
         self._numbers = {kind: 0 for kind in fmt.SHARD_KINDS}
@@ -199,7 +201,8 @@ class ShardSetWriter:
     def add_batch(self, record: BatchRecord) -> None:
         """Append one batch record; batches must come in (epoch, batch) order."""
         shard = self._shard_for(fmt.LABELS_KIND, record.batch, record.epoch)
-        shard.tar.write({"__key__": fmt.batch_key(record.epoch, record.batch), **encode_batch(record)})
+        members = encode_batch(record, self.label_codec, self.codec_temperature)
+        shard.tar.write({"__key__": fmt.batch_key(record.epoch, record.batch), **members})
         self._advance(shard, record.batch)
 
     def finish(self, manifest: Manifest) -> Manifest:
