@@ -203,3 +203,13 @@ def test_schedule_groups_and_accuracy():
 def test_distributed_env_defaults():
     env = DistEnv()
     assert env.is_main and not env.active
+
+
+def test_resume_from_a_bare_state_dict_is_a_clear_error(converted, tmp_path, capsys):
+    output, _, _ = converted()
+    _, init = _init_weights(tmp_path)
+    argv = ["--shards", output, "--output-dir", str(tmp_path / "r"), "-j", "0", "--resume", init]
+    assert train_main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "not an fkd-train checkpoint (no epoch, optimizer, scheduler, rng, manifest)" in err
+    assert len(err.splitlines()) == 1

@@ -111,12 +111,31 @@ def train_step(model: nn.Module, batch: Batch, cfg: TrainConfig, device: str, op
     scaler.update()
 
 
-def train(cfg: TrainConfig, shard_set: shards.ShardSet, env: DistEnv, api_key: str | None = None,
-          log=print) -> dict:
-    """Train epochs [start, E); returns the last epoch's metrics."""
-    m = shard_set.manifest
+@dataclass
+class TrainState:
+    """What the loop updates and a checkpoint holds."""
+
+    model: nn.Module  # DDP-wrapped under torchrun
+    plain: nn.Module  # the unwrapped student
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    scaler: torch.amp.GradScaler
+    first_epoch: int
+    best_acc1: float
+
+    def checkpoint(self, epoch: int, cfg: TrainConfig, manifest: shards.Manifest, device: str) -> dict:
+        """The original's keys, plus what exact resumption needs."""
+        return {
+            "epoch": epoch + 1, "state_dict": self.plain.state_dict(), "best_acc1": self.best_acc1,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "position": {"epoch": epoch + 1, "batch": 0},
+            "rng": _rng_state(device), "manifest": manifest.identity(), "config": cfg.as_dict(),
+        }
+
+
+def build_state(cfg: TrainConfig, m: shards.Manifest, env: DistEnv) -> TrainState:
+    """Student, optimizer, scheduler and scaler, fresh or restored from ``--resume``."""
     device = cfg.device
-    os.makedirs(cfg.output_dir, exist_ok=True)
     torch.manual_seed(0)  # the student's random init; the data order is fixed by the shards
     model = build_model(cfg, m.soft_label_width, device)
     if env.active:
@@ -129,92 +148,102 @@ def train(cfg: TrainConfig, shard_set: shards.ShardSet, env: DistEnv, api_key: s
     plain = model.module if env.active else model
     optimizer = build_optimizer(cfg, plain)
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=cfg.amp == "fp16")
-    first_epoch, best_acc1 = cfg.start_epoch, 0.0
-    resume_path = _resume_path(cfg)
-    if resume_path:
-        state = checkpoint.load(resume_path)
-        if state.get("manifest") != m.identity():
-            raise checkpoint.CheckpointError(f"{resume_path}: written for another shard set")
-        plain.load_state_dict(checkpoint.model_state(state))
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state.get("scaler", {}))
-        first_epoch, best_acc1 = state["epoch"], state["best_acc1"]
-        _restore_rng(state["rng"], device)
-        if first_epoch >= cfg.epochs:
-            log(f"{resume_path}: already trained {first_epoch} of {cfg.epochs} epochs; nothing to do")
-            return {}
-    scheduler = build_scheduler(cfg, optimizer, first_epoch)
-    if resume_path:
-        scheduler.load_state_dict(state["scheduler"])
+    path = _resume_path(cfg)
+    if path is None:
+        return TrainState(model, plain, optimizer, build_scheduler(cfg, optimizer, cfg.start_epoch), scaler,
+                          cfg.start_epoch, 0.0)
+    state = checkpoint.load(path)
+    needed = ("epoch", "state_dict", "optimizer", "scheduler", "rng", "manifest")
+    missing = [k for k in needed if k not in state]
+    if missing:
+        raise checkpoint.CheckpointError(f"{path}: not an fkd-train checkpoint (no {', '.join(missing)})")
+    if state["manifest"] != m.identity():
+        raise checkpoint.CheckpointError(f"{path}: written for another shard set")
+    plain.load_state_dict(checkpoint.model_state(state))
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state.get("scaler", {}))
+    _restore_rng(state["rng"], device)
+    scheduler = build_scheduler(cfg, optimizer, state["epoch"])
+    scheduler.load_state_dict(state["scheduler"])
+    return TrainState(model, plain, optimizer, scheduler, scaler, state["epoch"], state.get("best_acc1", 0.0))
 
-    world = env.world_size
-    micro_rows = cfg.batch_size // (world * cfg.gradient_accumulation_steps)
-    if micro_rows == 0 or cfg.batch_size % (world * cfg.gradient_accumulation_steps):
+
+def train_epoch(s: TrainState, batches, epoch: int, cfg: TrainConfig, m: shards.Manifest, env: DistEnv,
+                micro_rows: int) -> tuple[EpochTotals, float]:
+    """One epoch of loaded batches; returns the totals and the seconds it took."""
+    s.model.train()
+    totals = EpochTotals.zeros(cfg.device)
+    started = time.perf_counter()
+    bar = tqdm(total=m.batches_per_epoch, desc=f"epoch {epoch}", unit="batch", leave=False,
+               disable=not env.is_main)
+    for _ in range(m.batches_per_epoch):
+        batch = next(batches)
+        assert batch.epoch == epoch, (batch.epoch, epoch)
+        train_step(s.model, batch, cfg, cfg.device, s.optimizer, s.scaler, totals, micro_rows)
+        bar.update(1)
+        if bar.n % 10 == 0 or bar.n == m.batches_per_epoch:  # .item() waits for the device
+            seen = totals.rows.item()
+            bar.set_postfix(loss=f"{totals.loss.item() / max(seen, 1):.4f}",
+                            img_s=f"{seen * env.world_size / (time.perf_counter() - started):.0f}")
+    bar.close()
+    return totals, time.perf_counter() - started
+
+
+def train(cfg: TrainConfig, shard_set: shards.ShardSet, env: DistEnv, api_key: str | None = None,
+          log=print) -> dict:
+    """Train epochs [start, E) (or from the resumed checkpoint); returns the last epoch's metrics."""
+    m = shard_set.manifest
+    world, steps = env.world_size, cfg.gradient_accumulation_steps
+    if cfg.batch_size % (world * steps):
         raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by world size {world} x "
-                          f"--gradient-accumulation-steps {cfg.gradient_accumulation_steps}")
-    stream = BatchStream(shard_set, first_epoch, cfg.epochs, cfg.workers, env.rank, world,
-                         decode_cache=cfg.decode_cache)
+                          f"--gradient-accumulation-steps {steps}")
+    micro_rows = cfg.batch_size // (world * steps)
+    os.makedirs(cfg.output_dir, exist_ok=True)
     val = None
     if cfg.val_dir:
         val = val_loader(cfg.val_dir, m.input_size, cfg.batch_size, min(cfg.workers, 4), env)
         if val.dataset.dataset.classes != m.classes:
             raise ConfigError(f"{cfg.val_dir}: class folders differ from the shard set's classes")
-    if env.is_main:
-        log(f"fkd-train: {cfg.model} on {device}, N={m.num_images}, C={m.soft_label_width}, "
-            f"B={cfg.batch_size} = {world} rank(s) x {cfg.gradient_accumulation_steps} micro-batches "
-            f"x {micro_rows} rows, epochs {first_epoch}..{cfg.epochs - 1}, mix={m.mix_type}, "
-            f"T={cfg.temperature}, {'SGD' if cfg.sgd else 'AdamW'}, amp={cfg.amp}")
+    s = build_state(cfg, m, env)
+    if s.first_epoch >= cfg.epochs:
+        log(f"already trained {s.first_epoch} of {cfg.epochs} epochs; nothing to do")
+        return {}
+    stream = BatchStream(shard_set, s.first_epoch, cfg.epochs, cfg.workers, env.rank, world,
+                         decode_cache=cfg.decode_cache)
     metrics_log = None
     if env.is_main:
+        log(f"fkd-train: {cfg.model} on {cfg.device}, N={m.num_images}, C={m.soft_label_width}, "
+            f"B={cfg.batch_size} = {world} rank(s) x {steps} micro-batches x {micro_rows} rows, "
+            f"epochs {s.first_epoch}..{cfg.epochs - 1}, mix={m.mix_type}, T={cfg.temperature}, "
+            f"{'SGD' if cfg.sgd else 'AdamW'}, amp={cfg.amp}")
         run = start_wandb(cfg.wandb_project, os.path.basename(os.path.normpath(cfg.output_dir)),
                           cfg.wandb_mode, cfg.as_dict(), api_key)
-        metrics_log = MetricsLog(cfg.output_dir, first_epoch, run)
+        metrics_log = MetricsLog(cfg.output_dir, s.first_epoch, run)
 
     metrics: dict = {}
     batches = iter(stream)
-    for epoch in range(first_epoch, cfg.epochs):
-        model.train()
-        totals = EpochTotals.zeros(device)
-        started = time.perf_counter()
-        bar = tqdm(total=m.batches_per_epoch, desc=f"epoch {epoch}", unit="batch", leave=False,
-                   disable=not env.is_main)
-        for _ in range(m.batches_per_epoch):
-            batch = next(batches)
-            assert batch.epoch == epoch, (batch.epoch, epoch)
-            train_step(model, batch, cfg, device, optimizer, scaler, totals, micro_rows)
-            bar.update(1)
-            if bar.n % 10 == 0 or bar.n == m.batches_per_epoch:
-                bar.set_postfix(loss=f"{totals.loss.item() / max(totals.rows.item(), 1):.4f}",
-                                img_s=f"{totals.rows.item() * world / (time.perf_counter() - started):.0f}")
-        bar.close()
-        train_time = time.perf_counter() - started
-        metrics = _train_metrics(totals, env, epoch, scheduler.get_last_lr()[0], train_time,
-                                 cfg.gradient_accumulation_steps)
+    for epoch in range(s.first_epoch, cfg.epochs):
+        totals, seconds = train_epoch(s, batches, epoch, cfg, m, env, micro_rows)
+        metrics = _train_metrics(totals, env, epoch, s.scheduler.get_last_lr()[0], seconds, steps)
         if env.is_main and env.active:
             log(f"rank 0 cropped {stream.decoded_fraction:.1%} of the images of the batches it trained "
                 f"on (its rows plus their mix partners; 1/K = {1 / world:.1%})")
         if env.is_main:
             log(f"TRAIN Iter {epoch}: lr = {metrics['train/lr']:.6f},\tloss = {metrics['train/loss']:.6f},\t"
                 f"Top-1 err = {100 - metrics['train/Top1']:.6f},\t"
-                f"Top-5 err = {100 - metrics['train/Top5']:.6f},\ttrain_time = {train_time:.6f}")
-        top1_val = 0.0
+                f"Top-5 err = {100 - metrics['train/Top5']:.6f},\ttrain_time = {seconds:.6f}")
+        top1 = 0.0
         if val is not None and (epoch % cfg.val_every == 0 or epoch == cfg.epochs - 1):
-            metrics.update(evaluate(model, val, device, env))
-            metrics["val/epoch"] = epoch
-            top1_val = metrics["val/top1"]
+            metrics.update(evaluate(s.model, val, cfg.device, env), **{"val/epoch": epoch})
+            top1 = metrics["val/top1"]
             if env.is_main:
                 log(f"TEST Iter {epoch}: loss = {metrics['val/loss']:.6f},\t"
-                    f"Top-1 err = {100 - top1_val:.6f},\tTop-5 err = {100 - metrics['val/top5']:.6f}")
-        scheduler.step()
-        is_best = top1_val > best_acc1
-        best_acc1 = max(best_acc1, top1_val)
+                    f"Top-1 err = {100 - top1:.6f},\tTop-5 err = {100 - metrics['val/top5']:.6f}")
+        s.scheduler.step()
+        is_best = top1 > s.best_acc1
+        s.best_acc1 = max(s.best_acc1, top1)
         if env.is_main:
-            checkpoint.save({
-                "epoch": epoch + 1, "state_dict": plain.state_dict(), "best_acc1": best_acc1,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "position": {"epoch": epoch + 1, "batch": 0},
-                "rng": _rng_state(device), "manifest": m.identity(), "config": cfg.as_dict(),
-            }, cfg.output_dir, is_best)
+            checkpoint.save(s.checkpoint(epoch, cfg, m, cfg.device), cfg.output_dir, is_best)
             metrics_log.log(metrics)
     if metrics_log is not None:
         metrics_log.close()
@@ -238,7 +267,6 @@ def _resume_path(cfg: TrainConfig) -> str | None:
         path = os.path.join(cfg.output_dir, checkpoint.CHECKPOINT_NAME)
         return path if os.path.exists(path) else None
     return cfg.resume
-
 
 
 def _rng_state(device: str) -> dict:
