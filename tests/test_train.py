@@ -211,5 +211,5 @@ def test_resume_from_a_bare_state_dict_is_a_clear_error(converted, tmp_path, cap
     argv = ["--shards", output, "--output-dir", str(tmp_path / "r"), "-j", "0", "--resume", init]
     assert train_main(argv) == 1
     err = capsys.readouterr().err.strip()
-    assert "not an fkd-train checkpoint (no epoch, optimizer, scheduler, rng, manifest)" in err
+    assert "not an fkd-train checkpoint (no epoch, state_dict, optimizer, scheduler, rng, manifest)" in err
     assert len(err.splitlines()) == 1
