@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 import shards
 
@@ -102,16 +102,20 @@ class _CropDataset(Dataset):
 
     def __getitem__(self, task: CropTask) -> CropResult:
         size = self.input_size
-        crops = np.empty((len(task.samples), size, size, 3), dtype=np.uint8)
+        # Contiguous CHW, as ToTensor and the collated batch have it. In a worker process the
+        # batch is allocated in shared memory, so handing it to the main process copies nothing.
+        crops = torch.empty((len(task.samples), 3, size, size), dtype=torch.uint8)
+        if get_worker_info() is not None:
+            crops.share_memory_()
+        out = crops.numpy()
         for k, sample in enumerate(task.samples):
             flip = bool(task.flips[k])
             if self.decoded is not None:
-                crops[k] = crop_resize_flip_pixels(self.decoded.pixels(sample), task.coords[k], flip, size)
+                hwc = crop_resize_flip_pixels(self.decoded.pixels(sample), task.coords[k], flip, size)
             else:
-                crops[k] = crop_resize_flip(decode_rgb(self.encoded[sample]), task.coords[k], flip, size)
-        # HWC -> contiguous CHW, as ToTensor and the collated batch have it.
-        chw = torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous()
-        return CropResult(task.epoch, task.batch, chw)
+                hwc = crop_resize_flip(decode_rgb(self.encoded[sample]), task.coords[k], flip, size)
+            out[k] = hwc.transpose(2, 0, 1)
+        return CropResult(task.epoch, task.batch, crops)
 
 
 def _keep(result: CropResult) -> CropResult:

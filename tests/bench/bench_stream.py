@@ -102,6 +102,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=1000)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "fkd-bench"))
+    p.add_argument("--repeats", type=int, default=3, help="runs per configuration; the fastest is shown")
     p.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
@@ -115,8 +116,11 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one", mode, "--workers", str(workers),
                    "--images", str(a.images), "--classes", str(a.classes), "--epochs", str(a.epochs),
                    "--batch-size", str(a.batch_size), "--width", str(a.width), "--workdir", a.workdir]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            results[mode] = json.loads(out.strip().splitlines()[-1])
+            runs = []
+            for _ in range(a.repeats):  # other load on a small machine only ever slows a run down
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                runs.append(json.loads(out.strip().splitlines()[-1]))
+            results[mode] = max(runs, key=lambda r: r["images_per_s"])
         for mode in MODES:
             same = results[mode]["checksum"] == results["original"]["checksum"]
             r = results[mode]
