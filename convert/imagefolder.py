@@ -31,6 +31,7 @@ def list_image_folder(root: str) -> ImageFolderListing:
         samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
     except FileNotFoundError as exc:
         message = str(exc).splitlines()[0]
+        message = message if len(message) <= 300 else message[:300] + " ..."
         raise ConvertError(f"{root}: not a usable image folder ({message})") from None
     except NotADirectoryError:
         raise ConvertError(f"{root}: not a directory") from None

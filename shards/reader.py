@@ -25,14 +25,15 @@ class ShardSet:
     Local shards are streamed and their sha256 checked when each is read to its end. Remote shards
     are fetched whole and verified before any record is parsed (failures retried ``retries`` times
     with backoff), the next label shard being fetched while the current one is consumed: memory
-    holds at most ``read_ahead + 1`` label shards. With ``cache_dir``, verified remote shards are
-    kept on local disk and reused.
+    holds at most ``read_ahead + 1`` label shards. With ``cache_dir``, verified remote image shards
+    (and label shards too with ``cache_labels``) are kept on local disk and reused.
     """
 
     def __init__(self, location: str, cache_dir: str | None = None, retries: int = 4,
-                 backoff_s: float = 0.5, read_ahead: int = 1):
+                 backoff_s: float = 0.5, read_ahead: int = 1, cache_labels: bool = False):
         self.location = location
         self.cache_dir = cache_dir
+        self.cache_labels = cache_labels
         self.retries, self.backoff_s, self.read_ahead = retries, backoff_s, max(0, read_ahead)
         self.remote = not is_local(location)
         manifest_url = join(location, fmt.MANIFEST_NAME)
@@ -126,7 +127,7 @@ class ShardSet:
     def _fetch_verified(self, shard: ShardInfo) -> bytes | str:
         url = self.url(shard)
         try:
-            if self.cache_dir:
+            if self.cache_dir and (shard.kind == fmt.IMAGES_KIND or self.cache_labels):
                 return cached_fetch(url, self.cache_dir, shard.name, shard.bytes, shard.sha256, self.retries,
                                     self.backoff_s)
             return fetch(url, shard.bytes, shard.sha256, self.retries, self.backoff_s)

@@ -82,16 +82,19 @@ def test_missing_shard_is_a_clear_error(http_set):
         list(shards.ShardSet(server.url, **FAST).batches())
 
 
-def test_cache_dir_is_filled_once_and_reused(http_set, tmp_path):
+def test_cache_dir_holds_image_shards_and_on_request_label_shards(http_set, tmp_path):
     local, server = http_set
     cache = str(tmp_path / "cache")
-    first = BatchStream(shards.ShardSet(server.url, cache_dir=cache, **FAST), workers=0)
+    list(BatchStream(shards.ShardSet(server.url, cache_dir=cache, **FAST), workers=0))
+    image_shards = len(shards.ShardSet(local).manifest.shards_of("images"))
+    assert len(listing(cache)) == image_shards and all(f.startswith("images-") for f in listing(cache))
+    first = BatchStream(shards.ShardSet(server.url, cache_dir=cache, cache_labels=True, **FAST), workers=0)
     list(first)
     files = listing(cache)
     assert len(files) == len(shards.ShardSet(local).manifest.shards)
     assert not any("partial" in f for f in files)
     requests = len(server.faults.requests)
-    second = BatchStream(shards.ShardSet(server.url, cache_dir=cache, **FAST), workers=0)
+    second = BatchStream(shards.ShardSet(server.url, cache_dir=cache, cache_labels=True, **FAST), workers=0)
     assert _same_batches(BatchStream(local, workers=0), second) == 9
     assert set(server.faults.requests[requests:]) == {"manifest.json"}  # all shards from the cache
 
@@ -99,7 +102,7 @@ def test_cache_dir_is_filled_once_and_reused(http_set, tmp_path):
 def test_two_processes_share_one_cache_dir(http_set, tmp_path):
     _, server = http_set
     cache = str(tmp_path / "cache")
-    code = ("import sys, shards; s = shards.ShardSet(sys.argv[1], cache_dir=sys.argv[2]);"
+    code = ("import sys, shards; s = shards.ShardSet(sys.argv[1], cache_dir=sys.argv[2], cache_labels=True);"
             "print(len(list(s.images())), len(list(s.batches())))")
     procs = [subprocess.Popen([sys.executable, "-c", code, server.url, cache], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, cwd=os.getcwd()) for _ in range(2)]

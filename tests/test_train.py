@@ -213,3 +213,37 @@ def test_resume_from_a_bare_state_dict_is_a_clear_error(converted, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert "not an fkd-train checkpoint (no epoch, state_dict, optimizer, scheduler, rng, manifest)" in err
     assert len(err.splitlines()) == 1
+
+
+def test_wandb_online_without_a_key_is_a_one_line_error(converted, tmp_path, capsys, monkeypatch):
+    output, _, _ = converted()
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login either
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    argv = ["--shards", output, "--output-dir", str(tmp_path / "r"), "-j", "0", "--wandb-mode", "online"]
+    assert train_main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "use --wandb-mode offline or disabled" in err, err
+
+
+def test_wandb_offline_writes_a_local_run(converted, tmp_path):
+    import subprocess
+    import sys
+
+    output, _, _ = converted()
+    env = dict(os.environ, WANDB_DIR=str(tmp_path), HOME=str(tmp_path))
+    env.pop("WANDB_API_KEY", None)
+    # Its own process: wandb keeps process-wide state between runs.
+    subprocess.run([sys.executable, "-m", "train", "--shards", output, "--output-dir", str(tmp_path / "run"),
+                    "-j", "0", "--epochs", "1", "--wandb-mode", "offline", "--wandb-api-key", "not-a-key"],
+                   env=env, check=True, capture_output=True, timeout=300)
+    runs = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
+    assert len(runs) == 1
+    assert "not-a-key" not in open(tmp_path / "run" / "metrics.jsonl").read()
+    for root, _, files in os.walk(tmp_path / "wandb"):
+        for name in files:
+            try:
+                data = open(os.path.join(root, name), "rb").read()
+            except FileNotFoundError:  # wandb's service may still be tidying its temporary files
+                continue
+            assert b"not-a-key" not in data, name

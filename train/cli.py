@@ -13,6 +13,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError, build_parser, resolve
 from .grid import render_batch, save_png
 from .loop import train
+from .metrics import WandbError
 from .stream import BatchStream, StreamError
 
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                               "--train-dir DIR --fkd-path DIR --output SHARDS first")
         if not args.shards:
             raise ConfigError("--shards LOCATION is required (a shard set written by fkd-convert)")
-        shard_set = shards.ShardSet(args.shards, cache_dir=args.cache_dir)
+        shard_set = shards.ShardSet(args.shards, cache_dir=args.cache_dir, cache_labels=args.cache_labels)
         api_key = os.environ.get("WANDB_API_KEY") or args.wandb_api_key
         cfg = resolve(args, shard_set.manifest, api_key)
         if args.keep_topk != 1000 and env.is_main:
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             train(cfg if device == cfg.device else _with_device(cfg, device), shard_set, env, api_key)
         finally:
             distributed.shutdown(env)
-    except (ConfigError, CheckpointError, StreamError, shards.ManifestError, shards.ShardError,
+    except (ConfigError, CheckpointError, StreamError, WandbError, shards.ManifestError, shards.ShardError,
             shards.LocationError) as exc:
         print(f"fkd-train: error: {exc}", file=sys.stderr)
         return 1

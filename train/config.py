@@ -47,6 +47,7 @@ class TrainConfig:
     sync_bn: bool
     decode_cache: bool
     cache_dir: str | None
+    cache_labels: bool
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -91,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--amp", default="off", choices=["bf16", "fp16", "off"], help="autocast (off: exact parity)")
     a("--channels-last", action="store_true", help="channels-last memory format (off: exact parity)")
     a("--sync-bn", action="store_true", help="SyncBatchNorm across ranks (torchrun)")
-    a("--cache-dir", default=None, help="keep verified remote shards here and reuse them")
+    a("--cache-dir", default=None, help="keep verified remote image shards here and reuse them")
+    a("--cache-labels", action="store_true", help="with --cache-dir: cache the label shards too")
     a("--decode-cache", action="store_true",
       help="decode every image once into shared memory (H*W*3 bytes each); same pixels")
     return p
@@ -122,6 +124,8 @@ def resolve(args: argparse.Namespace, manifest: shards.Manifest, api_key: str | 
     for flag, value in (("--val-every", args.val_every), ("--temperature", args.temperature)):
         if value <= 0:
             raise ConfigError(f"{flag} must be positive, got {value}")
+    if args.cache_labels and not args.cache_dir:
+        raise ConfigError("--cache-labels needs --cache-dir")
     if args.workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {args.workers}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -139,5 +143,5 @@ def resolve(args: argparse.Namespace, manifest: shards.Manifest, api_key: str | 
         mix_type=mix_type, fkd_seed=fkd_seed, device=device, init_weights=args.init_weights,
         resume=args.resume, val_every=args.val_every, wandb_project=args.wandb_project,
         wandb_mode=wandb_mode, amp=args.amp, channels_last=args.channels_last, sync_bn=args.sync_bn,
-        decode_cache=args.decode_cache, cache_dir=args.cache_dir,
+        decode_cache=args.decode_cache, cache_dir=args.cache_dir, cache_labels=args.cache_labels,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -33,8 +34,12 @@ class MetricsLog:
             self.wandb_run.finish()
 
 
+class WandbError(RuntimeError):
+    """wandb could not start (no API key, no network, ...)."""
+
+
 def start_wandb(project: str, name: str, mode: str, config: dict, api_key: str | None):
-    """A wandb run, or None when disabled. Imported lazily; never prompts for a login."""
+    """A wandb run, or None when disabled. Imported lazily; a login prompt times out after 30 s."""
     if mode == "disabled":
         return None
     import wandb
@@ -42,5 +47,15 @@ def start_wandb(project: str, name: str, mode: str, config: dict, api_key: str |
     if api_key and not os.environ.get("WANDB_API_KEY"):
         os.environ["WANDB_API_KEY"] = api_key  # handed to wandb, never printed or logged
     safe_config = {k: v for k, v in config.items() if "key" not in k}
-    return wandb.init(project=project, name=name, mode=mode, config=safe_config,
-                      settings=wandb.Settings(login_timeout=30, silent=True))
+    argv = sys.argv
+    if api_key:  # wandb records the command line: never with the key in it
+        sys.argv = [arg.replace(api_key, "***") for arg in argv]
+    try:
+        return wandb.init(project=project, name=name, mode=mode, config=safe_config,
+                          settings=wandb.Settings(login_timeout=30, silent=True))
+    except wandb.errors.Error as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise WandbError(f"wandb ({mode}): {first} (set WANDB_API_KEY, or use --wandb-mode offline "
+                         f"or disabled)") from None
+    finally:
+        sys.argv = argv

@@ -146,11 +146,11 @@ class BatchStream:
 
     def __init__(self, location: str | shards.ShardSet, start_epoch: int = 0, end_epoch: int | None = None,
                  workers: int = 2, rank: int = 0, world_size: int = 1, prefetch_factor: int = 2,
-                 decode_cache: bool = False, cache_dir: str | None = None):
+                 decode_cache: bool = False, cache_dir: str | None = None, cache_labels: bool = False):
         if isinstance(location, shards.ShardSet):
             self.shards = location
         else:
-            self.shards = shards.ShardSet(location, cache_dir=cache_dir)
+            self.shards = shards.ShardSet(location, cache_dir=cache_dir, cache_labels=cache_labels)
         m = self.manifest = self.shards.manifest
         self.start_epoch = start_epoch
         self.end_epoch = m.epochs if end_epoch is None else end_epoch

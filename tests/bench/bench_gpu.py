@@ -1,11 +1,13 @@
 """GPU benchmark and NCCL check (skips cleanly without CUDA).
 
     python tests/bench/bench_gpu.py [--steps 100] [--workers 8] [--images 2048]
+    python tests/bench/bench_gpu.py --device cpu --steps 1 --images 64 --batch-size 8 --models resnet18
 
 1. Training steps of resnet18 and resnet50 at batch 256, 224 px: synthetic data already on the GPU
    versus the real data path (BatchStream, normalise and mix on the GPU), in fp32 and in
    ``--amp bf16 --channels-last``. If the data path's images/s is below the synthetic one, the GPU waits.
 2. ``torchrun --nproc-per-node=<GPUs> -m train ... --device cuda`` for one epoch (NCCL).
+(The second command line is a smoke run of this script on the CPU, with gloo.)
 Prints a table last. Not a test: nothing about time is asserted.
 """
 
@@ -23,20 +25,25 @@ import torch
 from common import make_fixture, now, print_table
 
 
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def _steps(model, batches, cfg, device, steps: int, micro: int) -> float:
     from train import loop
 
     optimizer = loop.build_optimizer(cfg, model)
-    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=False)
     totals = loop.EpochTotals.zeros(device)
     for k, batch in enumerate(batches):  # the first 5 steps warm up
         if k == 5:
-            torch.cuda.synchronize()
+            _sync(device)
             start = now()
         loop.train_step(model, batch, cfg, device, optimizer, scaler, totals, micro)
         if k == steps + 4:
             break
-    torch.cuda.synchronize()
+    _sync(device)
     return steps * micro / (now() - start)
 
 
@@ -55,22 +62,27 @@ class _Synthetic:
 
 
 def main() -> int:
-    if not torch.cuda.is_available():
-        print("bench_gpu: CUDA is not available; skipping")
-        return 0
     p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cuda")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     p.add_argument("--images", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "fkd-bench"))
     a = p.parse_args()
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        print("bench_gpu: CUDA is not available; skipping")
+        return 0
     from convert import ConvertOptions, convert
     from train.config import build_parser, resolve
     from train.stream import BatchStream
 
-    root = os.path.join(a.workdir, f"gpu-{a.images}")
-    batch, epochs = 256, max(2, -(-(a.steps + 5) * 256 // a.images))
-    train_dir, fkd_path, _ = make_fixture(root, images=a.images, classes=100, size=224, batch_size=batch,
+    batch = a.batch_size
+    root = os.path.join(a.workdir, f"gpu-{a.images}-{batch}")
+    epochs = max(2, -(-(a.steps + 5) * batch // a.images))
+    train_dir, fkd_path, _ = make_fixture(root, images=a.images, classes=min(100, a.images // 4), size=224,
+                                          batch_size=batch,
                                           epochs=epochs, width=1000)
     shard_dir = os.path.join(root, "shards")
     if not os.path.exists(os.path.join(shard_dir, "manifest.json")):
@@ -79,9 +91,9 @@ def main() -> int:
     from shards import ShardSet
 
     manifest = ShardSet(shard_dir).manifest
-    device = "cuda"
+    device = a.device
     rows = []
-    for name in ("resnet18", "resnet50"):
+    for name in a.models:
         for amp, channels_last in (("off", False), ("bf16", True)):
             flags = ["--shards", shard_dir, "--model", name, "--amp", amp, "--device", device]
             cfg = resolve(build_parser().parse_args(flags + (["--channels-last"] if channels_last else [])),
@@ -102,16 +114,17 @@ def main() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    gpus = torch.cuda.device_count()
+    gpus = torch.cuda.device_count() if device.startswith("cuda") else 2
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={gpus}",
                           "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "train", "--shards",
                           shard_dir, "--output-dir", os.path.join(root, "ddp"), "--epochs", "1",
-                          "--device", "cuda", "-j", str(max(1, a.workers // gpus))],
+                          "--device", device, "-j", str(max(1, a.workers // gpus))],
                          capture_output=True, text=True)
-    print_table(f"GPU: {torch.cuda.get_device_name()}, batch {batch}, 224 px, {a.steps} steps, "
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU (smoke run)"
+    print_table(f"{name}, batch {batch}, 224 px, {a.steps} steps, "
                 f"{a.workers} workers, {os.cpu_count()} CPUs",
                 ["model", "precision", "synthetic img/s", "data path img/s", "GPU waits"], rows)
-    print(f"\ntorchrun --nproc-per-node={gpus} (NCCL), 1 epoch: "
+    print(f"\ntorchrun --nproc-per-node={gpus} ({'NCCL' if device.startswith('cuda') else 'gloo'}), 1 epoch: "
           f"{'OK' if ddp.returncode == 0 else 'FAILED: ' + ddp.stderr[-1500:]}")
     return 0 if ddp.returncode == 0 else 1
 
