@@ -44,6 +44,10 @@ class CropResult:
     batch: int
     crops: torch.Tensor  # uint8 (u, 3, S, S)
 
+    def pin_memory(self) -> CropResult:
+        """Called by the DataLoader's pin-memory thread (``pin_memory=True``)."""
+        return CropResult(self.epoch, self.batch, self.crops.pin_memory())
+
 
 @dataclass
 class Batch:
@@ -146,7 +150,8 @@ class BatchStream:
 
     def __init__(self, location: str | shards.ShardSet, start_epoch: int = 0, end_epoch: int | None = None,
                  workers: int = 2, rank: int = 0, world_size: int = 1, prefetch_factor: int = 2,
-                 decode_cache: bool = False, cache_dir: str | None = None, cache_labels: bool = False):
+                 decode_cache: bool = False, cache_dir: str | None = None, cache_labels: bool = False,
+                 pin_memory: bool = False):
         if isinstance(location, shards.ShardSet):
             self.shards = location
         else:
@@ -163,6 +168,7 @@ class BatchStream:
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         self.rank, self.world_size, self.workers = rank, world_size, workers
+        self.pin_memory = pin_memory and torch.cuda.is_available()
         self.prefetch_factor = prefetch_factor
         encoded, labels = [], []
         for image in self.shards.images():
@@ -202,7 +208,8 @@ class BatchStream:
             results = map(self._dataset.__getitem__, tasks)
         else:
             results = DataLoader(self._dataset, batch_size=None, sampler=tasks, num_workers=self.workers,
-                                 collate_fn=_keep, prefetch_factor=self.prefetch_factor)
+                                 collate_fn=_keep, prefetch_factor=self.prefetch_factor,
+                                 pin_memory=self.pin_memory)
         cropped = total = 0
         for result in results:
             record, (rows, own_pos, partner_pos, needed) = tasks.in_flight.popleft()
