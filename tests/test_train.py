@@ -64,18 +64,18 @@ class TinyNet(nn.Module):
         return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
 
 
-def _step_with(stream_batch, steps, micro):
+def _step_with(stream_batch, steps, micro, *flags):
     torch.manual_seed(0)
     model = TinyNet()
-    cfg = _config(steps)
+    cfg = _config(steps, None, *flags)
     optimizer = loop.build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     loop.train_step(model, stream_batch, cfg, "cpu", optimizer, scaler, loop.EpochTotals.zeros("cpu"), micro)
     return model.state_dict()
 
 
-def _config(steps, manifest=None):
-    args = build_parser().parse_args(["--shards", "x", "--gradient-accumulation-steps", str(steps)])
+def _config(steps, manifest=None, *flags):
+    args = build_parser().parse_args(["--shards", "x", "--gradient-accumulation-steps", str(steps), *flags])
     manifest = manifest or shards.Manifest(
         num_images=20, batch_size=8, num_classes=4, soft_label_width=4, epochs=3, input_size=16,
         mix_type="cutmix", fkd_seed=42, classes=list("abcd"), soft_label_dtype="float16", shards=[])
@@ -90,6 +90,21 @@ def test_accumulation_gives_the_same_update_without_batch_norm(converted):
     for name in one:
         torch.testing.assert_close(one[name], two[name], rtol=1e-5, atol=1e-6)
     assert not torch.equal(one["fc.weight"], TinyNet().fc.weight)
+
+
+def test_last_batch_loss_quirk_and_mean(converted):
+    output, _, _ = converted(batch_size=8)
+    last = list(BatchStream(output, workers=0, end_epoch=1))[-1]  # 4 rows: one micro-batch at A=2
+    assert last.batch_rows == 4
+    sgd = ("--sgd", "-lr", "0.5", "--weight-decay", "0")  # the update is proportional to the gradient
+    before = _step_with(last, 1, 8, *sgd, "-lr", "0")
+    one = _step_with(last, 1, 8, *sgd)
+    quirk = _step_with(last, 2, 4, *sgd)  # the loss of its only micro-batch is divided by A=2
+    mean = _step_with(last, 2, 4, *sgd, "--last-batch-loss", "mean")
+    for name in one:
+        torch.testing.assert_close(one[name], mean[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(quirk[name] - before[name], (one[name] - before[name]) / 2,
+                                   rtol=1e-4, atol=1e-6)
 
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run(converted, tmp_path, monkeypatch):

@@ -86,6 +86,12 @@ def train_step(model: nn.Module, batch: Batch, cfg: TrainConfig, device: str, op
     accumulation = cfg.gradient_accumulation_steps
     rank0_rows = min(micro_rows * accumulation, batch.batch_rows)
     micro_steps = max(1, math.ceil(rank0_rows / micro_rows))
+    divisor = float(accumulation)  # the original's: the short last batch is divided by A too
+    if cfg.last_batch_loss == "mean":
+        # Divide by the micro-batches the batch really has (over all K ranks, whose gradients DDP
+        # averages), so that the short last batch's update is a mean like every other one.
+        ranks = cfg.batch_size // (micro_rows * accumulation)
+        divisor = math.ceil(batch.batch_rows / micro_rows) / ranks
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16 if cfg.amp == "bf16"
                               else torch.float16, enabled=cfg.amp != "off")
     optimizer.zero_grad()
@@ -97,7 +103,7 @@ def train_step(model: nn.Module, batch: Batch, cfg: TrainConfig, device: str, op
                 out = model(x[part])
             rows = out.shape[0]
             if rows:
-                loss = kd_loss(out.float(), soft[part], cfg.temperature) / accumulation
+                loss = kd_loss(out.float(), soft[part], cfg.temperature) / divisor
             else:
                 loss = out.float().sum() * 0.0
             scaler.scale(loss).backward()
