@@ -166,6 +166,8 @@ def test_cli_end_to_end_writes_checkpoints_and_metrics(converted, tmp_path, rela
     (["--init-weights", "missing.pt"], "missing.pt: no such file"),
     (["--start-epoch", "3"], "--start-epoch 3 outside [0, 3)"),
     (["--amp", "fp16"], "--amp fp16 needs a CUDA device"),
+    (["--val-dir", "/nonexistent/val"], "/nonexistent/val: not a usable image folder"),
+    (["--cache-labels"], "--cache-labels needs --cache-dir"),
 ])
 def test_flag_conflicts_are_one_line_errors(converted, tmp_path, capsys, flags, message):
     output, _, _ = converted()

@@ -204,10 +204,17 @@ def train(cfg: TrainConfig, shard_set: shards.ShardSet, env: DistEnv, api_key: s
         raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by world size {world} x "
                           f"--gradient-accumulation-steps {steps}")
     micro_rows = cfg.batch_size // (world * steps)
-    os.makedirs(cfg.output_dir, exist_ok=True)
+    try:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{cfg.output_dir}: cannot create the output directory ({exc.strerror})") from None
     val = None
     if cfg.val_dir:
-        val = val_loader(cfg.val_dir, m.input_size, cfg.batch_size, min(cfg.workers, 4), env)
+        try:
+            val = val_loader(cfg.val_dir, m.input_size, cfg.batch_size, min(cfg.workers, 4), env)
+        except OSError as exc:  # torchvision: missing folder, or a class folder without images
+            first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            raise ConfigError(f"{cfg.val_dir}: not a usable image folder ({first})") from None
         if val.dataset.dataset.classes != m.classes:
             raise ConfigError(f"{cfg.val_dir}: class folders differ from the shard set's classes")
     s = build_state(cfg, m, env)
