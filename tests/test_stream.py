@@ -12,13 +12,15 @@ from tests.reference import reference_batch
 from train.crop import crop_resize_flip, crop_resize_flip_pixels
 from train.stream import BatchStream, StreamError, slice_rows
 
+MODES = {"pil": {}, "decode_cache": {"decode_cache": True}, "crop_device": {"crop_device": "cpu"}}
 
-@pytest.mark.parametrize("decode_cache", [True, False])
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("mix_type,dtype", [("cutmix", torch.float16), ("mixup", torch.float32),
                                             ("none", torch.float16)])
-def test_batches_bit_identical_to_reference(converted, mix_type, dtype, decode_cache):
+def test_batches_bit_identical_to_reference(converted, mix_type, dtype, mode):
     output, samples, truth = converted(mix_type=mix_type, dtype=dtype, batch_size=8)  # 8, 8, 4 rows
-    stream = BatchStream(output, workers=0, decode_cache=decode_cache)
+    stream = BatchStream(output, workers=0, **MODES[mode])
     seen = 0
     for b in stream:
         indices = truth.indices(b.epoch, b.batch)
@@ -121,3 +123,19 @@ def test_cropping_cached_pixels_equals_pil_crop_of_the_image():
             for size in (7, 16):
                 assert np.array_equal(crop_resize_flip_pixels(pixels, coords, flip, size),
                                       crop_resize_flip(img, coords, flip, size)), (coords, flip, size)
+
+
+def test_device_crops_cover_both_resample_paths_and_slices(converted):
+    from train.resample import needs_pil, pil_boxes
+
+    output, _, truth = converted(batch_size=8)
+    stream = BatchStream(output, workers=0, crop_device="cpu")
+    record = next(iter(stream.shards.batches()))
+    shapes = stream._dataset.decoded.shapes[record.indices]
+    by_pil = needs_pil(pil_boxes(record.coords, shapes[:, 1], shapes[:, 0]), INPUT_SIZE)
+    assert by_pil.any() and not by_pil.all()  # the fixture exercises the torch path and the PIL one
+    full = list(BatchStream(output, workers=0, end_epoch=1))
+    parts = [list(BatchStream(output, workers=0, end_epoch=1, rank=r, world_size=2, crop_device="cpu"))
+             for r in range(2)]
+    for k, whole in enumerate(full):
+        assert torch.equal(torch.cat([p[k].model_input() for p in parts]), whole.model_input())

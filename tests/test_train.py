@@ -264,3 +264,12 @@ def test_wandb_offline_writes_a_local_run(converted, tmp_path):
             except FileNotFoundError:  # wandb's service may still be tidying its temporary files
                 continue
             assert b"not-a-key" not in data, name
+
+
+def test_device_crops_train_to_the_same_weights(converted, tmp_path):
+    output, _, _ = converted(batch_size=8, epochs=1)
+    _, init = _init_weights(tmp_path)
+    _train(output, tmp_path / "pil", "--init-weights", init)
+    _train(output, tmp_path / "device", "--init-weights", init, "--device-crops")
+    pil, device = _weights(tmp_path / "pil"), _weights(tmp_path / "device")
+    assert all(torch.equal(pil[k], device[k]) for k in pil)

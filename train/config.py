@@ -49,6 +49,7 @@ class TrainConfig:
     cache_dir: str | None
     cache_labels: bool
     last_batch_loss: str
+    device_crops: bool
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -96,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--last-batch-loss", default="original", choices=["original", "mean"],
       help="original: the short last batch's micro-batch losses are divided by A, as train_FKD.py "
            "does; mean: by its real micro-batch count")
+    a("--device-crops", action="store_true",
+      help="crop, resize and flip on the training device from a decoded copy of the images there "
+           "(bit-identical to PIL; no crop workers)")
     a("--cache-dir", default=None, help="keep verified remote image shards here and reuse them")
     a("--cache-labels", action="store_true", help="with --cache-dir: cache the label shards too")
     a("--decode-cache", action="store_true",
@@ -148,5 +152,5 @@ def resolve(args: argparse.Namespace, manifest: shards.Manifest, api_key: str | 
         resume=args.resume, val_every=args.val_every, wandb_project=args.wandb_project,
         wandb_mode=wandb_mode, amp=args.amp, channels_last=args.channels_last, sync_bn=args.sync_bn,
         decode_cache=args.decode_cache, cache_dir=args.cache_dir, cache_labels=args.cache_labels,
-        last_batch_loss=args.last_batch_loss,
+        last_batch_loss=args.last_batch_loss, device_crops=args.device_crops,
     )

@@ -222,7 +222,8 @@ def train(cfg: TrainConfig, shard_set: shards.ShardSet, env: DistEnv, api_key: s
         log(f"already trained {s.first_epoch} of {cfg.epochs} epochs; nothing to do")
         return {}
     stream = BatchStream(shard_set, s.first_epoch, cfg.epochs, cfg.workers, env.rank, world,
-                         decode_cache=cfg.decode_cache, pin_memory=cfg.device.startswith("cuda"))
+                         decode_cache=cfg.decode_cache, pin_memory=cfg.device.startswith("cuda"),
+                         crop_device=cfg.device if cfg.device_crops else None)
     metrics_log = None
     if env.is_main:
         log(f"fkd-train: {cfg.model} on {cfg.device}, N={m.num_images}, C={m.soft_label_width}, "

@@ -21,6 +21,7 @@ import shards
 from .crop import crop_resize_flip, crop_resize_flip_pixels, decode_rgb
 from .decoded import DecodedImages
 from .mix import apply_mix, normalize
+from .resample import crop_resize_flip_batch, needs_pil, pil_boxes
 
 
 class StreamError(RuntimeError):
@@ -146,12 +147,15 @@ class BatchStream:
     ``world_size``. Images are read from the image shards once, at construction, and kept in memory;
     with ``decode_cache`` they are also decoded once, into shared memory (H*W*3 bytes per image):
     the same pixels, without a JPEG decode per crop (see the README's benchmark for when it pays).
+    With ``crop_device`` (e.g. ``"cuda"``) the decoded images are also copied to that device and
+    every batch is cropped, resized and flipped there in one go (:mod:`train.resample`), bit-identical
+    to PIL; crops taller than the output size are made by PIL on the CPU. No worker processes are used.
     """
 
     def __init__(self, location: str | shards.ShardSet, start_epoch: int = 0, end_epoch: int | None = None,
                  workers: int = 2, rank: int = 0, world_size: int = 1, prefetch_factor: int = 2,
                  decode_cache: bool = False, cache_dir: str | None = None, cache_labels: bool = False,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, crop_device: str | None = None):
         if isinstance(location, shards.ShardSet):
             self.shards = location
         else:
@@ -174,8 +178,9 @@ class BatchStream:
         for image in self.shards.images():
             encoded.append(image.data)
             labels.append(image.label)
-        decoded = DecodedImages(encoded, threads=max(1, workers)) if decode_cache else None
+        decoded = DecodedImages(encoded, threads=max(1, workers)) if decode_cache or crop_device else None
         self._dataset = _CropDataset(None if decoded else encoded, decoded, m.input_size)
+        self._device_pixels = decoded.buffer.to(crop_device) if crop_device else None
         self.labels = torch.tensor(labels, dtype=torch.int64)
         self.decoded_fraction = 1.0  # share of a batch's rows this rank crops, measured while iterating
 
@@ -204,7 +209,9 @@ class BatchStream:
 
     def __iter__(self) -> Iterator[Batch]:
         tasks = _Tasks(self.shards.batches(self.start_epoch, self.end_epoch), self._plan)
-        if self.workers == 0:
+        if self._device_pixels is not None:
+            results = (CropResult(t.epoch, t.batch, self._crop_on_device(t)) for t in tasks)
+        elif self.workers == 0:
             results = map(self._dataset.__getitem__, tasks)
         else:
             results = DataLoader(self._dataset, batch_size=None, sampler=tasks, num_workers=self.workers,
@@ -219,6 +226,24 @@ class BatchStream:
             cropped, total = cropped + needed, total + record.size
             self.decoded_fraction = cropped / total
             yield self._batch(record, result.crops, rows, own_pos, partner_pos)
+
+    def _crop_on_device(self, task: CropTask) -> torch.Tensor:
+        decoded, size = self._dataset.decoded, self.manifest.input_size
+        shapes = decoded.shapes[task.samples]
+        boxes = pil_boxes(task.coords, shapes[:, 1], shapes[:, 0])
+        by_pil = needs_pil(boxes, size)
+        crops = torch.empty((len(task.samples), 3, size, size), dtype=torch.uint8,
+                            device=self._device_pixels.device)
+        fast = np.nonzero(~by_pil)[0]
+        if len(fast):
+            crops[torch.as_tensor(fast)] = crop_resize_flip_batch(
+                self._device_pixels, decoded.offsets, decoded.shapes, task.samples[fast], boxes[fast],
+                task.flips[fast], size)
+        for k in np.nonzero(by_pil)[0]:
+            pixels = decoded.pixels(task.samples[k])
+            hwc = crop_resize_flip_pixels(pixels, task.coords[k], bool(task.flips[k]), size)
+            crops[int(k)] = torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1))).to(crops.device)
+        return crops
 
     def _batch(self, record: shards.BatchRecord, crops: torch.Tensor, rows: range,
                own_pos: np.ndarray, partner_pos: np.ndarray) -> Batch:

@@ -6,6 +6,7 @@
 1. Training steps of resnet18 and resnet50 at batch 256, 224 px: synthetic data already on the GPU
    versus the real data path (BatchStream, normalise and mix on the GPU), in fp32 and in
    ``--amp bf16 --channels-last``. If the data path's images/s is below the synthetic one, the GPU waits.
+   Also BatchStream with ``crop_device`` (``--device-crops``): crops made on the GPU.
 2. ``torchrun --nproc-per-node=<GPUs> -m train ... --device cuda`` for one epoch (NCCL).
 (The second command line is a smoke run of this script on the CPU, with gloo.)
 Prints a table last. Not a test: nothing about time is asserted.
@@ -99,18 +100,20 @@ def main() -> int:
             cfg = resolve(build_parser().parse_args(flags + (["--channels-last"] if channels_last else [])),
                           manifest, None)
             rates = []
-            for source in ("synthetic", "data path"):
+            for source in ("synthetic", "data path", "device crops"):
                 from train.loop import build_model
 
                 model = build_model(cfg, manifest.soft_label_width, device)
                 if source == "synthetic":
                     fixed = _Synthetic(batch, manifest.soft_label_width, device)
                     batches = (fixed for _ in range(a.steps + 5))
+                elif source == "data path":
+                    batches = iter(BatchStream(shard_dir, workers=a.workers, pin_memory=True))
                 else:
-                    batches = iter(BatchStream(shard_dir, workers=a.workers))
+                    batches = iter(BatchStream(shard_dir, workers=0, crop_device=device))
                 rates.append(_steps(model, batches, cfg, device, a.steps, batch))
             rows.append([name, "bf16+channels_last" if amp == "bf16" else "fp32", f"{rates[0]:.0f}",
-                         f"{rates[1]:.0f}", "yes" if rates[1] < 0.95 * rates[0] else "no"])
+                         f"{rates[1]:.0f}", "yes" if rates[1] < 0.95 * rates[0] else "no", f"{rates[2]:.0f}"])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -123,7 +126,8 @@ def main() -> int:
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU (smoke run)"
     print_table(f"{name}, batch {batch}, 224 px, {a.steps} steps, "
                 f"{a.workers} workers, {os.cpu_count()} CPUs",
-                ["model", "precision", "synthetic img/s", "data path img/s", "GPU waits"], rows)
+                ["model", "precision", "synthetic img/s", "data path img/s", "GPU waits",
+                 "device crops img/s"], rows)
     print(f"\ntorchrun --nproc-per-node={gpus} ({'NCCL' if device.startswith('cuda') else 'gloo'}), 1 epoch: "
           f"{'OK' if ddp.returncode == 0 else 'FAILED: ' + ddp.stderr[-1500:]}")
     return 0 if ddp.returncode == 0 else 1

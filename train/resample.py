@@ -1,0 +1,114 @@
+"""PIL's crop + bilinear resize + flip for whole batches in torch, on any device, bit-identical to
+Pillow's fixed-point two-pass resampling (``libImaging/Resample.c``) for crops that are not taller
+than the output.
+
+Pillow computes per output pixel filter weights in double precision, normalises them, turns them into
+fixed point with 22 fractional bits, resamples rows first (rounded and clipped to uint8), then
+columns. The weights are computed here the same way (numpy float64, same operations, same order); the
+integer sums run in int32 on the device, where integer arithmetic is exact. Pillow 13 resamples
+columns first when a resize shrinks the height much more than the width (python-pillow/Pillow#9549),
+so crops taller than the output are left to the caller (``needs_pil``), which uses PIL itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .crop import crop_box
+
+PRECISION_BITS = 32 - 8 - 2
+HALF = 1 << (PRECISION_BITS - 1)
+
+
+def pil_boxes(coords: np.ndarray, widths: np.ndarray, heights: np.ndarray) -> np.ndarray:
+    """The integer crop boxes ``(left, top, right, bottom)`` PIL uses: each edge rounded with ``round``."""
+    return np.array([[round(v) for v in crop_box(c, int(w), int(h))]
+                     for c, w, h in zip(coords, widths, heights)], dtype=np.int64).reshape(-1, 4)
+
+
+def needs_pil(boxes: np.ndarray, size: int) -> np.ndarray:
+    """Rows this module does not reproduce: crops taller than the output, or empty ones."""
+    return (boxes[:, 3] - boxes[:, 1] > size) | (boxes[:, 3] <= boxes[:, 1]) | (boxes[:, 2] <= boxes[:, 0])
+
+
+def bilinear_coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pillow's ``precompute_coeffs`` (bilinear, box ``(0, in_size)``) and 8-bit normalisation:
+    first input index (out_size,) and int64 fixed-point weights (out_size, ksize)."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = 1.0 * filterscale
+    ksize = int(math.ceil(support)) * 2 + 1
+    center = (np.arange(out_size) + 0.5) * scale
+    inv = 1.0 / filterscale
+    xmin = np.maximum(np.trunc(center - support + 0.5).astype(np.int64), 0)
+    xmax = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), in_size) - xmin
+    weights = np.zeros((out_size, ksize))
+    total = np.zeros(out_size)
+    for x in range(ksize):
+        arg = np.abs(((x + xmin) - center + 0.5) * inv)
+        w = np.where((arg < 1.0) & (x < xmax), 1.0 - arg, 0.0)
+        weights[:, x] = w
+        total = total + w  # in tap order, as Pillow sums
+    safe = np.where(total == 0.0, 1.0, total)
+    weights = np.where(total[:, None] != 0.0, weights / safe[:, None], weights)
+    return xmin, np.trunc(0.5 + weights * (1 << PRECISION_BITS)).astype(np.int64)
+
+
+def _stacked(tables: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    width = max(kk.shape[1] for _, kk in tables)
+    starts = np.stack([start for start, _ in tables])
+    weights = np.stack([np.pad(kk, ((0, 0), (0, width - kk.shape[1]))) for _, kk in tables])
+    return starts, weights
+
+
+def crop_resize_flip_batch(flat: torch.Tensor, offsets: np.ndarray, shapes: np.ndarray, samples: np.ndarray,
+                           boxes: np.ndarray, flips: np.ndarray, size: int, chunk: int = 32) -> torch.Tensor:
+    """uint8 (n, 3, size, size) on ``flat``'s device: PIL's crop, bilinear resize and flip.
+
+    ``flat`` holds every image's RGB pixels (H, W, 3) one after another; ``offsets``/``shapes``:
+    where each starts and its (H, W); ``boxes``: from :func:`pil_boxes`, none of them
+    :func:`needs_pil`. Pixels of a box reaching outside its image are black, as PIL's crop makes them.
+    """
+    out = torch.empty((len(samples), 3, size, size), dtype=torch.uint8, device=flat.device)
+    for start in range(0, len(samples), chunk):
+        part = slice(start, start + chunk)
+        out[part] = _resample(flat, offsets[samples[part]], shapes[samples[part]], boxes[part], flips[part],
+                              size)
+    return out
+
+
+def _resample(flat, offsets, shapes, boxes, flips, size) -> torch.Tensor:
+    device = flat.device
+
+    def dev(a, dtype=torch.int64):
+        return torch.as_tensor(a, dtype=dtype, device=device)
+
+    n = len(boxes)
+    heights, widths = shapes[:, 0], shapes[:, 1]
+    crop_w, crop_h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    x_start, x_weights = _stacked([bilinear_coefficients(int(w), size) for w in crop_w])
+    y_start, y_weights = _stacked([bilinear_coefficients(int(h), size) for h in crop_h])
+    rows = int(crop_h.max())
+    # Horizontal pass over every row of each crop: (n, rows, size, 3), rounded and clipped to uint8.
+    tap_x = np.minimum(x_start[:, :, None] + np.arange(x_weights.shape[2]), (crop_w - 1)[:, None, None])
+    src_x = dev(boxes[:, 0])[:, None, None] + dev(tap_x)                     # (n, size, kx)
+    src_y = dev(boxes[:, 1])[:, None] + torch.arange(rows, device=device)    # (n, rows)
+    inside = (((src_x >= 0) & (src_x < dev(widths)[:, None, None]))[:, None, :, :, None]
+              & ((src_y >= 0) & (src_y < dev(heights)[:, None]))[:, :, None, None, None])
+    index = (dev(offsets)[:, None, None, None, None]
+             + (src_y[:, :, None, None, None] * dev(widths)[:, None, None, None, None]
+                + src_x[:, None, :, :, None]) * 3
+             + torch.arange(3, device=device))
+    pixels = torch.where(inside, flat[torch.where(inside, index, 0)].to(torch.int32), 0)
+    acc = (pixels * dev(x_weights, torch.int32)[:, None, :, :, None]).sum(dim=3, dtype=torch.int32)
+    horizontal = ((acc + HALF) >> PRECISION_BITS).clamp(0, 255)
+    # Vertical pass: (n, size, size, 3).
+    tap_y = np.minimum(y_start[:, :, None] + np.arange(y_weights.shape[2]), (crop_h - 1)[:, None, None])
+    picked = horizontal[torch.arange(n, device=device)[:, None, None], dev(tap_y)]  # (n, size, ky, size, 3)
+    acc = (picked * dev(y_weights, torch.int32)[:, :, :, None, None]).sum(dim=2, dtype=torch.int32)
+    result = ((acc + HALF) >> PRECISION_BITS).clamp(0, 255).to(torch.uint8)
+    result = torch.where(dev(flips, torch.bool)[:, None, None, None], result.flip(2), result)
+    return result.permute(0, 3, 1, 2)
