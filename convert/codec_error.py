@@ -18,11 +18,6 @@ def kl_rows(z: np.ndarray, z_coded: np.ndarray, temperature: float) -> np.ndarra
     return (np.exp(log_p) * (log_p - log_q)).sum(axis=1)
 
 
-def payload_bytes(spec: str, soft: np.ndarray, temperature: float) -> int:
-    """Bytes of the arrays a codec stores for ``soft`` (without .npy headers)."""
-    return sum(a.nbytes for a in codecs.encode(spec, temperature, soft).values())
-
-
 def measure(spec: str, soft: np.ndarray, temperature: float) -> tuple[int, np.ndarray]:
     """(stored payload bytes, per-row KL at ``temperature``) of one batch under ``spec``."""
     arrays = codecs.encode(spec, temperature, soft)

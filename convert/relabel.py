@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from shards.io import first_line
+
 from .errors import ConvertError
 
 _EPOCH_DIR = re.compile(r"epoch_(\d+)")
@@ -133,15 +135,10 @@ def load_batch(path: str, input_size: int, data: bytes | None = None) -> Relabel
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             raise ConvertError(f"{path}: needs unsafe unpickling; refused (only tensors, numbers and "
                                "numpy scalars are loaded)") from None
-        raise ConvertError(f"{path}: truncated or not a torch.save file ({_first_line(exc)})") from None
+        raise ConvertError(f"{path}: truncated or not a torch.save file ({first_line(exc)})") from None
     except Exception as exc:  # torch raises RuntimeError, EOFError, zipfile errors, ... for broken files
-        raise ConvertError(f"{path}: truncated or not a torch.save file ({_first_line(exc)})") from None
+        raise ConvertError(f"{path}: truncated or not a torch.save file ({first_line(exc)})") from None
     return RelabelBatch(*_check_batch(path, content, input_size), file_bytes=len(data))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
 
 
 def _check_batch(path: str, content: object, input_size: int) -> tuple:

@@ -25,7 +25,6 @@ INDICES = "indices.npy"
 COORDS = "coords.npy"
 FLIPS = "flips.npy"
 MIX_INDEX = "mix_index.npy"
-SOFT_LABELS = "soft_labels.npy"  # the raw codec's member; see codecs.py for the others
 
 MIX_TYPES = ("none", "mixup", "cutmix")
 SOFT_LABEL_DTYPES = ("float16", "float32")

@@ -44,10 +44,11 @@ def open_read(url: str) -> IO[bytes]:
     except LocationError:
         raise
     except Exception as exc:  # network back-ends raise their own types (aiohttp, botocore, ...)
-        raise LocationError(f"{url}: cannot open ({_first_line(exc)})") from None
+        raise LocationError(f"{url}: cannot open ({first_line(exc)})") from None
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (at most 200 characters), for one-line errors."""
     lines = str(exc).strip().splitlines()
     return lines[0][:200] if lines else type(exc).__name__
 
@@ -72,7 +73,7 @@ def fetch(url: str, size: int | None = None, sha256: str | None = None, retries:
             problem = str(exc).removeprefix(f"{url}: ")
             continue
         except Exception as exc:  # a connection cut mid-read surfaces as the back-end's own error
-            problem = f"read failed ({_first_line(exc)})"
+            problem = f"read failed ({first_line(exc)})"
             continue
         if size is not None and len(data) != size:
             problem = f"short read: {len(data)} of {size} bytes"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import webdataset
 
 from . import format as fmt
-from .io import LocationError, fsspec_module, is_local, local_path
+from .io import LocationError, first_line, fsspec_module, is_local, local_path
 from .manifest import Manifest, ShardInfo
 from .records import BatchRecord, ImageRecord, encode_batch, encode_image
 
@@ -126,8 +126,7 @@ class _RemoteOutput:
         except FileNotFoundError:
             raise
         except Exception as exc:  # the back-end's own network and permission errors
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise LocationError(f"{self.url}: {what} failed ({first})") from None
+            raise LocationError(f"{self.url}: {what} failed ({first_line(exc)})") from None
 
     def _path(self, name: str) -> str:
         return f"{self.root}/{name}"

@@ -7,6 +7,8 @@ import shutil
 
 import torch
 
+from shards.io import first_line
+
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 BEST_NAME = "model_best.pth.tar"
 
@@ -35,8 +37,7 @@ def load(path: str) -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
     except Exception as exc:  # unpickling refusals, truncated zips, ...
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise CheckpointError(f"{path}: cannot load safely ({first})") from None
+        raise CheckpointError(f"{path}: cannot load safely ({first_line(exc)})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(state).__name__}")
     return state

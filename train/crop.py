@@ -21,6 +21,12 @@ def crop_box(coords: np.ndarray, width: int, height: int) -> tuple[float, float,
     return left, top, left + float(coords[3]) * width, top + float(coords[2]) * height
 
 
+def pil_crop_box(coords: np.ndarray, width: int, height: int) -> tuple[int, int, int, int]:
+    """The integer box PIL's ``crop`` uses: each edge of :func:`crop_box` rounded with ``round``."""
+    x0, y0, x1, y1 = (round(v) for v in crop_box(coords, width, height))
+    return x0, y0, x1, y1
+
+
 def crop_resize_flip_pixels(pixels: np.ndarray, coords: np.ndarray, flip: bool, size: int) -> np.ndarray:
     """:func:`crop_resize_flip` on already decoded RGB pixels (H, W, 3), with the same result.
 
@@ -28,8 +34,7 @@ def crop_resize_flip_pixels(pixels: np.ndarray, coords: np.ndarray, flip: bool, 
     A box reaching outside the image (PIL pads it) takes PIL's own crop.
     """
     height, width = pixels.shape[:2]
-    box = crop_box(coords, width, height)
-    x0, y0, x1, y1 = (round(v) for v in box)
+    x0, y0, x1, y1 = pil_crop_box(coords, width, height)
     if 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height:
         out = Image.fromarray(np.ascontiguousarray(pixels[y0:y1, x0:x1])).resize((size, size), Image.BILINEAR)
         out = np.asarray(out)

@@ -29,10 +29,6 @@ class DecodedImages:
         for k, a in enumerate(arrays):
             flat[self.offsets[k]:self.offsets[k + 1]] = a.reshape(-1)
 
-    @property
-    def nbytes(self) -> int:
-        return int(self.offsets[-1])
-
     def __len__(self) -> int:
         return len(self.shapes)
 

@@ -16,6 +16,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 import shards
+from shards.io import first_line
 
 from . import checkpoint
 from .config import ConfigError, TrainConfig
@@ -213,8 +214,7 @@ def train(cfg: TrainConfig, shard_set: shards.ShardSet, env: DistEnv, api_key: s
         try:
             val = val_loader(cfg.val_dir, m.input_size, cfg.batch_size, min(cfg.workers, 4), env)
         except OSError as exc:  # torchvision: missing folder, or a class folder without images
-            first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-            raise ConfigError(f"{cfg.val_dir}: not a usable image folder ({first})") from None
+            raise ConfigError(f"{cfg.val_dir}: not a usable image folder ({first_line(exc)})") from None
         if val.dataset.dataset.classes != m.classes:
             raise ConfigError(f"{cfg.val_dir}: class folders differ from the shard set's classes")
     s = build_state(cfg, m, env)

@@ -6,6 +6,8 @@ import json
 import os
 import sys
 
+from shards.io import first_line
+
 METRICS_NAME = "metrics.jsonl"
 
 
@@ -54,8 +56,7 @@ def start_wandb(project: str, name: str, mode: str, config: dict, api_key: str |
         return wandb.init(project=project, name=name, mode=mode, config=safe_config,
                           settings=wandb.Settings(login_timeout=30, silent=True))
     except wandb.errors.Error as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise WandbError(f"wandb ({mode}): {first} (set WANDB_API_KEY, or use --wandb-mode offline "
+        raise WandbError(f"wandb ({mode}): {first_line(exc)} (set WANDB_API_KEY, or use --wandb-mode offline "
                          f"or disabled)") from None
     finally:
         sys.argv = argv

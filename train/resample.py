@@ -17,7 +17,7 @@ import math
 import numpy as np
 import torch
 
-from .crop import crop_box
+from .crop import pil_crop_box
 
 PRECISION_BITS = 32 - 8 - 2
 HALF = 1 << (PRECISION_BITS - 1)
@@ -25,8 +25,8 @@ HALF = 1 << (PRECISION_BITS - 1)
 
 def pil_boxes(coords: np.ndarray, widths: np.ndarray, heights: np.ndarray) -> np.ndarray:
     """The integer crop boxes ``(left, top, right, bottom)`` PIL uses: each edge rounded with ``round``."""
-    return np.array([[round(v) for v in crop_box(c, int(w), int(h))]
-                     for c, w, h in zip(coords, widths, heights)], dtype=np.int64).reshape(-1, 4)
+    return np.array([pil_crop_box(c, int(w), int(h)) for c, w, h in zip(coords, widths, heights)],
+                    dtype=np.int64).reshape(-1, 4)
 
 
 def needs_pil(boxes: np.ndarray, size: int) -> np.ndarray:
