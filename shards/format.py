@@ -29,8 +29,9 @@ MIX_INDEX = "mix_index.npy"
 MIX_TYPES = ("none", "mixup", "cutmix")
 SOFT_LABEL_DTYPES = ("float16", "float32")
 
-# Fixed tar header fields, so that the same input gives the same bytes.
-TAR_MTIME = 0.0
+# Fixed tar header fields, so that the same input gives the same bytes. An integer mtime: a float
+# one makes tarfile add a PAX header to every member, which doubles the time to list a shard.
+TAR_MTIME = 0
 TAR_USER = "fkd"
 
 

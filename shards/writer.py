@@ -50,6 +50,7 @@ class _OpenShard:
     last: int
     epoch: int | None
     count: int = 0
+    tar_bytes: int = 0  # members written so far, headers and padding included (the file lags behind)
 
 
 def write_atomically(path: str, data: bytes) -> None:
@@ -194,15 +195,16 @@ class ShardSetWriter:
     def add_image(self, record: ImageRecord) -> None:
         """Append one image; images must come in sample-index order."""
         shard = self._shard_for(fmt.IMAGES_KIND, record.index, None)
-        shard.tar.write({"__key__": fmt.image_key(record.index), **encode_image(record)})
-        self._advance(shard, record.index)
+        members = encode_image(record)
+        shard.tar.write({"__key__": fmt.image_key(record.index), **members})
+        self._advance(shard, record.index, members)
 
     def add_batch(self, record: BatchRecord) -> None:
         """Append one batch record; batches must come in (epoch, batch) order."""
         shard = self._shard_for(fmt.LABELS_KIND, record.batch, record.epoch)
         members = encode_batch(record, self.label_codec, self.codec_temperature)
         shard.tar.write({"__key__": fmt.batch_key(record.epoch, record.batch), **members})
-        self._advance(shard, record.batch)
+        self._advance(shard, record.batch, members)
 
     def finish(self, manifest: Manifest) -> Manifest:
         """Close all shards and write ``manifest`` (with the shard list filled in) last."""
@@ -234,7 +236,7 @@ class ShardSetWriter:
     def _shard_for(self, kind: str, position: int, epoch: int | None) -> _OpenShard:
         shard = self._open.get(kind)
         if shard is not None:
-            if shard.epoch != epoch or shard.file.size >= self.shard_bytes:
+            if shard.epoch != epoch or shard.tar_bytes >= self.shard_bytes:
                 self._close_shard(kind)
                 shard = None
             elif position != shard.last + 1:
@@ -251,9 +253,12 @@ class ShardSetWriter:
             self._open[kind] = shard
         return shard
 
-    def _advance(self, shard: _OpenShard, position: int) -> None:
+    def _advance(self, shard: _OpenShard, position: int, members: dict[str, bytes]) -> None:
         shard.last = position
         shard.count += 1
+        # One 512-byte header per member (short names, integer fields: no PAX or long-name header)
+        # and the data padded to 512 bytes.
+        shard.tar_bytes += sum(512 + -(-len(data) // 512) * 512 for data in members.values())
 
     def _close_shard(self, kind: str) -> None:
         shard = self._open.pop(kind)

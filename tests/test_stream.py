@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -9,10 +11,12 @@ from PIL import Image
 
 from tests.conftest import INPUT_SIZE
 from tests.reference import reference_batch
-from train.crop import crop_resize_flip, crop_resize_flip_pixels
+from train.crop import crop_resize_flip
+from train.decoded import DecodedImages
 from train.stream import BatchStream, StreamError, slice_rows
 
-MODES = {"pil": {}, "decode_cache": {"decode_cache": True}, "crop_device": {"crop_device": "cpu"}}
+MODES = {"pil": {"decode_cache": False}, "decode_cache": {"decode_cache": True},
+         "crop_device": {"crop_device": "cpu"}}
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -36,15 +40,37 @@ def test_batches_bit_identical_to_reference(converted, mix_type, dtype, mode):
     assert seen == len(stream) == 9
 
 
-def test_workers_give_identical_stream_and_keep_order(converted):
+@pytest.mark.parametrize("decode_cache", [False, True])
+def test_workers_give_identical_stream_and_keep_order(converted, decode_cache):
     output, _, _ = converted(mix_type="cutmix")
-    inline = list(BatchStream(output, workers=0))
-    parallel = list(BatchStream(output, workers=2))
+    inline = list(BatchStream(output, workers=0, decode_cache=False))
+    parallel = list(BatchStream(output, workers=2, decode_cache=decode_cache))
     assert [(b.epoch, b.batch) for b in parallel] == [(e, k) for e in range(3) for k in range(4)]
     for a, b in zip(inline, parallel):
         assert (a.epoch, a.batch) == (b.epoch, b.batch)
         assert torch.equal(a.model_input(), b.model_input())
         assert torch.equal(a.soft_labels, b.soft_labels)
+
+
+def test_decoded_cache_by_default_when_it_fits_the_memory_budget(converted, monkeypatch):
+    output, _, _ = converted()
+    monkeypatch.setattr("train.stream.cache_budget", lambda: 10**12)
+    on = BatchStream(output, workers=0)
+    assert on._dataset.decoded is not None and on.decode_cache_note.startswith("decoded cache: ")
+    monkeypatch.setattr("train.stream.cache_budget", lambda: on._dataset.decoded.nbytes - 1)
+    off = BatchStream(output, workers=0)
+    assert off._dataset.decoded is None and "would exceed" in off.decode_cache_note
+    assert BatchStream(output, workers=0, decode_cache=True)._dataset.decoded is not None  # asked for: kept
+    for a, b in zip(on, off):
+        assert torch.equal(a.model_input(), b.model_input())
+
+
+def test_model_input_layouts_hold_the_same_values(converted):
+    output, _, _ = converted(mix_type="cutmix")
+    for b in BatchStream(output, workers=0, end_epoch=1):
+        nchw, nhwc = b.model_input(), b.model_input(memory_format=torch.channels_last)
+        assert nchw.is_contiguous() and nhwc.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(nchw, nhwc)
 
 
 def test_start_and_end_epoch(converted):
@@ -112,17 +138,25 @@ def test_crop_rounds_to_nearest_like_pil(tmp_path):
 
 def test_cropping_cached_pixels_equals_pil_crop_of_the_image():
     rng = np.random.default_rng(0)
-    img = Image.fromarray(rng.integers(0, 256, size=(37, 29, 3), dtype=np.uint8), "RGB")
-    pixels = np.asarray(img)
+    images = [Image.fromarray(rng.integers(0, 256, size=shape, dtype=np.uint8), "RGB")
+              for shape in [(37, 29, 3), (5, 41, 3), (23, 23, 3)]]  # several: offsets and row strides differ
+    encoded = []
+    for img in images:
+        png = io.BytesIO()
+        img.save(png, format="PNG")
+        encoded.append(png.getvalue())
+    decoded = DecodedImages(encoded, threads=2)
     cases = [np.array(c, dtype=np.float32) for c in
              [(0.5 / 37, 0.5 / 29, 0.5, 0.5), (2.5 / 37, 1.5 / 29, 0.3, 0.7), (0, 0, 1, 1),
               (0.9, 0.9, 0.2, 0.2), (0.0, 0.0, 0.01, 0.01)]]  # half-pixel edges, whole, outside, empty
-    cases += [rng.random(4, dtype=np.float32) * np.float32(0.7) + np.float32(0.05) for _ in range(200)]
-    for coords in cases:
-        for flip in (False, True):
-            for size in (7, 16):
-                assert np.array_equal(crop_resize_flip_pixels(pixels, coords, flip, size),
-                                      crop_resize_flip(img, coords, flip, size)), (coords, flip, size)
+    cases += [rng.random(4, dtype=np.float32) * np.float32(0.7) + np.float32(0.05) for _ in range(100)]
+    for k, img in enumerate(images):
+        assert np.array_equal(decoded.pixels(k), np.asarray(img))
+        for coords in cases:
+            for flip in (False, True):
+                for size in (7, 16):
+                    assert np.array_equal(decoded.crop_resize_flip(k, coords, flip, size),
+                                          crop_resize_flip(img, coords, flip, size)), (k, coords, flip, size)
 
 
 def test_device_crops_cover_both_resample_paths_and_slices(converted):

@@ -142,6 +142,7 @@ def test_cli_end_to_end_writes_checkpoints_and_metrics(converted, tmp_path, rela
     _train(output, out, "--val-dir", val_dir, "--val-every", "2", "--sgd", "-lr", "0.1", "-j", "2")
     printed = capsys.readouterr().out
     assert "B=8 = 1 rank(s) x 1 micro-batches x 8 rows" in printed
+    assert f"decoded cache: {len(samples)} images" in printed  # the default (auto): a small set fits
     assert printed.count("TRAIN Iter") == 3 and printed.count("TEST Iter") == 2  # epochs 0 and 2
     state = torch.load(out / "checkpoint.pth.tar", weights_only=True)
     assert {"epoch", "state_dict", "best_acc1", "optimizer", "scheduler"} <= state.keys()

@@ -45,7 +45,7 @@ class TrainConfig:
     amp: str
     channels_last: bool
     sync_bn: bool
-    decode_cache: bool
+    decode_cache: str  # auto, on, off
     cache_dir: str | None
     cache_labels: bool
     last_batch_loss: str
@@ -102,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
            "(bit-identical to PIL; no crop workers)")
     a("--cache-dir", default=None, help="keep verified remote image shards here and reuse them")
     a("--cache-labels", action="store_true", help="with --cache-dir: cache the label shards too")
-    a("--decode-cache", action="store_true",
-      help="decode every image once into shared memory (H*W*3 bytes each); same pixels")
+    a("--decode-cache", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+      help="decode every image once into shared memory (H*W*3 bytes each; same pixels, no JPEG "
+           "decode per crop); auto (default): when that fits in half the available memory")
     return p
 
 

@@ -27,21 +27,6 @@ def pil_crop_box(coords: np.ndarray, width: int, height: int) -> tuple[int, int,
     return x0, y0, x1, y1
 
 
-def crop_resize_flip_pixels(pixels: np.ndarray, coords: np.ndarray, flip: bool, size: int) -> np.ndarray:
-    """:func:`crop_resize_flip` on already decoded RGB pixels (H, W, 3), with the same result.
-
-    PIL's crop rounds each edge with Python's ``round``; an in-bounds box is then an exact slice.
-    A box reaching outside the image (PIL pads it) takes PIL's own crop.
-    """
-    height, width = pixels.shape[:2]
-    x0, y0, x1, y1 = pil_crop_box(coords, width, height)
-    if 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height:
-        out = Image.fromarray(np.ascontiguousarray(pixels[y0:y1, x0:x1])).resize((size, size), Image.BILINEAR)
-        out = np.asarray(out)
-        return out[:, ::-1] if flip else out
-    return crop_resize_flip(Image.fromarray(pixels), coords, flip, size)
-
-
 def crop_resize_flip(img: Image.Image, coords: np.ndarray, flip: bool, size: int) -> np.ndarray:
     """Crop the stored box, resize to (size, size) with PIL bilinear, flip; uint8 HWC.
 

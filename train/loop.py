@@ -79,9 +79,7 @@ def train_step(model: nn.Module, batch: Batch, cfg: TrainConfig, device: str, op
     of the short last batch is empty runs empty forwards with a zero loss, so that collective calls
     (the gradient all-reduce on the last micro-step, SyncBatchNorm) match across ranks.
     """
-    x = batch.model_input(device)
-    if cfg.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = batch.model_input(device, torch.channels_last if cfg.channels_last else torch.contiguous_format)
     soft = batch.soft_labels.to(device)
     targets = batch.targets.to(device)
     accumulation = cfg.gradient_accumulation_steps
@@ -221,11 +219,13 @@ def train(cfg: TrainConfig, shard_set: shards.ShardSet, env: DistEnv, api_key: s
     if s.first_epoch >= cfg.epochs:
         log(f"already trained {s.first_epoch} of {cfg.epochs} epochs; nothing to do")
         return {}
+    decode_cache = {"auto": None, "on": True, "off": False}[cfg.decode_cache]
     stream = BatchStream(shard_set, s.first_epoch, cfg.epochs, cfg.workers, env.rank, world,
-                         decode_cache=cfg.decode_cache, pin_memory=cfg.device.startswith("cuda"),
+                         decode_cache=decode_cache, pin_memory=cfg.device.startswith("cuda"),
                          crop_device=cfg.device if cfg.device_crops else None)
     metrics_log = None
     if env.is_main:
+        log(stream.decode_cache_note)
         log(f"fkd-train: {cfg.model} on {cfg.device}, N={m.num_images}, C={m.soft_label_width}, "
             f"B={cfg.batch_size} = {world} rank(s) x {steps} micro-batches x {micro_rows} rows, "
             f"epochs {s.first_epoch}..{cfg.epochs - 1}, mix={m.mix_type}, T={cfg.temperature}, "

@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 import shards
 
-from .crop import crop_resize_flip, crop_resize_flip_pixels, decode_rgb
-from .decoded import DecodedImages
+from .crop import crop_resize_flip, decode_rgb
+from .decoded import DecodedImages, available_cpus, cache_budget, image_shapes
 from .mix import apply_mix, normalize
 from .resample import crop_resize_flip_batch, needs_pil, pil_boxes
 
@@ -43,11 +43,17 @@ class CropTask:
 class CropResult:
     epoch: int
     batch: int
-    crops: torch.Tensor  # uint8 (u, 3, S, S)
+    crops: torch.Tensor  # uint8 (u, 3, S, S), channels-last in memory (u, S, S, 3)
 
     def pin_memory(self) -> CropResult:
         """Called by the DataLoader's pin-memory thread (``pin_memory=True``)."""
-        return CropResult(self.epoch, self.batch, self.crops.pin_memory())
+        pinned = self.crops.permute(0, 2, 3, 1).pin_memory()  # the (u, S, S, 3) memory, contiguous
+        return CropResult(self.epoch, self.batch, _channels_last_view(pinned))
+
+
+def _channels_last_view(hwc: torch.Tensor) -> torch.Tensor:
+    """(u, S, S, 3) -> the same memory seen as (u, 3, S, S)."""
+    return hwc.permute(0, 3, 1, 2)
 
 
 @dataclass
@@ -55,14 +61,15 @@ class Batch:
     """One rank's slice of one labelled batch (the whole batch when ``world_size`` is 1).
 
     ``images`` are uint8 crops before normalisation and mixing; ``model_input()`` normalises and
-    mixes them with their partners, giving exactly what the original trainer's model saw.
+    mixes them with their partners, giving exactly what the original trainer's model saw. Crops made
+    on the CPU are channels-last in memory (PIL's own pixel order: no transpose per image on the CPU).
     """
 
     epoch: int
     batch: int
     rows: range  # the slice's rows within the full batch
     batch_rows: int  # n, the full batch's row count
-    crops: torch.Tensor  # uint8 (u, 3, S, S): every image the slice needs, each cropped once
+    crops: torch.Tensor  # uint8 (u, 3, S, S), any layout: every image the slice needs, each cropped once
     own: torch.Tensor | None  # int64 (m,): the slice's rows in ``crops``; None when all, in order
     partners: torch.Tensor | None  # int64 (m,): each row's mix partner in ``crops``; None without mix
     targets: torch.Tensor  # int64 (m,)
@@ -76,14 +83,16 @@ class Batch:
         """uint8 (m, 3, S, S): the slice's crops, not normalised, not mixed."""
         return self.crops if self.own is None else self.crops[self.own]
 
-    def model_input(self, device: str | torch.device = "cpu") -> torch.Tensor:
-        """float32 (m, 3, S, S) on ``device``: normalised, then mixed, contiguous NCHW."""
-        normalized = normalize(self.crops.to(device, non_blocking=True))
+    def model_input(self, device: str | torch.device = "cpu",
+                    memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+        """float32 (m, 3, S, S) on ``device``: normalised, then mixed; contiguous NCHW, or
+        channels-last with ``memory_format=torch.channels_last``. The layout changes no value."""
+        crops = self.crops.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        normalized = normalize(crops)
         x = normalized if self.own is None else normalized[self.own.to(device)]
-        if self.partners is None or len(self.rows) == 0:
-            return x
-        partners = normalized[self.partners.to(device)]
-        return apply_mix(x, partners, self.mix_type, self.mix_lam, self.mix_bbox)
+        if self.partners is not None and len(self.rows):
+            x = apply_mix(x, normalized[self.partners.to(device)], self.mix_type, self.mix_lam, self.mix_bbox)
+        return x.contiguous(memory_format=memory_format)  # indexing may pick another layout
 
 
 def slice_rows(batch_size: int, batch_rows: int, rank: int, world_size: int) -> range:
@@ -91,6 +100,23 @@ def slice_rows(batch_size: int, batch_rows: int, rank: int, world_size: int) -> 
     per_rank = batch_size // world_size
     start = min(rank * per_rank, batch_rows)
     return range(start, min(start + per_rank, batch_rows))
+
+
+def _decode_once(encoded: list[bytes], decode_cache: bool | None) -> tuple[DecodedImages | None, str]:
+    """The decoded cache if asked for, or, with ``None`` (auto), if it fits :func:`cache_budget`;
+    and a line that says which and why."""
+    if decode_cache is False:
+        return None, "decoded cache off: every crop decodes its image"
+    shapes = image_shapes(encoded)
+    nbytes = int((shapes[:, 0] * shapes[:, 1] * 3).sum())
+    budget = cache_budget()
+    if decode_cache is None and nbytes > budget:
+        return None, (f"decoded cache off: {nbytes / 1e9:.2f} GB of pixels would exceed "
+                      f"{budget / 1e9:.2f} GB (half the available memory, per local rank); "
+                      f"every crop decodes its image")
+    decoded = DecodedImages(encoded, shapes, available_cpus())
+    return decoded, (f"decoded cache: {len(decoded)} images, {nbytes / 1e6:.1f} MB in shared memory "
+                     f"({nbytes / max(1, len(decoded)) / 1e3:.1f} KB per image)")
 
 
 class _CropDataset(Dataset):
@@ -109,18 +135,17 @@ class _CropDataset(Dataset):
         size = self.input_size
         # Contiguous CHW, as ToTensor and the collated batch have it. In a worker process the
         # batch is allocated in shared memory, so handing it to the main process copies nothing.
-        crops = torch.empty((len(task.samples), 3, size, size), dtype=torch.uint8)
+        crops = torch.empty((len(task.samples), size, size, 3), dtype=torch.uint8)
         if get_worker_info() is not None:
             crops.share_memory_()
         out = crops.numpy()
         for k, sample in enumerate(task.samples):
             flip = bool(task.flips[k])
             if self.decoded is not None:
-                hwc = crop_resize_flip_pixels(self.decoded.pixels(sample), task.coords[k], flip, size)
+                out[k] = self.decoded.crop_resize_flip(sample, task.coords[k], flip, size)
             else:
-                hwc = crop_resize_flip(decode_rgb(self.encoded[sample]), task.coords[k], flip, size)
-            out[k] = hwc.transpose(2, 0, 1)
-        return CropResult(task.epoch, task.batch, crops)
+                out[k] = crop_resize_flip(decode_rgb(self.encoded[sample]), task.coords[k], flip, size)
+        return CropResult(task.epoch, task.batch, _channels_last_view(crops))
 
 
 def _keep(result: CropResult) -> CropResult:
@@ -146,7 +171,8 @@ class BatchStream:
     """Batches of epochs ``[start_epoch, end_epoch)`` in (epoch, batch) order, for rank ``rank`` of
     ``world_size``. Images are read from the image shards once, at construction, and kept in memory;
     with ``decode_cache`` they are also decoded once, into shared memory (H*W*3 bytes per image):
-    the same pixels, without a JPEG decode per crop (see the README's benchmark for when it pays).
+    the same pixels, without a JPEG decode per crop. ``None`` (the default) decodes once when the
+    pixels fit :func:`train.decoded.cache_budget`; ``decode_cache_note`` says which was chosen.
     With ``crop_device`` (e.g. ``"cuda"``) the decoded images are also copied to that device and
     every batch is cropped, resized and flipped there in one go (:mod:`train.resample`), bit-identical
     to PIL; crops taller than the output size are made by PIL on the CPU. No worker processes are used.
@@ -154,7 +180,7 @@ class BatchStream:
 
     def __init__(self, location: str | shards.ShardSet, start_epoch: int = 0, end_epoch: int | None = None,
                  workers: int = 2, rank: int = 0, world_size: int = 1, prefetch_factor: int = 2,
-                 decode_cache: bool = False, cache_dir: str | None = None, cache_labels: bool = False,
+                 decode_cache: bool | None = None, cache_dir: str | None = None, cache_labels: bool = False,
                  pin_memory: bool = False, crop_device: str | None = None):
         if isinstance(location, shards.ShardSet):
             self.shards = location
@@ -178,7 +204,7 @@ class BatchStream:
         for image in self.shards.images():
             encoded.append(image.data)
             labels.append(image.label)
-        decoded = DecodedImages(encoded, threads=max(1, workers)) if decode_cache or crop_device else None
+        decoded, self.decode_cache_note = _decode_once(encoded, True if crop_device else decode_cache)
         self._dataset = _CropDataset(None if decoded else encoded, decoded, m.input_size)
         self._device_pixels = decoded.buffer.to(crop_device) if crop_device else None
         self.labels = torch.tensor(labels, dtype=torch.int64)
@@ -240,9 +266,8 @@ class BatchStream:
                 self._device_pixels, decoded.offsets, decoded.shapes, task.samples[fast], boxes[fast],
                 task.flips[fast], size)
         for k in np.nonzero(by_pil)[0]:
-            pixels = decoded.pixels(task.samples[k])
-            hwc = crop_resize_flip_pixels(pixels, task.coords[k], bool(task.flips[k]), size)
-            crops[int(k)] = torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1))).to(crops.device)
+            hwc = decoded.crop_resize_flip(task.samples[k], task.coords[k], bool(task.flips[k]), size)
+            crops[int(k)] = torch.tensor(hwc, device=crops.device).permute(2, 0, 1)
         return crops
 
     def _batch(self, record: shards.BatchRecord, crops: torch.Tensor, rows: range,

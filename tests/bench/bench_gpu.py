@@ -58,7 +58,9 @@ class _Synthetic:
         self.soft_labels = torch.randn(size, classes, device=device)
         self.targets = torch.randint(0, classes, (size,), device=device)
 
-    def model_input(self, device):
+    def model_input(self, device, memory_format=torch.contiguous_format):
+        if not self.x.is_contiguous(memory_format=memory_format):
+            self.x = self.x.contiguous(memory_format=memory_format)  # once, not every step
         return self.x
 
 
