@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -173,3 +176,20 @@ def test_device_crops_cover_both_resample_paths_and_slices(converted):
              for r in range(2)]
     for k, whole in enumerate(full):
         assert torch.equal(torch.cat([p[k].model_input() for p in parts]), whole.model_input())
+
+
+def test_decoded_cache_reaches_workers_started_without_fork(converted):
+    # Python 3.14 starts DataLoader workers with forkserver by default: the dataset, cache included,
+    # is pickled to them (torch moves the cache into shared memory once) instead of inherited.
+    output, _, _ = converted(mix_type="cutmix")
+    code = (f"import torch, torch.multiprocessing as mp\n"
+            f"from train.stream import BatchStream\n"
+            f"if __name__ == '__main__':\n"
+            f"    mp.set_start_method('forkserver', force=True)\n"
+            f"    a = BatchStream({output!r}, workers=0, decode_cache=False, end_epoch=1)\n"
+            f"    b = BatchStream({output!r}, workers=2, decode_cache=True, end_epoch=1)\n"
+            f"    same = [torch.equal(x.model_input(), y.model_input()) for x, y in zip(a, b)]\n"
+            f"    print(len(same), all(same), b._dataset.decoded.buffer.is_shared())\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.stdout.split() == ["4", "True", "True"], done.stderr[-2000:]

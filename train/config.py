@@ -103,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cache-dir", default=None, help="keep verified remote image shards here and reuse them")
     a("--cache-labels", action="store_true", help="with --cache-dir: cache the label shards too")
     a("--decode-cache", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
-      help="decode every image once into shared memory (H*W*3 bytes each; same pixels, no JPEG "
-           "decode per crop); auto (default): when that fits in half the available memory")
+      help="decode every image once, into memory the crop workers share (H*W*3 bytes each; same "
+           "pixels, no JPEG decode per crop); auto (default): when that fits in half the available memory")
     return p
 
 

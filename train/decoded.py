@@ -1,8 +1,9 @@
-"""Every image decoded once per run into one shared-memory uint8 buffer, for the crop workers.
+"""Every image decoded once per run into one uint8 buffer that the crop workers share.
 
 Decoding is deterministic, so cropping from the cached pixels is bit-identical to decoding again.
-The buffer is a torch tensor in shared memory: DataLoader workers see it without a copy, whatever
-their start method. Size: H*W*3 bytes per image (150 KB at 224x224).
+The buffer is a torch tensor: forked DataLoader workers share its pages without a copy (they only
+read it); with the spawn or forkserver start method, torch moves it into shared memory once, when
+the dataset is first sent to a worker. Size: H*W*3 bytes per image (150 KB at 224x224).
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ class DecodedImages:
         self.shapes = image_shapes(encoded) if shapes is None else shapes
         sizes = self.shapes[:, 0] * self.shapes[:, 1] * 3
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        self.buffer = torch.empty(int(self.offsets[-1]), dtype=torch.uint8).share_memory_()
+        # Not share_memory_() here: that copies the whole buffer, and forked workers do not need it.
+        self.buffer = torch.empty(int(self.offsets[-1]), dtype=torch.uint8)
         with ThreadPoolExecutor(threads or available_cpus()) as pool:
             list(pool.map(lambda k: self._decode_into(k, encoded[k]), range(len(encoded))))
 

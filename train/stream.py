@@ -115,8 +115,8 @@ def _decode_once(encoded: list[bytes], decode_cache: bool | None) -> tuple[Decod
                       f"{budget / 1e9:.2f} GB (half the available memory, per local rank); "
                       f"every crop decodes its image")
     decoded = DecodedImages(encoded, shapes, available_cpus())
-    return decoded, (f"decoded cache: {len(decoded)} images, {nbytes / 1e6:.1f} MB in shared memory "
-                     f"({nbytes / max(1, len(decoded)) / 1e3:.1f} KB per image)")
+    return decoded, (f"decoded cache: {len(decoded)} images, {nbytes / 1e6:.1f} MB shared by the crop "
+                     f"workers ({nbytes / max(1, len(decoded)) / 1e3:.1f} KB per image)")
 
 
 class _CropDataset(Dataset):
@@ -170,7 +170,7 @@ class _Tasks:
 class BatchStream:
     """Batches of epochs ``[start_epoch, end_epoch)`` in (epoch, batch) order, for rank ``rank`` of
     ``world_size``. Images are read from the image shards once, at construction, and kept in memory;
-    with ``decode_cache`` they are also decoded once, into shared memory (H*W*3 bytes per image):
+    with ``decode_cache`` they are also decoded once, into memory the workers share (H*W*3 bytes each):
     the same pixels, without a JPEG decode per crop. ``None`` (the default) decodes once when the
     pixels fit :func:`train.decoded.cache_budget`; ``decode_cache_note`` says which was chosen.
     With ``crop_device`` (e.g. ``"cuda"``) the decoded images are also copied to that device and
