@@ -6,8 +6,9 @@ Each configuration runs in its own subprocess. Measures the batches delivered fo
 normalised float batches for the original (it mixes on the GPU), uint8 crops for BatchStream (it
 normalises and mixes on the GPU). Prints images/s over the whole run and after the first batch
 (the steady rate of a long run), time to first batch (start-up included), peak memory of the
-process tree (PSS, so that shared pages count once), the ratio to the original at
-equal workers, and whether the model inputs are identical. Not a test: nothing about time is asserted.
+process tree (PSS, so that shared pages count once; sampled in a run of its own, as sampling
+costs CPU), the ratio to the original at equal workers, and whether the model inputs are identical.
+Not a test: nothing about time is asserted.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def _run_one(a) -> dict:
                                                 batch_size=a.batch_size, epochs=a.epochs, width=a.width)
     num_batches = math.ceil(len(samples) / a.batch_size)
     checksum, count, first, first_rows, excluded = 0.0, 0, None, 0, 0.0
-    with PeakTreeMemory() as memory:
+    with PeakTreeMemory(enabled=a.memory) as memory:
         start = now()
         if a.one == "original":
             from convert.replay import epoch_orders
@@ -97,6 +98,11 @@ def _rows(item) -> int:
     return item[0].shape[0] if isinstance(item, tuple) else len(item.rows)
 
 
+def _child(cmd: list[str]) -> dict:
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--images", type=int, default=2000)
@@ -108,6 +114,7 @@ def main() -> None:
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "fkd-bench"))
     p.add_argument("--repeats", type=int, default=3, help="runs per configuration; the fastest is shown")
     p.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)
+    p.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
         a.workers = a.workers[0]
@@ -120,11 +127,9 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one", mode, "--workers", str(workers),
                    "--images", str(a.images), "--classes", str(a.classes), "--epochs", str(a.epochs),
                    "--batch-size", str(a.batch_size), "--width", str(a.width), "--workdir", a.workdir]
-            runs = []
-            for _ in range(a.repeats):  # other load on a small machine only ever slows a run down
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                runs.append(json.loads(out.strip().splitlines()[-1]))
+            runs = [_child(cmd) for _ in range(a.repeats)]  # other load only ever slows a run down
             results[mode] = max(runs, key=lambda r: r["images_per_s"])
+            results[mode]["peak_pss_mb"] = _child(cmd + ["--memory"])["peak_pss_mb"]  # a run of its own
         for mode in MODES:
             same = results[mode]["checksum"] == results["original"]["checksum"]
             r = results[mode]
