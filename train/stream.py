@@ -133,8 +133,8 @@ class _CropDataset(Dataset):
 
     def __getitem__(self, task: CropTask) -> CropResult:
         size = self.input_size
-        # Contiguous CHW, as ToTensor and the collated batch have it. In a worker process the
-        # batch is allocated in shared memory, so handing it to the main process copies nothing.
+        # HWC per image, as PIL hands pixels out (the device makes the batch NCHW). In a worker
+        # process the batch is allocated in shared memory: handing it over copies nothing.
         crops = torch.empty((len(task.samples), size, size, 3), dtype=torch.uint8)
         if get_worker_info() is not None:
             crops.share_memory_()
