@@ -7,7 +7,7 @@ import os
 import re
 import sys
 
-import shards
+from fkd_shards import shards
 
 from .errors import ConvertError
 from .pipeline import ConvertOptions, convert

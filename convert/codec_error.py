@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from shards import codecs
+from fkd_shards.shards import codecs
 
 
 def kl_rows(z: np.ndarray, z_coded: np.ndarray, temperature: float) -> np.ndarray:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-import shards
+from fkd_shards import shards
 
 from .alignment import batch_hits, chance_rate, near_chance
 from .errors import ConvertError

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from shards.io import first_line
+from fkd_shards.shards.io import first_line
 
 from .errors import ConvertError
 

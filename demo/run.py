@@ -11,13 +11,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from convert.cli import main as convert_main
-from train import config as train_config
-from train.cli import main as train_main
-from train.distributed import DistEnv
-from train.loop import build_model, build_optimizer, build_scheduler
-from train.stream import BatchStream
-from train.validate import evaluate, val_loader
+from fkd_shards.convert.cli import main as convert_main
+from fkd_shards.train import config as train_config
+from fkd_shards.train.cli import main as train_main
+from fkd_shards.train.distributed import DistEnv
+from fkd_shards.train.loop import build_model, build_optimizer, build_scheduler
+from fkd_shards.train.stream import BatchStream
+from fkd_shards.train.validate import evaluate, val_loader
 
 from .data import load_splits, write_image_folder
 from .relabel import write_relabel

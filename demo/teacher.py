@@ -8,7 +8,7 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from torch import nn
 
-from train.mix import MEAN, STD
+from fkd_shards.train.mix import MEAN, STD
 
 
 class DigitTeacher(nn.Module):

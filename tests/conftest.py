@@ -34,7 +34,7 @@ def relabel_case(tmp_path):
 @pytest.fixture
 def converted(relabel_case, tmp_path):
     """Factory: build a relabel case and convert it; returns (output_dir, samples, truth)."""
-    from convert import ConvertOptions, convert
+    from fkd_shards.convert import ConvertOptions, convert
 
     def build(shard_bytes=10**9, **kwargs):
         train_dir, fkd_path, samples, truth = relabel_case(**kwargs)

@@ -9,10 +9,10 @@ import os
 import numpy as np
 import pytest
 
-import shards
-from convert.cli import main as convert_main
-from convert.codec_error import kl_rows, measure
-from shards import codecs
+from fkd_shards import shards
+from fkd_shards.convert.cli import main as convert_main
+from fkd_shards.convert.codec_error import kl_rows, measure
+from fkd_shards.shards import codecs
 from tests.conftest import INPUT_SIZE
 
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-import shards
-from convert.cli import main as convert_main
-from convert.imagefolder import list_image_folder
-from convert.replay import epoch_orders
+from fkd_shards import shards
+from fkd_shards.convert.cli import main as convert_main
+from fkd_shards.convert.imagefolder import list_image_folder
+from fkd_shards.convert.replay import epoch_orders
 from tests.conftest import INPUT_SIZE, listing
 from tests.relabel_fixture import replay_orders
 
@@ -225,8 +225,8 @@ def test_converter_killed_mid_run_leaves_no_accepted_set(relabel_case, tmp_path)
     os.remove(blocking)
     os.mkfifo(blocking)  # the converter blocks here, mid-run, until it is killed
     output = str(tmp_path / "out")
-    proc = subprocess.Popen([sys.executable, "-m", "convert", "--train-dir", train_dir, "--fkd-path",
-                             fkd_path, "--output", output, "--input-size", str(INPUT_SIZE),
+    proc = subprocess.Popen([sys.executable, "-m", "fkd_shards.convert", "--train-dir", train_dir,
+                             "--fkd-path", fkd_path, "--output", output, "--input-size", str(INPUT_SIZE),
                              "--workers", "1", "--no-progress"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from demo.run import build_parser, run
+from fkd_shards.demo.run import build_parser, run
 
 
 def test_demo_small(tmp_path):

@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
+from fkd_shards.train.cli import main as train_main
 from tests.conftest import listing
-from train.cli import main as train_main
 
 
 def _free_port() -> int:
@@ -24,7 +24,7 @@ def _free_port() -> int:
 
 def _torchrun(nproc: int, args: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
-            "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "train", *args]
+            "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "fkd_shards.train", *args]
 
 
 def _env() -> dict:

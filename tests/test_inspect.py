@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from convert.cli import main as convert_main
-from train.cli import main as train_main
-from train.grid import CAPTION_PX
+from fkd_shards.convert.cli import main as convert_main
+from fkd_shards.train.cli import main as train_main
+from fkd_shards.train.grid import CAPTION_PX
 
 
 def test_summary_prints_the_fixture_numbers(converted, capsys):

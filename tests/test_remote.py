@@ -10,13 +10,13 @@ import urllib.request
 import pytest
 import torch
 
-import shards
-from convert import ConvertOptions, convert
-from convert.cli import main as convert_main
+from fkd_shards import shards
+from fkd_shards.convert import ConvertOptions, convert
+from fkd_shards.convert.cli import main as convert_main
+from fkd_shards.train.cli import main as train_main
+from fkd_shards.train.stream import BatchStream
 from tests.conftest import INPUT_SIZE, listing
 from tests.servers import StaticServer
-from train.cli import main as train_main
-from train.stream import BatchStream
 
 FAST = {"retries": 3, "backoff_s": 0.01}
 
@@ -102,7 +102,8 @@ def test_cache_dir_holds_image_shards_and_on_request_label_shards(http_set, tmp_
 def test_two_processes_share_one_cache_dir(http_set, tmp_path):
     _, server = http_set
     cache = str(tmp_path / "cache")
-    code = ("import sys, shards; s = shards.ShardSet(sys.argv[1], cache_dir=sys.argv[2], cache_labels=True);"
+    code = ("import sys; from fkd_shards import shards;"
+            "s = shards.ShardSet(sys.argv[1], cache_dir=sys.argv[2], cache_labels=True);"
             "print(len(list(s.images())), len(list(s.batches())))")
     procs = [subprocess.Popen([sys.executable, "-c", code, server.url, cache], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, cwd=os.getcwd()) for _ in range(2)]

@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-import shards
-from shards.records import decode_batch, decode_image, encode_batch, encode_image
+from fkd_shards import shards
+from fkd_shards.shards.records import decode_batch, decode_image, encode_batch, encode_image
 
 
 def _batch(epoch=0, batch=0, n=3, width=5, mixed=True, dtype=np.float16):

@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
+from fkd_shards.train.crop import crop_resize_flip
+from fkd_shards.train.decoded import DecodedImages
+from fkd_shards.train.stream import BatchStream, StreamError, slice_rows
 from tests.conftest import INPUT_SIZE
 from tests.reference import reference_batch
-from train.crop import crop_resize_flip
-from train.decoded import DecodedImages
-from train.stream import BatchStream, StreamError, slice_rows
 
 MODES = {"pil": {"decode_cache": False}, "decode_cache": {"decode_cache": True},
          "crop_device": {"crop_device": "cpu"}}
@@ -57,10 +57,10 @@ def test_workers_give_identical_stream_and_keep_order(converted, decode_cache):
 
 def test_decoded_cache_by_default_when_it_fits_the_memory_budget(converted, monkeypatch):
     output, _, _ = converted()
-    monkeypatch.setattr("train.stream.cache_budget", lambda: 10**12)
+    monkeypatch.setattr("fkd_shards.train.stream.cache_budget", lambda: 10**12)
     on = BatchStream(output, workers=0)
     assert on._dataset.decoded is not None and on.decode_cache_note.startswith("decoded cache: ")
-    monkeypatch.setattr("train.stream.cache_budget", lambda: on._dataset.decoded.nbytes - 1)
+    monkeypatch.setattr("fkd_shards.train.stream.cache_budget", lambda: on._dataset.decoded.nbytes - 1)
     off = BatchStream(output, workers=0)
     assert off._dataset.decoded is None and "would exceed" in off.decode_cache_note
     assert BatchStream(output, workers=0, decode_cache=True)._dataset.decoded is not None  # asked for: kept
@@ -163,7 +163,7 @@ def test_cropping_cached_pixels_equals_pil_crop_of_the_image():
 
 
 def test_device_crops_cover_both_resample_paths_and_slices(converted):
-    from train.resample import needs_pil, pil_boxes
+    from fkd_shards.train.resample import needs_pil, pil_boxes
 
     output, _, truth = converted(batch_size=8)
     stream = BatchStream(output, workers=0, crop_device="cpu")
@@ -183,7 +183,7 @@ def test_decoded_cache_reaches_workers_started_without_fork(converted):
     # is pickled to them (torch moves the cache into shared memory once) instead of inherited.
     output, _, _ = converted(mix_type="cutmix")
     code = (f"import torch, torch.multiprocessing as mp\n"
-            f"from train.stream import BatchStream\n"
+            f"from fkd_shards.train.stream import BatchStream\n"
             f"if __name__ == '__main__':\n"
             f"    mp.set_start_method('forkserver', force=True)\n"
             f"    a = BatchStream({output!r}, workers=0, decode_cache=False, end_epoch=1)\n"

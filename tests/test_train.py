@@ -10,15 +10,15 @@ import torch
 import torchvision
 from torch import nn
 
-import shards
+from fkd_shards import shards
+from fkd_shards.train import loop
+from fkd_shards.train.cli import main as train_main
+from fkd_shards.train.config import build_parser, resolve
+from fkd_shards.train.distributed import DistEnv
+from fkd_shards.train.kd import kd_loss, lr_factor, parameter_groups, topk_correct
+from fkd_shards.train.stream import BatchStream
 from tests.conftest import INPUT_SIZE
 from tests.reference import reference_train
-from train import loop
-from train.cli import main as train_main
-from train.config import build_parser, resolve
-from train.distributed import DistEnv
-from train.kd import kd_loss, lr_factor, parameter_groups, topk_correct
-from train.stream import BatchStream
 
 
 def _init_weights(tmp_path, model_name="resnet18", classes=4):
@@ -252,8 +252,9 @@ def test_wandb_offline_writes_a_local_run(converted, tmp_path):
     env = dict(os.environ, WANDB_DIR=str(tmp_path), HOME=str(tmp_path))
     env.pop("WANDB_API_KEY", None)
     # Its own process: wandb keeps process-wide state between runs.
-    subprocess.run([sys.executable, "-m", "train", "--shards", output, "--output-dir", str(tmp_path / "run"),
-                    "-j", "0", "--epochs", "1", "--wandb-mode", "offline", "--wandb-api-key", "not-a-key"],
+    subprocess.run([sys.executable, "-m", "fkd_shards.train", "--shards", output, "--output-dir",
+                    str(tmp_path / "run"), "-j", "0", "--epochs", "1", "--wandb-mode", "offline",
+                    "--wandb-api-key", "not-a-key"],
                    env=env, check=True, capture_output=True, timeout=300)
     runs = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
     assert len(runs) == 1

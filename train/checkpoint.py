@@ -7,7 +7,7 @@ import shutil
 
 import torch
 
-from shards.io import first_line
+from fkd_shards.shards.io import first_line
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 BEST_NAME = "model_best.pth.tar"

@@ -1,4 +1,4 @@
-"""``fkd-train`` (also ``python -m train``): parse, check against the shard set, train."""
+"""``fkd-train`` (also ``python -m fkd_shards.train``): parse, check against the shard set, train."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-import shards
+from fkd_shards import shards
 
 from . import distributed
 from .checkpoint import CheckpointError

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-import shards
+from fkd_shards import shards
 
 
 class ConfigError(ValueError):

@@ -15,8 +15,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
-import shards
-from shards.io import first_line
+from fkd_shards import shards
+from fkd_shards.shards.io import first_line
 
 from . import checkpoint
 from .config import ConfigError, TrainConfig

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from shards.io import first_line
+from fkd_shards.shards.io import first_line
 
 METRICS_NAME = "metrics.jsonl"
 

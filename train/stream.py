@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-import shards
+from fkd_shards import shards
 
 from .crop import crop_resize_flip, decode_rgb
 from .decoded import DecodedImages, available_cpus, cache_budget, image_shapes

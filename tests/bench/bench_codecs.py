@@ -15,8 +15,8 @@ import tempfile
 
 import numpy as np
 
-from convert.codec_error import measure
-from convert.relabel import load_batch, scan_layout
+from fkd_shards.convert.codec_error import measure
+from fkd_shards.convert.relabel import load_batch, scan_layout
 
 from common import make_fixture, print_table
 

@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 
-from convert import ConvertOptions, convert
+from fkd_shards.convert import ConvertOptions, convert
 
 from common import make_fixture, now, print_table
 

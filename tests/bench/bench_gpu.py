@@ -7,7 +7,7 @@
    versus the real data path (BatchStream, normalise and mix on the GPU), in fp32 and in
    ``--amp bf16 --channels-last``. If the data path's images/s is below the synthetic one, the GPU waits.
    Also BatchStream with ``crop_device`` (``--device-crops``): crops made on the GPU.
-2. ``torchrun --nproc-per-node=<GPUs> -m train ... --device cuda`` for one epoch (NCCL).
+2. ``torchrun --nproc-per-node=<GPUs> -m fkd_shards.train ... --device cuda`` for one epoch (NCCL).
 (The second command line is a smoke run of this script on the CPU, with gloo.)
 Prints a table last. Not a test: nothing about time is asserted.
 """
@@ -32,7 +32,7 @@ def _sync(device: str) -> None:
 
 
 def _steps(model, batches, cfg, device, steps: int, micro: int) -> float:
-    from train import loop
+    from fkd_shards.train import loop
 
     optimizer = loop.build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=False)
@@ -77,9 +77,9 @@ def main() -> int:
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         print("bench_gpu: CUDA is not available; skipping")
         return 0
-    from convert import ConvertOptions, convert
-    from train.config import build_parser, resolve
-    from train.stream import BatchStream
+    from fkd_shards.convert import ConvertOptions, convert
+    from fkd_shards.train.config import build_parser, resolve
+    from fkd_shards.train.stream import BatchStream
 
     batch = a.batch_size
     root = os.path.join(a.workdir, f"gpu-{a.images}-{batch}")
@@ -91,7 +91,7 @@ def main() -> int:
     if not os.path.exists(os.path.join(shard_dir, "manifest.json")):
         convert(ConvertOptions(train_dir, fkd_path, shard_dir, overwrite=True, progress=False),
                 log=lambda *_: None)
-    from shards import ShardSet
+    from fkd_shards.shards import ShardSet
 
     manifest = ShardSet(shard_dir).manifest
     device = a.device
@@ -103,7 +103,7 @@ def main() -> int:
                           manifest, None)
             rates = []
             for source in ("synthetic", "data path", "device crops"):
-                from train.loop import build_model
+                from fkd_shards.train.loop import build_model
 
                 model = build_model(cfg, manifest.soft_label_width, device)
                 if source == "synthetic":
@@ -121,8 +121,8 @@ def main() -> int:
         port = s.getsockname()[1]
     gpus = torch.cuda.device_count() if device.startswith("cuda") else 2
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={gpus}",
-                          "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "train", "--shards",
-                          shard_dir, "--output-dir", os.path.join(root, "ddp"), "--epochs", "1",
+                          "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "fkd_shards.train",
+                          "--shards", shard_dir, "--output-dir", os.path.join(root, "ddp"), "--epochs", "1",
                           "--device", device, "-j", str(max(1, a.workers // gpus))],
                          capture_output=True, text=True)
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU (smoke run)"

@@ -13,9 +13,9 @@ import os
 import tempfile
 import tracemalloc
 
-import shards
-from convert import ConvertOptions, convert
-from convert.cli import parse_size
+from fkd_shards import shards
+from fkd_shards.convert import ConvertOptions, convert
+from fkd_shards.convert.cli import parse_size
 from tests.servers import StaticServer
 
 from common import make_fixture, now, print_table

@@ -43,7 +43,7 @@ def _run_one(a) -> dict:
     with PeakTreeMemory(enabled=a.memory) as memory:
         start = now()
         if a.one == "original":
-            from convert.replay import epoch_orders
+            from fkd_shards.convert.replay import epoch_orders
 
             from original_path import original_batches
 
@@ -54,8 +54,8 @@ def _run_one(a) -> dict:
             batches = original_batches(samples, fkd_path, tasks, 224, a.workers, mix=False)
             model_input = _original_mix
         else:
-            from convert import ConvertOptions, convert
-            from train.stream import BatchStream
+            from fkd_shards.convert import ConvertOptions, convert
+            from fkd_shards.train.stream import BatchStream
 
             shard_dir = os.path.join(root, "shards")
             if not os.path.exists(os.path.join(shard_dir, "manifest.json")):

@@ -17,7 +17,7 @@ def make_fixture(root: str, *, images: int, classes: int, size: int, batch_size:
     """ImageFolder of ``size``x``size`` JPEGs plus a relabel directory in the original layout."""
     train_dir, fkd_path = os.path.join(root, "train"), os.path.join(root, "fkd")
     if os.path.exists(os.path.join(fkd_path, f"epoch_{epochs - 1}")):
-        from convert.imagefolder import list_image_folder
+        from fkd_shards.convert.imagefolder import list_image_folder
 
         samples = list_image_folder(train_dir).samples
     else:
