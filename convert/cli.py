@@ -1,25 +1,26 @@
-"""``fkd-convert``: command line of the converter (``convert``, plus ``verify`` and ``inspect``)."""
+"""``fkd-convert``: command line of the converter (``convert``, plus ``verify`` and ``inspect``).
+
+Only the standard library is imported until the arguments are parsed, so that ``--help`` and
+argument errors answer at once (torch takes seconds to import).
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 
-from fkd_shards import shards
-
-from .errors import ConvertError
-from .pipeline import ConvertOptions, convert
+from fkd_shards.common.text import error_line
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+PROG = "fkd-convert"
 
 
 def parse_size(text: str) -> int:
     """``512MB`` -> 512000000; decimal (KB, MB, GB) and binary (KiB, MiB, GiB) units."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
     if match is None or match.group(2).upper() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 512MB, 1GiB, 100000)")
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 64MB, 1GiB, 100000)")
     value = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
     if value <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
@@ -28,37 +29,56 @@ def parse_size(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="fkd-convert",
-        description="Pack an SRe2L relabel output and its synthetic images into ordered WebDataset "
-                    "shards plus a manifest. Also: 'fkd-convert verify LOCATION', "
-                    "'fkd-convert inspect LOCATION'.",
-    )
-    p.add_argument("--train-dir", required=True, help="ImageFolder of synthetic images")
-    p.add_argument("--fkd-path", required=True, help="relabel output: epoch_<e>/batch_<b>.tar")
-    p.add_argument("--output", required=True, help="output directory of the shard set")
-    p.add_argument("--input-size", type=int, default=224, help="crop size S the relabel step used (px)")
-    p.add_argument("--fkd-seed", type=int, default=42, help="seed of the relabel step's sampler")
-    p.add_argument("--epochs", type=int, default=None, help="convert only the first E epochs")
-    p.add_argument("--shard-size", type=parse_size, default=parse_size("512MB"),
-                   help="roll shards past this size (default 512MB)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="processes reading batch files (default: CPUs, at most 8)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing shard set")
-    p.add_argument("--min-alignment", type=float, default=None,
-                   help="fail when any epoch's replay alignment is below this rate (0..1)")
-    p.add_argument("--label-codec", default="raw",
-                   help="raw (bit-exact, default), int8 (per-row affine) or topk:K (K largest logits)")
-    p.add_argument("--codec-temperature", type=float, default=20.0,
-                   help="training temperature T that topk:K keeps the tail mass for (default 20)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        prog=PROG,
+        description="Pack an SRe2L relabel output and its synthetic images into ordered, verifiable "
+                    "WebDataset shards plus a manifest (a local directory or an s3://, gs://, https:// "
+                    "prefix). Other commands: 'fkd-convert verify LOCATION' re-hashes every shard; "
+                    "'fkd-convert inspect LOCATION' summarises a set.",
+        epilog="Example: fkd-convert --train-dir syn_data/ --fkd-path FKD_soft_label/ --output shards/")
+    data = p.add_argument_group("input")
+    data.add_argument("--train-dir", required=True, metavar="DIR",
+                      help="ImageFolder of the synthetic images (class folders, any image names)")
+    data.add_argument("--fkd-path", required=True, metavar="DIR",
+                      help="the relabel output: epoch_<e>/batch_<b>.tar files")
+    data.add_argument("--input-size", type=int, default=None, metavar="S",
+                      help="crop size in px the relabel step used (224 for ImageNet); default: inferred "
+                           "when every image has one square size, else required")
+    data.add_argument("--fkd-seed", type=int, default=42, metavar="SEED",
+                      help="seed of the relabel step's sampler (default: 42, SRe2L's)")
+    data.add_argument("--epochs", type=int, default=None, metavar="E",
+                      help="convert only the first E epochs (default: all)")
+    out = p.add_argument_group("output")
+    out.add_argument("--output", required=True, metavar="LOCATION", help="directory or URL of the shard set")
+    out.add_argument("--shard-size", type=parse_size, default=parse_size("64MB"), metavar="SIZE",
+                     help="start a new shard past this size (default: 64MB; a reader holds about two "
+                          "label shards in memory)")
+    out.add_argument("--overwrite", action="store_true",
+                     help="replace a shard set written there before (only the files its manifest or "
+                          "progress file names are removed)")
+    out.add_argument("--label-codec", default="raw", metavar="CODEC",
+                     help="raw (bit-exact, default), int8 (per-row affine) or topk:K (the K largest logits)")
+    out.add_argument("--codec-temperature", type=float, default=20.0, metavar="T",
+                     help="training temperature whose softmax mass topk:K keeps for the other classes "
+                          "(default: 20)")
+    checks = p.add_argument_group("checks")
+    checks.add_argument("--min-alignment", type=float, default=None, metavar="R",
+                        help="refuse the set when an epoch's replay alignment (share of rows whose teacher "
+                             "argmax is the image's class or its mix partner's) is below R; default: a "
+                             "quarter of the way from chance to 1; 0 accepts any alignment")
+    system = p.add_argument_group("system")
+    system.add_argument("--workers", type=int, default=8, metavar="N",
+                        help="threads reading files ahead (default: 8)")
+    system.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
 def _verify(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="fkd-convert verify",
-                                description="Re-hash every shard of a set against its manifest.")
-    p.add_argument("location")
+    p = argparse.ArgumentParser(prog=f"{PROG} verify", description="Re-read and re-hash every shard of a set "
+                                "against its manifest.")
+    p.add_argument("location", help="directory or URL of the shard set")
     args = p.parse_args(argv)
+    from fkd_shards import shards
+
     s = shards.ShardSet(args.location)
     s.verify()
     total = sum(x.bytes for x in s.manifest.shards)
@@ -67,40 +87,61 @@ def _verify(argv: list[str]) -> int:
 
 
 def _inspect(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="fkd-convert inspect", description="Summarise a shard set "
+    p = argparse.ArgumentParser(prog=f"{PROG} inspect", description="Summarise a shard set from its manifest "
                                 "(for a picture of a batch: fkd-train inspect).")
-    p.add_argument("location")
+    p.add_argument("location", help="directory or URL of the shard set")
     args = p.parse_args(argv)
+    from fkd_shards import shards
+
+    manifest = shards.ShardSet(args.location).manifest
     print(f"location        {args.location}")
-    print(shards.ShardSet(args.location).manifest.describe())
+    print(manifest.describe())
+    return 0
+
+
+def _convert(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    from fkd_shards import shards
+
+    from .pipeline import ConvertOptions, convert
+
+    options = ConvertOptions(
+        train_dir=args.train_dir, fkd_path=args.fkd_path, output=args.output, input_size=args.input_size,
+        fkd_seed=args.fkd_seed, epochs=args.epochs, shard_bytes=args.shard_size, workers=args.workers,
+        overwrite=args.overwrite, min_alignment=args.min_alignment, progress=not args.no_progress,
+        label_codec=args.label_codec, codec_temperature=args.codec_temperature,
+    )
+    manifest = convert(options)
+    n = len(manifest.shards)
+    total = sum(s.bytes for s in manifest.shards)
+    print(f"wrote {n} shards ({total / 1e6:.1f} MB) and {shards.MANIFEST_NAME} to {options.output}: "
+          f"N={manifest.num_images}, S={manifest.input_size}, B={manifest.batch_size}, E={manifest.epochs}, "
+          f"mix={manifest.mix_type}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status. User errors print one line and return 2 (1 for data)."""
+    """Entry point; returns the exit status: 0, 1 for bad input (one line on stderr), 2 for bad
+    flags (argparse's usage message), 130 when interrupted."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    command = {"verify": _verify, "inspect": _inspect}.get(argv[0] if argv else "", None)
     try:
-        if argv[:1] == ["verify"]:
-            return _verify(argv[1:])
-        if argv[:1] == ["inspect"]:
-            return _inspect(argv[1:])
-        args = build_parser().parse_args(argv)
-        options = ConvertOptions(
-            train_dir=args.train_dir, fkd_path=args.fkd_path, output=args.output,
-            input_size=args.input_size, fkd_seed=args.fkd_seed, epochs=args.epochs,
-            shard_bytes=args.shard_size, workers=max(1, args.workers), overwrite=args.overwrite,
-            min_alignment=args.min_alignment, progress=not args.no_progress,
-            label_codec=args.label_codec, codec_temperature=args.codec_temperature,
-        )
-        manifest = convert(options)
-    except (ConvertError, shards.ManifestError, shards.ShardError, shards.LocationError,
-            shards.OutputExistsError) as exc:
-        print(f"fkd-convert: error: {exc}", file=sys.stderr)
-        return 1
+        return command(argv[1:]) if command else _convert(argv)
     except KeyboardInterrupt:
-        print("fkd-convert: interrupted; no manifest written", file=sys.stderr)
+        print(f"{PROG}: interrupted; no manifest written, so nothing is taken for a complete set",
+              file=sys.stderr)
         return 130
-    n = len(manifest.shards)
-    total = sum(s.bytes for s in manifest.shards)
-    print(f"wrote {n} shards ({total / 1e6:.1f} MB) and {shards.MANIFEST_NAME} to {options.output}")
-    return 0
+    except Exception as exc:
+        if not _is_user_error(exc):
+            raise
+        print(error_line(PROG, exc), file=sys.stderr)
+        return 1
+
+
+def _is_user_error(exc: Exception) -> bool:
+    """Errors about the input, the output or the machine, as opposed to bugs (which keep their traceback)."""
+    from fkd_shards import shards
+
+    from .errors import ConvertError
+
+    return isinstance(exc, (ConvertError, shards.ManifestError, shards.ShardError, shards.ResumeError, OSError))

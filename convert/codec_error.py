@@ -20,6 +20,7 @@ def kl_rows(z: np.ndarray, z_coded: np.ndarray, temperature: float) -> np.ndarra
 
 def measure(spec: str, soft: np.ndarray, temperature: float) -> tuple[int, np.ndarray]:
     """(stored payload bytes, per-row KL at ``temperature``) of one batch under ``spec``."""
-    arrays = codecs.encode(spec, temperature, soft)
-    decoded = codecs.decode(spec, arrays, soft.shape[1])
+    codec = codecs.parse(spec, temperature)
+    arrays = codec.encode(soft)
+    decoded = codec.decode(arrays, soft.shape[1])
     return sum(a.nbytes for a in arrays.values()), kl_rows(soft, decoded, temperature)

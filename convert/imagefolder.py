@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from fkd_shards.common.files import FileReadError, open_regular, read_bounded
+from fkd_shards.common.text import first_line
+from fkd_shards.shards import format as fmt
+
 from .errors import ConvertError
+
+MAX_IMAGE_FILE_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -23,6 +30,12 @@ class ImageFolderListing:
     def labels(self) -> list[int]:
         return [label for _, label in self.samples]
 
+    def relative_path(self, path: str) -> str:
+        """``path`` relative to the root, as text that msgpack can store: bytes of a file name that
+        are not UTF-8 are written as ``\\xNN`` escapes (the name is informational only)."""
+        relative = os.path.relpath(path, self.root)
+        return os.fsencode(relative).decode("utf-8", "backslashreplace")
+
 
 def list_image_folder(root: str) -> ImageFolderListing:
     """List ``root`` with torchvision's own ImageFolder rules (no image is opened)."""
@@ -30,23 +43,54 @@ def list_image_folder(root: str) -> ImageFolderListing:
         classes, class_to_idx = find_classes(root)
         samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
     except FileNotFoundError as exc:
-        message = str(exc).splitlines()[0]
-        message = message if len(message) <= 300 else message[:300] + " ..."
-        raise ConvertError(f"{root}: not a usable image folder ({message})") from None
+        raise ConvertError(f"{root}: not a usable image folder ({first_line(exc)})") from None
     except NotADirectoryError:
         raise ConvertError(f"{root}: not a directory") from None
+    except OSError as exc:
+        raise ConvertError(f"{root}: cannot list ({exc.strerror or first_line(exc)})") from None
     if not samples:
         raise ConvertError(f"{root}: no images found")
     return ImageFolderListing(root, classes, samples)
 
 
-def read_checked_image(path: str) -> bytes:
-    """The file's bytes, after checking that PIL decodes them completely."""
+def _open_checked(path: str, data: bytes) -> Image.Image:
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-        with Image.open(io.BytesIO(data)) as img:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise ConvertError(f"{path}: image has more than {2 * fmt.MAX_IMAGE_PIXELS} pixels") from None
+    width, height = img.size
+    if width * height > fmt.MAX_IMAGE_PIXELS or max(width, height) > fmt.MAX_IMAGE_SIDE:
+        raise ConvertError(f"{path}: image is {width}x{height}, more than the {fmt.MAX_IMAGE_PIXELS} "
+                           f"pixels accepted")
+    return img
+
+
+def read_checked_image(path: str) -> tuple[bytes, int, int]:
+    """(bytes, height, width) of an image file, after checking that PIL decodes it completely."""
+    try:
+        data = read_bounded(path, MAX_IMAGE_FILE_BYTES)
+        with _open_checked(path, data) as img:
             img.load()
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-        raise ConvertError(f"{path}: unreadable image ({exc})") from None
-    return data
+            width, height = img.size
+    except ConvertError:
+        raise
+    except FileReadError as exc:
+        raise ConvertError(str(exc)) from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError) as exc:
+        raise ConvertError(f"{path}: unreadable image ({first_line(exc, 150)})") from None
+    return data, height, width
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(height, width) from the image's header (nothing is decoded)."""
+    try:
+        fd, _ = open_regular(path)
+        with os.fdopen(fd, "rb") as f, _open_checked(path, f.read(1 << 20)) as img:
+            width, height = img.size
+    except ConvertError:
+        raise
+    except FileReadError as exc:
+        raise ConvertError(str(exc)) from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError) as exc:
+        raise ConvertError(f"{path}: unreadable image ({first_line(exc, 150)})") from None
+    return height, width

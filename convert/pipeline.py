@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import math
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,15 +12,17 @@ import numpy as np
 from tqdm import tqdm
 
 from fkd_shards import shards
+from fkd_shards.common.prefetch import ordered_map
+from fkd_shards.shards import format as fmt
+from fkd_shards.shards.alignment import batch_hits, chance_rate, default_threshold
 
-from .alignment import batch_hits, chance_rate, near_chance
 from .errors import ConvertError
-from .imagefolder import ImageFolderListing, list_image_folder, read_checked_image
-from .parallel import ordered_map
-from .relabel import RelabelBatch, infer_sizes, load_batch, read_file, scan_layout
+from .imagefolder import ImageFolderListing, image_size, list_image_folder, read_checked_image
 from .replay import epoch_orders
+from .sre2l import RelabelBatch, RelabelLayout, infer_sizes, load_batch, read_file, scan_layout
 
-VERSION = "0.1.0"
+VERSION = "0.2.0"
+DEFAULT_SHARD_BYTES = 64 * 10**6
 
 
 @dataclass(frozen=True)
@@ -30,16 +32,50 @@ class ConvertOptions:
     train_dir: str
     fkd_path: str
     output: str
-    input_size: int = 224
+    input_size: int | None = None  # None: inferred from the images when they share one square size
     fkd_seed: int = 42
     epochs: int | None = None
-    shard_bytes: int = 512 * 10**6
+    shard_bytes: int = DEFAULT_SHARD_BYTES
     workers: int = 1
     overwrite: bool = False
-    min_alignment: float | None = None
+    min_alignment: float | None = None  # None: the default threshold (a quarter from chance to 1)
     progress: bool = True
-    label_codec: str = "raw"
+    label_codec: str = fmt.CODEC_RAW
     codec_temperature: float = 20.0
+
+
+def check_options(o: ConvertOptions) -> shards.codecs.Codec:
+    """Flag values that cannot work, before any file is read; returns the label codec."""
+    if o.input_size is not None and not 0 < o.input_size <= fmt.MAX_INPUT_SIZE:
+        raise ConvertError(f"--input-size must be in [1, {fmt.MAX_INPUT_SIZE}], got {o.input_size}")
+    if not 0 <= o.fkd_seed < 2**64:
+        raise ConvertError(f"--fkd-seed must be in [0, 2**64), got {o.fkd_seed}")
+    if o.epochs is not None and o.epochs <= 0:
+        raise ConvertError(f"--epochs must be positive, got {o.epochs}")
+    if o.workers < 1:
+        raise ConvertError(f"--workers must be at least 1, got {o.workers}")
+    if o.min_alignment is not None and not 0.0 <= o.min_alignment <= 1.0:  # NaN fails too
+        raise ConvertError(f"--min-alignment must be in [0, 1], got {o.min_alignment}")
+    if not (math.isfinite(o.codec_temperature) and o.codec_temperature > 0):
+        raise ConvertError(f"--codec-temperature must be finite and positive, got {o.codec_temperature}")
+    try:
+        return shards.codecs.parse(o.label_codec, o.codec_temperature)
+    except shards.CodecError as exc:
+        raise ConvertError(f"--label-codec: {exc}") from None
+
+
+def infer_input_size(folder: ImageFolderListing, log) -> int:
+    """The crop size when every image is the same square size (SRe2L's 224, CIFAR's 32, ...)."""
+    sizes = {image_size(path) for path, _ in folder.samples}
+    if len(sizes) == 1:
+        (height, width), = sizes
+        if height == width:
+            log(f"fkd-convert: input size S={height} inferred from the images (all {height}x{width}; "
+                f"--input-size sets it)")
+            return height
+    shown = ", ".join(f"{w}x{h}" for h, w in sorted(sizes)[:4]) + (" ..." if len(sizes) > 4 else "")
+    raise ConvertError(f"{folder.root}: images are not all one square size ({shown}): give the crop size the "
+                       f"relabel step used with --input-size")
 
 
 def convert(options: ConvertOptions, log=print) -> shards.Manifest:
@@ -48,113 +84,109 @@ def convert(options: ConvertOptions, log=print) -> shards.Manifest:
     Nothing complete-looking is left behind on failure: shards are removed and no manifest written.
     """
     o = options
-    if o.input_size <= 0:
-        raise ConvertError(f"--input-size must be positive, got {o.input_size}")
-    try:
-        shards.codecs.parse(o.label_codec)
-    except ValueError as exc:
-        raise ConvertError(f"--label-codec: {exc}") from None
+    codec = check_options(o)
     folder = list_image_folder(o.train_dir)
     layout = scan_layout(o.fkd_path)
-    first = load_batch(layout.batch_path(0, 0), o.input_size)
-    last = load_batch(layout.batch_path(0, layout.batches_per_epoch - 1), o.input_size)
+    input_size = o.input_size or infer_input_size(folder, log)
+    first = load_batch(layout.batch_path(0, 0), input_size)
+    last = load_batch(layout.batch_path(0, layout.batches_per_epoch - 1), input_size)
     batch_size, num_images = infer_sizes(layout, first, last)
     if num_images != len(folder.samples):
-        raise ConvertError(
-            f"{o.fkd_path}: relabel output covers {num_images} images but {o.train_dir} holds "
-            f"{len(folder.samples)}"
-        )
+        raise ConvertError(f"{o.fkd_path}: relabel output covers {num_images} images but {o.train_dir} holds "
+                           f"{len(folder.samples)}")
     epochs = layout.epochs if o.epochs is None else o.epochs
-    if not 0 < epochs <= layout.epochs:
+    if not epochs <= layout.epochs:
         raise ConvertError(f"{o.fkd_path}: --epochs {epochs} asked, the relabel output holds {layout.epochs}")
     width = first.soft_labels.shape[1]
     if width < len(folder.classes):
         raise ConvertError(f"{layout.batch_path(0, 0)}: soft labels have {width} classes, "
                            f"fewer than the {len(folder.classes)} class folders")
-    log(f"fkd-convert: N={num_images} images, {len(folder.classes)} classes, B={batch_size}, "
+    mixed = first.mix_type != fmt.MIX_NONE
+    threshold = default_threshold(len(folder.classes), mixed) if o.min_alignment is None else o.min_alignment
+    log(f"fkd-convert: N={num_images} images, {len(folder.classes)} classes, S={input_size}, B={batch_size}, "
         f"{layout.batches_per_epoch} batches x {epochs} epochs, mix={first.mix_type}, "
-        f"soft labels {first.soft_labels.dtype}[{width}], seed {o.fkd_seed}")
-
+        f"soft labels {first.soft_labels.dtype}[{width}], fkd seed {o.fkd_seed}")
     labels = np.asarray(folder.labels, dtype=np.int64)
-    pool = _label_pool(o.workers)
-    try:
-        with shards.ShardSetWriter(o.output, o.shard_bytes, o.overwrite, o.label_codec,
-                                   o.codec_temperature) as writer:
-            _write_images(writer, folder, o)
+    with ThreadPoolExecutor(o.workers) as pool:
+        with shards.ShardSetWriter(o.output, o.shard_bytes, o.overwrite, codec) as writer:
+            _write_images(writer, pool, folder, o)
+            writer.end_images()
             started = time.perf_counter()
-            alignment, label_bytes = _write_labels(writer, pool, layout, labels, first, batch_size,
-                                                   num_images, epochs, o)
-            seconds = time.perf_counter() - started
+            job = _LabelJob(layout, labels, first, batch_size, num_images, epochs, input_size, threshold,
+                            len(folder.classes))
+            alignment, label_bytes = _write_labels(writer, pool, job, o, log)
+            seconds = max(time.perf_counter() - started, 1e-9)
             log(f"labels: {label_bytes / 1e6:.1f} MB of batch files in {seconds:.2f} s "
                 f"({label_bytes / 1e6 / seconds:.1f} MB/s, {o.workers} worker(s))")
-            mixed = first.mix_type != "none"
-            _report_alignment(alignment, len(folder.classes), mixed, o, log)
-            manifest = writer.finish(shards.Manifest(
+            return writer.finish(shards.Manifest(
                 num_images=num_images, batch_size=batch_size, num_classes=len(folder.classes),
-                soft_label_width=width, epochs=epochs, input_size=o.input_size,
+                soft_label_width=width, epochs=epochs, input_size=input_size,
                 mix_type=first.mix_type, fkd_seed=o.fkd_seed, classes=list(folder.classes),
                 soft_label_dtype=str(first.soft_labels.dtype), shards=[],
                 alignment=[round(a, 6) for a in alignment], created_by=f"fkd-convert {VERSION}",
-                label_codec=o.label_codec,
-                label_codec_temperature=None if o.label_codec == "raw" else o.codec_temperature,
+                label_codec=codec.spec,
+                label_codec_temperature=None if codec.spec == fmt.CODEC_RAW else o.codec_temperature,
+                min_alignment=round(threshold, 6),
             ))
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-    return manifest
 
 
-def _write_images(writer: shards.ShardSetWriter, folder: ImageFolderListing, o: ConvertOptions) -> None:
+def _write_images(writer: shards.ShardSetWriter, pool, folder: ImageFolderListing, o: ConvertOptions) -> None:
     paths = [path for path, _ in folder.samples]
-    with ThreadPoolExecutor(max(1, o.workers)) as pool:
-        data = ordered_map(pool, read_checked_image, paths, window=8 * max(1, o.workers))
-        for index, (blob, (path, label)) in enumerate(
-            tqdm(zip(data, folder.samples), total=len(paths), desc="images", unit="img",
-                 disable=not o.progress, file=sys.stderr)
-        ):
-            writer.add_image(shards.ImageRecord(index=index, label=label, data=blob,
-                                                path=os.path.relpath(path, folder.root)))
+    checked = ordered_map(pool, read_checked_image, paths, ahead=8 * o.workers)
+    bar = tqdm(zip(checked, folder.samples), total=len(paths), desc="images", unit="img",
+               disable=not o.progress, file=sys.stderr)
+    for index, ((data, height, width), (path, label)) in enumerate(bar):
+        writer.add_image(shards.ImageRecord(index=index, label=label, data=data, height=height, width=width,
+                                            path=folder.relative_path(path)))
 
 
-def _label_pool(workers: int) -> ThreadPoolExecutor | None:
-    """Threads that read batch files ahead (I/O releases the GIL). Unpickling stays in the main
-    thread: torch's allowlist is process-wide, and worker processes measured slower here, since
-    their results must be copied back (see the README's benchmark)."""
-    return ThreadPoolExecutor(workers) if workers > 1 else None
+@dataclass(frozen=True)
+class _LabelJob:
+    layout: RelabelLayout
+    labels: np.ndarray
+    first: RelabelBatch
+    batch_size: int
+    num_images: int
+    epochs: int
+    input_size: int
+    threshold: float
+    num_classes: int
 
 
-def _write_labels(writer, pool, layout, labels, first: RelabelBatch, batch_size: int, num_images: int,
-                  epochs: int, o: ConvertOptions) -> tuple[list[float], int]:
-    paths = [layout.batch_path(e, b) for e in range(epochs) for b in range(layout.batches_per_epoch)]
+def _write_labels(writer, pool, job: _LabelJob, o: ConvertOptions, log) -> tuple[list[float], int]:
+    """Every batch file, read ahead on the pool's threads; unpickled and checked in this thread
+    (torch's safe-globals allowlist is process-wide); the replay check per epoch."""
+    layout = job.layout
+    paths = [layout.batch_path(e, b) for e in range(job.epochs) for b in range(layout.batches_per_epoch)]
     alignment: list[float] = []
     started, total_bytes = time.perf_counter(), 0
-    bar = tqdm(total=len(paths), desc="labels", unit="batch", disable=not o.progress, file=sys.stderr)
-    try:
-        contents = ordered_map(pool, read_file, paths, window=4 * max(1, o.workers))
-        orders = epoch_orders(num_images, o.fkd_seed, epochs)
-        for epoch in range(epochs):
+    contents = ordered_map(pool, read_file, paths, ahead=4 * o.workers)
+    orders = epoch_orders(job.num_images, o.fkd_seed, job.epochs)
+    with tqdm(total=len(paths), desc="labels", unit="batch", disable=not o.progress, file=sys.stderr) as bar:
+        for epoch in range(job.epochs):
             order = next(orders)
             hits = 0
             for b in range(layout.batches_per_epoch):
                 path = layout.batch_path(epoch, b)
-                batch = load_batch(path, o.input_size, next(contents))
-                _check_consistent(path, batch, first, min(batch_size, num_images - b * batch_size))
-                indices = order[b * batch_size:(b + 1) * batch_size]
+                batch = load_batch(path, job.input_size, next(contents))
+                _check_consistent(path, batch, job.first, min(job.batch_size, job.num_images - b * job.batch_size))
+                indices = order[b * job.batch_size:(b + 1) * job.batch_size]
                 # float32 argmax: numpy's float16 argmax is 4x slower; the same first maximum wins.
                 argmax = batch.soft_labels.astype(np.float32).argmax(axis=1)
-                hits += batch_hits(labels, indices, argmax, batch.mix_index)
-                writer.add_batch(shards.BatchRecord(
-                    epoch=epoch, batch=b, indices=indices, coords=batch.coords, flips=batch.flips,
-                    mix_index=batch.mix_index, mix_lam=batch.mix_lam, mix_bbox=batch.mix_bbox,
-                    soft_labels=batch.soft_labels,
-                ))
+                hits += batch_hits(job.labels, indices, argmax, batch.mix_index)
+                try:
+                    writer.add_batch(shards.BatchRecord(
+                        epoch=epoch, batch=b, indices=indices, coords=batch.coords, flips=batch.flips,
+                        mix_index=batch.mix_index, mix_lam=batch.mix_lam, mix_bbox=batch.mix_bbox,
+                        soft_labels=batch.soft_labels))
+                except shards.CodecError as exc:
+                    raise ConvertError(f"{path}: --label-codec {o.label_codec}: {exc}") from None
                 total_bytes += batch.file_bytes
                 bar.update(1)
-                elapsed = max(time.perf_counter() - started, 1e-9)
-                bar.set_postfix_str(f"{total_bytes / 1e6 / elapsed:.1f} MB/s")
-            alignment.append(hits / num_images)
-    finally:
-        bar.close()
+                bar.set_postfix_str(f"{total_bytes / 1e6 / max(time.perf_counter() - started, 1e-9):.1f} MB/s")
+            alignment.append(hits / job.num_images)
+            _check_alignment(epoch, alignment[-1], job, o)
+    _report_alignment(alignment, job, log)
     return alignment, total_bytes
 
 
@@ -171,17 +203,21 @@ def _check_consistent(path: str, batch: RelabelBatch, first: RelabelBatch, rows:
         raise ConvertError(f"{path}: mix type {batch.mix_type}, batch 0 of epoch 0 has {first.mix_type}")
 
 
-def _report_alignment(alignment: list[float], num_classes: int, mixed: bool, o: ConvertOptions, log) -> None:
+def _check_alignment(epoch: int, rate: float, job: _LabelJob, o: ConvertOptions) -> None:
+    """An epoch whose replay check falls below the threshold stops the conversion: its soft labels
+    belong to other images than the replay says (wrong seed, folder or image count)."""
+    if rate >= job.threshold:
+        return
+    how = "--min-alignment" if o.min_alignment is not None else \
+        "the default threshold, a quarter of the way from chance to 1"
+    raise ConvertError(f"{o.fkd_path}: epoch {epoch}'s replay alignment {rate:.3f} is below {job.threshold:.3f} "
+                       f"({how}): wrong --fkd-seed, --train-dir or image count? (--min-alignment 0 accepts "
+                       f"any alignment, e.g. for an untrained teacher)")
+
+
+def _report_alignment(alignment: list[float], job: _LabelJob, log) -> None:
     mean = sum(alignment) / len(alignment)
-    chance = chance_rate(num_classes, mixed)
+    chance = chance_rate(job.num_classes, job.first.mix_type != fmt.MIX_NONE)
     shown = ", ".join(f"{a:.3f}" for a in alignment[:8]) + (" ..." if len(alignment) > 8 else "")
     log(f"replay alignment (teacher argmax = image class or mix partner's): mean {mean:.3f} "
-        f"per epoch [{shown}], chance {chance:.3f}")
-    if o.min_alignment is not None and min(alignment) < o.min_alignment:
-        worst = int(np.argmin(alignment))
-        raise ConvertError(f"{o.fkd_path}: epoch {worst} alignment {alignment[worst]:.3f} is below "
-                           f"--min-alignment {o.min_alignment} (wrong --fkd-seed, train dir or image count?)")
-    if any(near_chance(a, num_classes, mixed) for a in alignment):
-        log(f"WARNING: alignment is near chance ({chance:.3f}): the images and the relabel output "
-            f"probably do not match (wrong --fkd-seed, --train-dir or image count). "
-            f"Use --min-alignment to make this an error.")
+        f"per epoch [{shown}], chance {chance:.3f}, accepted at >= {job.threshold:.3f}")

@@ -12,10 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from fkd_shards.convert.cli import main as convert_main
-from fkd_shards.train import config as train_config
+from fkd_shards.shards import ShardSet
+from fkd_shards.train.checkpoint import build_scheduler
 from fkd_shards.train.cli import main as train_main
+from fkd_shards.train.config import build_parser as build_parser_of_train
+from fkd_shards.train.config import resolve
 from fkd_shards.train.distributed import DistEnv
-from fkd_shards.train.loop import build_model, build_optimizer, build_scheduler
+from fkd_shards.train.loop import build_optimizer
+from fkd_shards.train.model import build_model
 from fkd_shards.train.stream import BatchStream
 from fkd_shards.train.validate import evaluate, val_loader
 
@@ -31,30 +35,30 @@ def _step(message: str, started: float) -> None:
 def train_hard_labels(shard_dir: str, val_dir: str, model_name: str, epochs: int) -> float:
     """The same student, batches, crops, mix, optimizer and schedule, but cross-entropy on the hard
     labels (CutMix-weighted by the pasted area) instead of the teacher's soft labels."""
-    args = train_config.build_parser().parse_args(["--shards", shard_dir, "--model", model_name,
-                                                   "--epochs", str(epochs), "--device", "cpu"])
-    stream = BatchStream(shard_dir, end_epoch=epochs, workers=0)
-    cfg = train_config.resolve(args, stream.manifest, None)
+    shard_set = ShardSet(shard_dir)
+    m = shard_set.manifest
+    args = build_parser_of_train().parse_args(["--shards", shard_dir, "--model", model_name, "--epochs", str(epochs),
+                                               "--device", "cpu"])
+    cfg = resolve(args, m, DistEnv())
     torch.manual_seed(0)
-    model = build_model(cfg, stream.manifest.soft_label_width, "cpu")
+    model = build_model(model_name, m.soft_label_width, m.input_size)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, 0)
-    size = stream.manifest.input_size
-    batches = iter(stream)
+    size = m.input_size
+    batches = iter(BatchStream(shard_set, end_epoch=epochs, workers=0))
     for _ in range(epochs):
         model.train()
-        for _ in range(stream.manifest.batches_per_epoch):
+        for _ in range(m.batches_per_epoch):
             b = next(batches)
             out = model(b.model_input("cpu"))
             x1, y1, x2, y2 = b.mix_bbox
             kept = 1.0 - (x2 - x1) * (y2 - y1) / (size * size)
-            partner = b.targets[b.partners]  # one process: crops are the batch's rows, in order
-            loss = kept * F.cross_entropy(out, b.targets) + (1 - kept) * F.cross_entropy(out, partner)
+            loss = kept * F.cross_entropy(out, b.targets) + (1 - kept) * F.cross_entropy(out, b.partner_targets)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         scheduler.step()
-    loader = val_loader(val_dir, size, 64, 0, DistEnv())
+    loader = val_loader(val_dir, m.classes, size, 256, 0, DistEnv())
     return evaluate(model, loader, "cpu", DistEnv())["val/top1"]
 
 
@@ -86,7 +90,8 @@ def run(a: argparse.Namespace) -> dict[str, float]:
           f"({a.per_class} per class) in {train_dir}, {len(splits.held_out[1])} held out in {val_dir}",
           started)
     teacher = train_teacher(*splits.teacher, size=a.input_size, epochs=a.teacher_epochs)
-    teacher_acc = evaluate(teacher, val_loader(val_dir, a.input_size, 64, 0, DistEnv()), "cpu",
+    classes = sorted(os.listdir(val_dir))
+    teacher_acc = evaluate(teacher, val_loader(val_dir, classes, a.input_size, 256, 0, DistEnv()), "cpu",
                            DistEnv())["val/top1"]
     _step(f"teacher trained: {teacher_acc:.1f}% on the held-out set", started)
     write_relabel(train_dir, fkd_path, teacher, epochs=a.epochs, batch_size=a.batch_size,

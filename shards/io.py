@@ -1,17 +1,31 @@
-"""Opening shard-set locations: local paths, ``file://`` URLs and fsspec URLs (``s3://``, ...)."""
+"""Shard-set locations: local paths, ``file://`` URLs and fsspec URLs (``s3://``, ``https://``, ...),
+for reading (verified, bounded, retried) and for writing (local directory or staged uploads).
+
+Reading never returns a byte that has not been checked: :func:`read_verified` reads at most the
+expected size (a longer file or body is an error, not a bigger buffer), checks the size and the
+sha256, and only then hands the bytes over. Failures name the URL and what happened: no such file,
+unreachable, timed out, short, too long, sha256 mismatch.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
 import time
-import uuid
-from typing import IO
 from urllib.parse import urlparse
+
+from fkd_shards.common.files import FileMissingError, FileReadError, read_bounded, write_atomically
+from fkd_shards.common.text import first_line
 
 
 class LocationError(OSError):
-    """A location that cannot be opened or read."""
+    """A location that cannot be opened, read or written; the message names it."""
+
+
+class LocationMissing(LocationError):
+    """Nothing exists at the location (a missing file, an HTTP 404, a missing S3 key)."""
 
 
 def is_local(location: str) -> bool:
@@ -31,128 +45,216 @@ def join(location: str, name: str) -> str:
     return location.rstrip("/") + "/" + name
 
 
-def open_read(url: str) -> IO[bytes]:
-    """Open ``url`` for streaming binary reads; raises :class:`LocationError` naming it."""
-    try:
-        if is_local(url):
-            return open(local_path(url), "rb")
-        # block_size=0: a plain sequential stream for http(s); other backends ignore it.
-        options = {"block_size": 0} if url.startswith(("http://", "https://")) else {}
-        return fsspec_module().open(url, "rb", **options).open()
-    except FileNotFoundError:
-        raise LocationError(f"{url}: no such file") from None
-    except LocationError:
-        raise
-    except Exception as exc:  # network back-ends raise their own types (aiohttp, botocore, ...)
-        raise LocationError(f"{url}: cannot open ({first_line(exc)})") from None
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception's message cut to its first line (at most 200 characters), for one-line errors."""
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
-
-
-def fetch(url: str, size: int | None = None, sha256: str | None = None, retries: int = 4,
-          backoff_s: float = 0.5) -> bytes:
-    """The whole file at ``url``, checked against ``size`` and ``sha256`` when given.
-
-    For a remote URL, a failed request (a missing file too: some back-ends report every failed
-    status as one), a short read or a hash mismatch is retried ``retries`` times with doubling
-    backoff; then :class:`LocationError` names the URL and the last problem. A local file is read once.
-    """
-    problem = ""
-    retries = 0 if is_local(url) else retries
-    for attempt in range(retries + 1):
-        if attempt:
-            time.sleep(backoff_s * 2 ** (attempt - 1))
-        try:
-            with open_read(url) as f:
-                data = _read_all(f)
-        except LocationError as exc:
-            problem = str(exc).removeprefix(f"{url}: ")
-            continue
-        except Exception as exc:  # a connection cut mid-read surfaces as the back-end's own error
-            problem = f"read failed ({first_line(exc)})"
-            continue
-        if size is not None and len(data) != size:
-            problem = f"short read: {len(data)} of {size} bytes"
-        elif sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-            problem = "sha256 mismatch"
-        else:
-            return data
-    attempts = f" after {retries + 1} attempts" if retries else ""
-    raise LocationError(f"{url}: {problem}{attempts}")
-
-
-def _read_all(f: IO[bytes], chunk: int = 1 << 22) -> bytes:
-    parts = []
-    while True:
-        data = f.read(chunk)
-        if not data:
-            return b"".join(parts)
-        parts.append(data)
-
-
-def cached_fetch(url: str, cache_dir: str, name: str, size: int, sha256: str, retries: int = 4,
-                 backoff_s: float = 0.5) -> str:
-    """A local path holding the verified file, from ``cache_dir`` or fetched into it.
-
-    The cache file's name carries its sha256, so a hit is re-checked cheaply by its size. A new file
-    is written under a name unique to this process and renamed, so several processes may share one
-    cache directory.
-    """
-    os.makedirs(cache_dir, exist_ok=True)
-    stem = name[:-4] if name.endswith(".tar") else name
-    path = os.path.join(cache_dir, f"{stem}-{sha256}.tar")
-    if os.path.exists(path) and os.path.getsize(path) == size:
-        return path
-    data = fetch(url, size, sha256, retries, backoff_s)
-    temp = f"{path}.{os.getpid()}.{uuid.uuid4().hex}.partial"
-    try:
-        with open(temp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
-    return path
-
-
 def fsspec_module():
     """fsspec, imported on first use; a clear error when the remote extra is not installed."""
     try:
         import fsspec
     except ImportError:
-        raise LocationError(
-            "remote locations need fsspec: pip install 'fkd-shards[remote]'"
-        ) from None
+        raise LocationError("remote locations need fsspec: pip install 'fkd-shards[remote]'") from None
     return fsspec
 
 
-class HashingReader:
-    """A read-only stream wrapper that hashes (sha256) and counts every byte read through it."""
+def remote_options(url: str, timeout_s: float) -> dict:
+    """fsspec storage options that bound every network wait of ``url``'s back-end by ``timeout_s``."""
+    scheme = urlparse(url).scheme
+    if scheme in ("http", "https"):
+        import aiohttp
 
-    def __init__(self, stream: IO[bytes]):
-        self._stream = stream
-        self._hash = hashlib.sha256()
-        self.bytes_read = 0
+        # block_size=0: a plain sequential stream; sock_read: a body that stalls is an error.
+        return {"block_size": 0, "client_kwargs": {"timeout": aiohttp.ClientTimeout(
+            total=None, sock_connect=timeout_s, sock_read=timeout_s)}}
+    if scheme in ("s3", "s3a"):
+        return {"config_kwargs": {"connect_timeout": timeout_s, "read_timeout": timeout_s,
+                                  "retries": {"max_attempts": 1}}}
+    return {}
 
-    def read(self, size: int = -1) -> bytes:
-        data = self._stream.read(size)
-        self._hash.update(data)
-        self.bytes_read += len(data)
+
+def describe_failure(exc: BaseException, timeout_s: float) -> str:
+    """What a failed request means, in words: missing, timed out, unreachable, or the back-end's own."""
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if isinstance(exc, TimeoutError) or "Timeout" in type(exc).__name__:
+        return f"timed out (no data for {timeout_s:g} s)"
+    if isinstance(exc, ConnectionError) or "Connect" in type(exc).__name__:
+        return f"unreachable ({first_line(exc, 150)})"
+    return f"request failed ({first_line(exc, 150)})"
+
+
+def _read_remote(url: str, limit: int, timeout_s: float) -> bytes:
+    """At most ``limit`` bytes of ``url``; one more is an error (the body is longer than expected)."""
+    fsspec = fsspec_module()
+    with fsspec.open(url, "rb", **remote_options(url, timeout_s)) as f:
+        parts, total = [], 0
+        while True:
+            chunk = f.read(min(1 << 22, limit + 1 - total))
+            if not chunk:
+                return b"".join(parts)
+            parts.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise LocationError(f"{url}: longer than the {limit} bytes expected")
+
+
+def read_verified(url: str, size: int | None = None, sha256: str | None = None, *, limit: int | None = None,
+                  retries: int = 4, backoff_s: float = 0.5, timeout_s: float = 60.0) -> bytes:
+    """The whole file at ``url``, checked against ``size`` and ``sha256`` when given, and never more
+    than ``size`` (or ``limit``) bytes read.
+
+    A remote failure (request, connection cut, timeout, short or long body, hash mismatch) is retried
+    ``retries`` times with doubling backoff; then :class:`LocationError` names the URL and the last
+    problem (:class:`LocationMissing` when the file does not exist). A local file is read once and
+    must be a regular file."""
+    bound = size if size is not None else limit
+    if bound is None:
+        raise ValueError("read_verified needs a size or a limit")
+    if is_local(url):
+        try:
+            data = read_bounded(local_path(url), bound, size)
+        except FileMissingError as exc:
+            raise LocationMissing(str(exc)) from None
+        except FileReadError as exc:
+            raise LocationError(str(exc)) from None
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            raise LocationError(f"{url}: sha256 mismatch (file changed or corrupt)")
         return data
+    problem, missing = "", False
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff_s * 2 ** (attempt - 1))
+        try:
+            data = _read_remote(url, bound, timeout_s)
+        except LocationError as exc:
+            problem, missing = str(exc).removeprefix(f"{url}: "), False
+            continue
+        except Exception as exc:  # the back-end's own errors: aiohttp, botocore, OSError, ...
+            problem, missing = describe_failure(exc, timeout_s), isinstance(exc, FileNotFoundError)
+            continue
+        if size is not None and len(data) != size:
+            problem, missing = f"short read: {len(data)} of {size} bytes", False
+        elif sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            problem, missing = "sha256 mismatch", False
+        else:
+            return data
+    attempts = f" after {retries + 1} attempts" if retries else ""
+    raise (LocationMissing if missing else LocationError)(f"{url}: {problem}{attempts}")
 
-    def drain(self, chunk: int = 1 << 20) -> None:
-        """Read to the end, so that the hash covers the whole file."""
-        while self.read(chunk):
-            pass
 
-    def hexdigest(self) -> str:
-        return self._hash.hexdigest()
+def cached_read(url: str, cache_dir: str, name: str, size: int, sha256: str, **options) -> bytes:
+    """The verified bytes of ``url``, from ``cache_dir`` when a copy is there, else fetched and
+    stored there (under a name carrying the sha256, written atomically, so that several processes
+    may share one directory). A copy is re-hashed on every use; one that does not match is fetched
+    again once, and a second mismatch is an error."""
+    os.makedirs(cache_dir, exist_ok=True)
+    stem = name[:-4] if name.endswith(".tar") else name
+    path = os.path.join(cache_dir, f"{stem}-{sha256}.tar")
+    if os.path.exists(path):
+        try:
+            return read_verified(path, size, sha256)
+        except LocationError:
+            os.remove(path)  # a corrupt copy: fetched again below
+    data = read_verified(url, size, sha256, **options)
+    try:
+        write_atomically(path, data)
+    except OSError as exc:
+        raise LocationError(f"{cache_dir}: cannot store a verified copy of {name} ({exc})") from None
+    return read_verified(path, size, sha256)
+
+
+class LocalOutput:
+    """A shard set in a local directory: shards written under temporary names and renamed."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.where = directory
+
+    def ensure(self) -> None:
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise LocationError(f"{self.directory}: exists and is not a directory")
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+        except OSError as exc:
+            raise LocationError(f"{self.directory}: cannot create ({exc.strerror})") from None
+
+    def names(self) -> list[str]:
+        return sorted(os.listdir(self.directory))
+
+    def read_small(self, name: str, limit: int) -> bytes:
+        return read_verified(os.path.join(self.directory, name), limit=limit)
+
+    def staging_path(self, name: str) -> str:
+        return os.path.join(self.directory, name + ".partial")
+
+    def commit(self, name: str, staged: str) -> None:
+        os.replace(staged, os.path.join(self.directory, name))
+
+    def remove(self, name: str) -> None:
+        path = os.path.join(self.directory, name)
+        if os.path.lexists(path):
+            os.remove(path)
+
+    def write_small(self, name: str, data: bytes) -> None:
+        write_atomically(os.path.join(self.directory, name), data)
 
     def close(self) -> None:
-        self._stream.close()
+        pass
+
+
+class RemoteOutput:
+    """A shard set at an fsspec URL: shards staged in a local temporary directory and uploaded when
+    closed; objects appear whole, and the manifest is uploaded last."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self.where = self.url
+        try:
+            self.fs, self.root = fsspec_module().core.url_to_fs(self.url)
+        except (ImportError, ValueError) as exc:
+            raise LocationError(f"{self.url}: cannot use this location ({exc})") from None
+        self.staging = tempfile.mkdtemp(prefix="fkd-shards-")
+
+    def _call(self, what: str, fn, *args):
+        try:
+            return fn(*args)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # the back-end's own network and permission errors
+            raise LocationError(f"{self.url}: {what} failed ({first_line(exc)})") from None
+
+    def _path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def ensure(self) -> None:
+        pass
+
+    def names(self) -> list[str]:
+        try:
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self._call("listing", self.fs.ls, self.root,
+                                                                                  False))
+        except FileNotFoundError:
+            return []
+
+    def read_small(self, name: str, limit: int) -> bytes:
+        return read_verified(f"{self.url}/{name}", limit=limit, retries=1, backoff_s=0.1)
+
+    def staging_path(self, name: str) -> str:
+        return os.path.join(self.staging, name)
+
+    def commit(self, name: str, staged: str) -> None:
+        self._call(f"uploading {name}", self.fs.put_file, staged, self._path(name))
+        os.remove(staged)
+
+    def remove(self, name: str) -> None:
+        try:
+            self._call(f"removing {name}", self.fs.rm, self._path(name))
+        except FileNotFoundError:
+            pass
+
+    def write_small(self, name: str, data: bytes) -> None:
+        self._call(f"uploading {name}", self.fs.pipe_file, self._path(name), data)
+
+    def close(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def output_for(location: str) -> LocalOutput | RemoteOutput:
+    return LocalOutput(local_path(location)) if is_local(location) else RemoteOutput(location)

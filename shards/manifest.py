@@ -1,17 +1,22 @@
-"""``manifest.json``: the schema, its validation on open, and its atomic serialisation."""
+"""``manifest.json``: the schema, its validation on open (every field's type and range, complete
+and ordered shard coverage, a checksum over the whole content), and its serialisation."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from fkd_shards.common.text import escape
 
 from . import codecs
 from . import format as fmt
+from .alignment import default_threshold
 
 
 class ManifestError(ValueError):
-    """A manifest that is missing, of another format or version, or inconsistent."""
+    """A manifest that is missing, of another format or version, corrupt or inconsistent."""
 
 
 @dataclass(frozen=True)
@@ -49,8 +54,13 @@ class Manifest:
     shards: list[ShardInfo]
     alignment: list[float] = field(default_factory=list)
     created_by: str = ""
-    label_codec: str = codecs.RAW
+    label_codec: str = fmt.CODEC_RAW
     label_codec_temperature: float | None = None
+    # The alignment threshold the set was accepted with (0: accepted whatever its alignment); None
+    # in sets written before it was recorded.
+    min_alignment: float | None = None
+    # fkd-relabel's provenance (teachers, seeds, knobs, versions); None for converted sets.
+    relabel: dict | None = None
     format: str = fmt.FORMAT_NAME
     format_version: int = fmt.FORMAT_VERSION
 
@@ -65,18 +75,37 @@ class Manifest:
     def shards_of(self, kind: str) -> list[ShardInfo]:
         return [s for s in self.shards if s.kind == kind]
 
-    def identity(self) -> dict:
-        """The fields that say which data a checkpoint was trained on."""
-        return {
-            "num_images": self.num_images, "batch_size": self.batch_size,
-            "soft_label_width": self.soft_label_width, "mix_type": self.mix_type,
-            "fkd_seed": self.fkd_seed, "input_size": self.input_size, "classes": list(self.classes),
-        }
+    @property
+    def mixed(self) -> bool:
+        return self.mix_type != fmt.MIX_NONE
+
+    def content_id(self) -> str:
+        """sha256 naming exactly this data: every shard's name and hash, and the fields that say how
+        to read them. Two sets with the same id hold the same bytes."""
+        body = {"shards": [(s.name, s.sha256) for s in self.shards], "input_size": self.input_size,
+                "mix_type": self.mix_type, "label_codec": self.label_codec, "classes": self.classes}
+        return hashlib.sha256(_canonical(body).encode()).hexdigest()
+
+    def misalignment(self) -> str | None:
+        """Why this set's recorded alignment should not be trusted, or None.
+
+        A set accepted explicitly (``min_alignment`` 0) is trusted; otherwise an epoch whose rate is
+        below the recorded threshold, or (sets that record none) near chance, is reported."""
+        if not self.alignment or self.min_alignment == 0:
+            return None
+        threshold = self.min_alignment
+        if threshold is None:
+            threshold = default_threshold(self.num_classes, self.mixed)
+        worst = min(range(len(self.alignment)), key=self.alignment.__getitem__)
+        if self.alignment[worst] >= threshold:
+            return None
+        return (f"epoch {worst}'s replay alignment is {self.alignment[worst]:.3f}, below {threshold:.3f}: "
+                f"the soft labels probably belong to other images (wrong fkd seed, image folder or N)")
 
     def describe(self) -> str:
-        """A human-readable summary, one fact per line."""
+        """A human-readable summary, one fact per line (strings from the file escaped)."""
         lines = [
-            f"format          {self.format} v{self.format_version} ({self.created_by})",
+            f"format          {self.format} v{self.format_version} ({escape(self.created_by)})",
             f"images N        {self.num_images} in {self.num_classes} classes",
             f"batch size B    {self.batch_size} ({self.batches_per_epoch} batches per epoch)",
             f"epochs E        {self.epochs}",
@@ -88,71 +117,122 @@ class Manifest:
                                                      if self.label_codec_temperature else ""),
         ]
         if self.alignment:
+            accepted = "" if self.min_alignment is None else f", accepted at >= {self.min_alignment:g}"
             lines.append(f"alignment       mean {sum(self.alignment) / len(self.alignment):.3f}, "
-                         f"min {min(self.alignment):.3f}")
+                         f"min {min(self.alignment):.3f}{accepted}")
+        if self.relabel:
+            teachers = ", ".join(escape(t.get("model", "?")) for t in self.relabel.get("teachers", [])
+                                 if isinstance(t, dict))
+            lines.append(f"relabelled by   {teachers or '?'} (fkd-relabel)")
         for kind in fmt.SHARD_KINDS:
             found = self.shards_of(kind)
             lines.append(f"{kind + ' shards':<16}{len(found)}, {sum(s.bytes for s in found) / 1e6:.1f} MB")
         return "\n".join(lines)
 
     def to_json(self) -> str:
+        """The manifest as written: every field, ``batches_per_epoch`` for people, and a checksum
+        over all of it."""
         body = asdict(self)
         body["batches_per_epoch"] = self.batches_per_epoch
-        return json.dumps(body, indent=1, sort_keys=True) + "\n"
+        body["checksum"] = _checksum(body)
+        return json.dumps(body, indent=1, sort_keys=True, allow_nan=False) + "\n"
 
     @classmethod
     def from_json(cls, text: str, where: str = fmt.MANIFEST_NAME) -> Manifest:
         """Parse and validate; raises :class:`ManifestError` naming ``where`` and the problem."""
-        try:
-            body = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ManifestError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        body = parse_json(text, where, ManifestError)
         if not isinstance(body, dict) or body.get("format") != fmt.FORMAT_NAME:
             raise ManifestError(f"{where}: not an {fmt.FORMAT_NAME} manifest")
         version = body.get("format_version")
         if version != fmt.FORMAT_VERSION:
-            raise ManifestError(
-                f"{where}: format version {version!r} is not supported (expected {fmt.FORMAT_VERSION})"
-            )
+            raise ManifestError(f"{where}: format version {escape(repr(version))[:40]} is not supported "
+                                f"(expected {fmt.FORMAT_VERSION})")
+        # Sets written before the checksum existed have none; any other set must match its own.
+        checksum = body.pop("checksum", None)
+        if checksum is not None and checksum != _checksum(body):
+            raise ManifestError(f"{where}: checksum mismatch (the manifest was changed or is corrupt)")
         body.pop("batches_per_epoch", None)
-        try:
-            shards = [ShardInfo(**s) for s in body.pop("shards")]
-            manifest = cls(shards=shards, **body)
-        except (KeyError, TypeError) as exc:
-            raise ManifestError(f"{where}: missing or unknown field ({exc})") from None
+        manifest = cls._build(body, where)
         manifest.validate(where)
         return manifest
+
+    @classmethod
+    def _build(cls, body: dict, where: str) -> Manifest:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(body) - names)
+        if unknown:
+            raise ManifestError(f"{where}: unknown field(s) {escape(', '.join(unknown))[:200]}")
+        required = ("num_images", "batch_size", "num_classes", "soft_label_width", "epochs", "input_size",
+                    "mix_type", "fkd_seed", "classes", "soft_label_dtype", "shards")
+        missing = [name for name in required if name not in body]
+        if missing:
+            raise ManifestError(f"{where}: missing field(s) {', '.join(missing)}")
+        shards = body["shards"]
+        if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
+            raise ManifestError(f"{where}: shards is not a list of objects")
+        shard_fields = {f.name for f in fields(ShardInfo)}
+        for s in shards:
+            if set(s) != shard_fields:
+                raise ManifestError(f"{where}: a shard entry has fields {escape(sorted(s))[:200]}, expected "
+                                    f"{sorted(shard_fields)}")
+        return cls(**{**body, "shards": [ShardInfo(**s) for s in shards]})
 
     def with_shards(self, shards: list[ShardInfo]) -> Manifest:
         return replace(self, shards=list(shards))
 
     def validate(self, where: str = fmt.MANIFEST_NAME) -> None:
-        """Check internal consistency: sizes, known values, and complete, ordered shard coverage."""
+        """Check every field's type and range, and complete, ordered shard coverage."""
 
         def fail(message: str) -> None:
             raise ManifestError(f"{where}: {message}")
 
-        for name in ("num_images", "batch_size", "num_classes", "soft_label_width", "epochs",
-                     "input_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                fail(f"{name} must be a positive integer, found {value!r}")
+        for name in ("num_images", "batch_size", "num_classes", "soft_label_width", "epochs", "input_size"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
+                fail(f"{name} must be a positive integer, found {_show(getattr(self, name))}")
+        if self.input_size > fmt.MAX_INPUT_SIZE:
+            fail(f"input_size {self.input_size} is above {fmt.MAX_INPUT_SIZE}")
+        if not _is_int(self.fkd_seed) or not 0 <= self.fkd_seed < 2**64:
+            fail(f"fkd_seed must be an integer in [0, 2**64), found {_show(self.fkd_seed)}")
         if self.mix_type not in fmt.MIX_TYPES:
-            fail(f"mix_type {self.mix_type!r} is not one of {fmt.MIX_TYPES}")
+            fail(f"mix_type {_show(self.mix_type)} is not one of {fmt.MIX_TYPES}")
         try:
             codecs.parse(self.label_codec)
-        except ValueError as exc:
-            fail(f"{exc}; this reader cannot decode this set's soft labels")
+        except (codecs.CodecError, TypeError) as exc:
+            fail(f"{escape(exc)}; this reader cannot decode this set's soft labels")
         if self.soft_label_dtype not in fmt.SOFT_LABEL_DTYPES:
-            fail(f"soft_label_dtype {self.soft_label_dtype!r} is not one of {fmt.SOFT_LABEL_DTYPES}")
-        if len(self.classes) != self.num_classes:
-            fail(f"{len(self.classes)} class names for num_classes={self.num_classes}")
+            fail(f"soft_label_dtype {_show(self.soft_label_dtype)} is not one of {fmt.SOFT_LABEL_DTYPES}")
+        if not isinstance(self.classes, list) or not all(isinstance(c, str) for c in self.classes):
+            fail("classes is not a list of strings")
+        if len(self.classes) != self.num_classes or len(set(self.classes)) != len(self.classes):
+            fail(f"{len(self.classes)} class names ({len(set(self.classes))} distinct) for "
+                 f"num_classes={self.num_classes}")
         if self.soft_label_width < self.num_classes:
             fail(f"soft_label_width {self.soft_label_width} < num_classes {self.num_classes}")
+        if self.num_images < self.num_classes:
+            fail(f"num_images {self.num_images} < num_classes {self.num_classes}")
+        for name in ("label_codec_temperature", "min_alignment"):
+            value = getattr(self, name)
+            if value is not None and not (_is_number(value) and value >= 0):
+                fail(f"{name} must be a finite number >= 0 or null, found {_show(value)}")
+        if not isinstance(self.alignment, list) or not all(_is_number(a) and 0 <= a <= 1 for a in self.alignment):
+            fail("alignment is not a list of rates in [0, 1]")
+        if self.alignment and len(self.alignment) != self.epochs:
+            fail(f"alignment has {len(self.alignment)} rates for {self.epochs} epochs")
+        if not isinstance(self.created_by, str):
+            fail("created_by is not a string")
+        if self.relabel is not None and not isinstance(self.relabel, dict):
+            fail("relabel is not an object")
+        for s in self.shards:
+            validate_shard(s, where)
+        self._validate_coverage(fail)
+
+    def _validate_coverage(self, fail) -> None:
         next_index = 0
         for s in self.shards_of(fmt.IMAGES_KIND):
             if s.first != next_index or s.last < s.first or s.count != s.last - s.first + 1:
                 fail(f"image shard {s.name} holds [{s.first}, {s.last}], expected to start at {next_index}")
+            if s.bytes < s.count * fmt.MIN_IMAGE_RECORD_BYTES:
+                fail(f"image shard {s.name}: {s.bytes} bytes cannot hold {s.count} records")
             next_index = s.last + 1
         if next_index != self.num_images:
             fail(f"image shards hold {next_index} images, expected {self.num_images}")
@@ -162,9 +242,70 @@ class Manifest:
                 fail(f"label shard {s.name} starts at epoch {s.epoch} batch {s.first}, expected {cursor}")
             if not s.first <= s.last < self.batches_per_epoch or s.count != s.last - s.first + 1:
                 fail(f"label shard {s.name} holds batches [{s.first}, {s.last}] of {self.batches_per_epoch}")
+            if s.bytes < s.count * fmt.MIN_BATCH_RECORD_BYTES:
+                fail(f"label shard {s.name}: {s.bytes} bytes cannot hold {s.count} records")
             cursor = (s.epoch, s.last + 1) if s.last + 1 < self.batches_per_epoch else (s.epoch + 1, 0)
         if cursor != (self.epochs, 0):
             fail(f"label shards end at epoch {cursor[0]} batch {cursor[1]}, expected {self.epochs} epochs")
-        for s in self.shards:
-            if s.kind not in fmt.SHARD_KINDS or "/" in s.name or s.name.startswith("."):
-                fail(f"bad shard entry {s.name!r} of kind {s.kind!r}")
+        names = [s.name for s in self.shards]
+        if len(set(names)) != len(names):
+            fail("a shard is listed twice")
+
+
+def validate_shard(s: ShardInfo, where: str = fmt.MANIFEST_NAME) -> None:
+    """Check one shard entry's types and values; :class:`ManifestError` otherwise."""
+
+    def fail(message: str) -> None:
+        raise ManifestError(f"{where}: {message}")
+
+    match = fmt.SHARD_NAME.fullmatch(s.name) if isinstance(s.name, str) else None
+    if match is None or match.group(1) != s.kind:
+        fail(f"bad shard entry {_show(s.name)} of kind {_show(s.kind)}")
+    for name in ("bytes", "count", "first", "last"):
+        value = getattr(s, name)
+        if not _is_int(value) or value < (1 if name in ("bytes", "count") else 0):
+            fail(f"shard {s.name}: {name} is {_show(value)}")
+    if not (isinstance(s.sha256, str) and len(s.sha256) == 64 and all(c in "0123456789abcdef" for c in s.sha256)):
+        fail(f"shard {s.name}: sha256 is not 64 lower-case hex digits")
+    if s.kind == fmt.IMAGES_KIND and s.epoch is not None:
+        fail(f"image shard {s.name} has an epoch")
+    if s.kind == fmt.LABELS_KIND and not (_is_int(s.epoch) and s.epoch >= 0):
+        fail(f"label shard {s.name}: epoch is {_show(s.epoch)}")
+
+
+def parse_json(text: str, where: str, error: type[Exception]) -> object:
+    """JSON with every failure as ``error`` naming ``where``: syntax, nesting too deep for the
+    parser, NaN or infinite numbers, integers too long to convert."""
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not a valid number")
+
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except json.JSONDecodeError as exc:
+        raise error(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise error(f"{where}: not valid JSON (nested too deeply)") from None
+    except ValueError as exc:
+        raise error(f"{where}: not valid JSON ({str(exc)[:100]})") from None
+
+
+def _canonical(body: object) -> str:
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def _checksum(body: dict) -> str:
+    return hashlib.sha256(_canonical(body).encode()).hexdigest()
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def _show(value: object) -> str:
+    text = escape(repr(value))
+    return text if len(text) <= 60 else text[:56] + " ..."

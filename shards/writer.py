@@ -1,23 +1,39 @@
-"""Writing a shard set: shards under temporary names, renamed when closed, ``manifest.json`` last."""
+"""Writing a shard set: shards under temporary names, renamed when closed, ``manifest.json`` last.
+
+While it runs, the writer keeps ``progress.json`` up to date: the shards it has closed (with their
+sizes and hashes) and the one it is writing. That file is what lets ``--overwrite`` remove exactly
+the files an earlier, interrupted run wrote, and what a resumable writer continues from.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-import shutil
-import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import webdataset
+from fkd_shards.common.text import escape
 
 from . import format as fmt
-from .io import LocationError, first_line, fsspec_module, is_local, local_path
-from .manifest import Manifest, ShardInfo
+from .codecs import Codec, Raw
+from .io import LocationError, LocationMissing, join, output_for, read_verified
+from .manifest import Manifest, ManifestError, ShardInfo, parse_json, validate_shard
 from .records import BatchRecord, ImageRecord, encode_batch, encode_image
+
+if TYPE_CHECKING:
+    import webdataset
+
+PROGRESS_FORMAT = "fkd-shards-progress"
 
 
 class OutputExistsError(FileExistsError):
-    """The output already holds files and overwriting was not asked for."""
+    """The output already holds files and overwriting was not asked for, or holds files that this
+    project did not demonstrably write."""
+
+
+class ResumeError(ValueError):
+    """An output that cannot be continued: nothing to continue, other settings, a changed shard."""
 
 
 class _HashingFile:
@@ -34,9 +50,10 @@ class _HashingFile:
         return self._file.write(data)
 
     def close(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        if not self._file.closed:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
 
 
 @dataclass
@@ -53,137 +70,52 @@ class _OpenShard:
     tar_bytes: int = 0  # members written so far, headers and padding included (the file lags behind)
 
 
-def write_atomically(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
-    temp = path + fmt.TEMP_SUFFIX
-    with open(temp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, path)
+def _names_in(text: bytes, key: str) -> set[str]:
+    """Shard names listed under ``key`` in a manifest or progress file (read loosely: it may be the
+    corrupt file being replaced); only names that look like shards are returned."""
+    try:
+        body = parse_json(text.decode("utf-8"), "", ValueError)
+    except (ValueError, UnicodeDecodeError):
+        return set()
+    entries = body.get(key, []) if isinstance(body, dict) else []
+    names = {e.get("name") if isinstance(e, dict) else e for e in entries if isinstance(e, (dict, str))}
+    return {n for n in names if isinstance(n, str) and fmt.SHARD_NAME.fullmatch(n)}
 
 
-def _is_ours(name: str) -> bool:
-    return (name.startswith(tuple(k + "-" for k in fmt.SHARD_KINDS)) and ".tar" in name) or \
-        name == fmt.MANIFEST_NAME + fmt.TEMP_SUFFIX
-
-
-class _LocalOutput:
-    """A shard set in a local directory: shards written under temporary names and renamed."""
-
-    def __init__(self, directory: str):
-        self.directory = directory
-        self.where = directory
-
-    def prepare(self, overwrite: bool) -> None:
-        """Create the directory; refuse a non-empty one unless ``overwrite``, then remove a previous
-        set, manifest first, so that an interrupted clean-up leaves an incomplete, rejected set."""
-        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
-            raise OutputExistsError(f"{self.directory}: exists and is not a directory")
-        os.makedirs(self.directory, exist_ok=True)
-        entries = os.listdir(self.directory)
-        if entries and not overwrite:
-            raise OutputExistsError(f"{self.directory}: output directory is not empty (use --overwrite)")
-        if fmt.MANIFEST_NAME in entries:
-            os.remove(os.path.join(self.directory, fmt.MANIFEST_NAME))
-        for entry in entries:
-            if _is_ours(entry):
-                os.remove(os.path.join(self.directory, entry))
-
-    def staging_path(self, name: str) -> str:
-        return os.path.join(self.directory, name + fmt.TEMP_SUFFIX)
-
-    def commit(self, name: str, staged: str) -> None:
-        os.replace(staged, os.path.join(self.directory, name))
-
-    def remove(self, name: str) -> None:
-        path = os.path.join(self.directory, name)
-        if os.path.exists(path):
-            os.remove(path)
-
-    def write_manifest(self, data: bytes) -> None:
-        write_atomically(os.path.join(self.directory, fmt.MANIFEST_NAME), data)
-
-    def close(self) -> None:
-        pass
-
-
-class _RemoteOutput:
-    """A shard set at an fsspec URL: shards staged in a local temporary directory and uploaded
-    when closed; objects appear whole, and the manifest is uploaded last."""
-
-    def __init__(self, url: str):
-        self.url = url.rstrip("/")
-        self.where = self.url
-        try:
-            self.fs, self.root = fsspec_module().core.url_to_fs(self.url)
-        except (ImportError, ValueError) as exc:
-            raise LocationError(f"{self.url}: cannot use this location ({exc})") from None
-        self.staging = tempfile.mkdtemp(prefix="fkd-convert-")
-
-    def _call(self, what: str, fn, *args):
-        try:
-            return fn(*args)
-        except FileNotFoundError:
-            raise
-        except Exception as exc:  # the back-end's own network and permission errors
-            raise LocationError(f"{self.url}: {what} failed ({first_line(exc)})") from None
-
-    def _path(self, name: str) -> str:
-        return f"{self.root}/{name}"
-
-    def prepare(self, overwrite: bool) -> None:
-        try:
-            names = [p.rsplit("/", 1)[-1] for p in self._call("listing", self.fs.ls, self.root, False)]
-        except FileNotFoundError:
-            names = []
-        if names and not overwrite:
-            raise OutputExistsError(f"{self.url}: output location is not empty (use --overwrite)")
-        if fmt.MANIFEST_NAME in names:
-            self._call("removing the old manifest", self.fs.rm, self._path(fmt.MANIFEST_NAME))
-        for name in names:
-            if _is_ours(name):
-                self._call(f"removing {name}", self.fs.rm, self._path(name))
-
-    def staging_path(self, name: str) -> str:
-        return os.path.join(self.staging, name)
-
-    def commit(self, name: str, staged: str) -> None:
-        self._call(f"uploading {name}", self.fs.put_file, staged, self._path(name))
-        os.remove(staged)
-
-    def remove(self, name: str) -> None:
-        try:
-            self.fs.rm(self._path(name))
-        except Exception:  # best effort while cleaning up after another error
-            pass
-
-    def write_manifest(self, data: bytes) -> None:
-        self._call("uploading the manifest", self.fs.pipe_file, self._path(fmt.MANIFEST_NAME), data)
-
-    def close(self) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
+def _looks_like_ours(name: str) -> bool:
+    return bool(fmt.SHARD_NAME.fullmatch(name.removesuffix(fmt.TEMP_SUFFIX))) or name in (
+        fmt.MANIFEST_NAME, fmt.PROGRESS_NAME)
 
 
 class ShardSetWriter:
     """Writes image records and batch records into rolled shards, then the manifest.
 
-    Use as a context manager; leaving it by an exception removes every shard it wrote and
-    writes no manifest, so the output is never taken for a complete set.
+    Use as a context manager; leaving it by an exception removes what this writer wrote and writes
+    no manifest, so the output is never taken for a complete set (a ``resumable`` writer keeps its
+    closed shards and ``progress.json``, so that the run can be continued). With ``resume``, the
+    writer continues the shards named by ``progress.json`` after checking their bytes and that it
+    was written with the same ``settings``; :attr:`completed` lists them.
     """
 
-    def __init__(self, output: str, shard_bytes: int = 512 * 10**6, overwrite: bool = False,
-                 label_codec: str = "raw", codec_temperature: float = 20.0):
+    def __init__(self, output: str, shard_bytes: int = 64 * 10**6, overwrite: bool = False,
+                 codec: Codec | None = None, *, resumable: bool = False, resume: bool = False,
+                 settings: dict | None = None):
         if shard_bytes <= 0:
             raise ValueError(f"shard size must be positive, got {shard_bytes}")
-        self.output = _LocalOutput(local_path(output)) if is_local(output) else _RemoteOutput(output)
+        self.location = output
+        self.output = output_for(output)
         self.shard_bytes = shard_bytes
-        self.label_codec, self.codec_temperature = label_codec, codec_temperature
-        self.output.prepare(overwrite)
+        self.codec = codec or Raw()
+        self.resumable = resumable or resume
+        self.settings = settings or {}
         self._open: dict[str, _OpenShard] = {}
-        self._numbers = {kind: 0 for kind in fmt.SHARD_KINDS}
-        self._closed: list[ShardInfo] = []
-        self._written: list[str] = []
+        self._written: list[str] = []  # files this writer created (for abort)
+        self.output.ensure()
+        self.completed: list[ShardInfo] = self._continue() if resume else []
+        if not resume:
+            self._prepare(overwrite)
+        self._numbers = {kind: sum(s.kind == kind for s in self.completed) for kind in fmt.SHARD_KINDS}
+        self._save_progress()
 
     def __enter__(self) -> ShardSetWriter:
         return self
@@ -192,6 +124,99 @@ class ShardSetWriter:
         if exc_type is not None:
             self.abort()
 
+    # ---- starting ------------------------------------------------------------------------------------
+
+    def _prepare(self, overwrite: bool) -> None:
+        """Refuse a non-empty output unless ``overwrite``; then remove exactly the files an earlier
+        run named in its manifest or progress file, manifest first (an interrupted clean-up leaves an
+        incomplete, rejected set). Files this project cannot show it wrote are never removed: a
+        shard-like one makes the whole call refuse, anything else is left where it is."""
+        where, names = self.output.where, self.output.names()
+        if not names:
+            return
+        if not overwrite:
+            raise OutputExistsError(f"{where}: output is not empty (use --overwrite to replace a shard set "
+                                    f"written before)")
+        ours: set[str] = set()
+        for listing, key in ((fmt.MANIFEST_NAME, "shards"), (fmt.PROGRESS_NAME, "shards"),
+                             (fmt.PROGRESS_NAME, "open")):
+            if listing in names:
+                ours |= _names_in(self._read_small(listing, fmt.MAX_MANIFEST_BYTES), key)
+        ours |= {n + fmt.TEMP_SUFFIX for n in ours}
+        if fmt.MANIFEST_NAME in names and not self._is_manifest():
+            raise OutputExistsError(f"{where}/{fmt.MANIFEST_NAME}: not a manifest of this project; "
+                                    f"refusing to replace it")
+        stray = [n for n in names if _looks_like_ours(n) and n not in ours
+                 and n not in (fmt.MANIFEST_NAME, fmt.PROGRESS_NAME)]
+        if stray:
+            raise OutputExistsError(f"{where}/{escape(stray[0])}: looks like a shard, but no manifest or "
+                                    f"progress file there names it; remove it yourself")
+        for name in (fmt.MANIFEST_NAME, *sorted(ours & set(names)), fmt.PROGRESS_NAME):
+            if name in names:
+                self.output.remove(name)
+
+    def _is_manifest(self) -> bool:
+        try:
+            body = parse_json(self._read_small(fmt.MANIFEST_NAME, fmt.MAX_MANIFEST_BYTES).decode("utf-8"), "",
+                              ValueError)
+        except (ValueError, UnicodeDecodeError):
+            return False
+        return isinstance(body, dict) and body.get("format") == fmt.FORMAT_NAME
+
+    def _read_small(self, name: str, limit: int) -> bytes:
+        try:
+            return self.output.read_small(name, limit)
+        except LocationError as exc:
+            raise LocationError(f"cannot read {exc}") from None
+
+    def _continue(self) -> list[ShardInfo]:
+        """The shards an interrupted run closed, each checked, when it ran with the same settings."""
+        where = self.output.where
+        names = self.output.names()
+        if fmt.MANIFEST_NAME in names:
+            raise ResumeError(f"{where}: already holds a complete shard set (manifest.json); nothing to resume")
+        if fmt.PROGRESS_NAME not in names:
+            if any(_looks_like_ours(n) for n in names):
+                raise ResumeError(f"{where}: holds shards but no {fmt.PROGRESS_NAME}; cannot tell what to "
+                                  f"continue (use --overwrite to start again)")
+            return []
+        text = self._read_small(fmt.PROGRESS_NAME, fmt.MAX_PROGRESS_BYTES)
+        try:
+            body = parse_json(text.decode("utf-8"), f"{where}/{fmt.PROGRESS_NAME}", ResumeError)
+        except UnicodeDecodeError:
+            raise ResumeError(f"{where}/{fmt.PROGRESS_NAME}: not UTF-8") from None
+        if not isinstance(body, dict) or body.get("format") != PROGRESS_FORMAT:
+            raise ResumeError(f"{where}/{fmt.PROGRESS_NAME}: not a progress file of this project")
+        before = body.get("settings")
+        if before != self.settings:
+            raise ResumeError(f"{where}: was written with other settings ({_difference(before, self.settings)}); "
+                              f"give the same flags, or use --overwrite to start again")
+        try:
+            shards = [ShardInfo(**s) for s in body.get("shards", [])]
+            for s in shards:
+                validate_shard(s)
+        except (TypeError, ManifestError) as exc:
+            raise ResumeError(f"{where}/{fmt.PROGRESS_NAME}: malformed shard entries ({exc})") from None
+        for s in shards:
+            try:
+                read_verified(join(self.location, s.name), s.bytes, s.sha256)
+            except LocationError as exc:
+                raise ResumeError(f"cannot continue: {exc}") from None
+        for name in body.get("open", []):
+            if isinstance(name, str) and fmt.SHARD_NAME.fullmatch(name):
+                self.output.remove(name + fmt.TEMP_SUFFIX)
+                self.output.remove(name)  # a remote shard uploaded before its close was recorded
+        return shards
+
+    def _save_progress(self) -> None:
+        body = {"format": PROGRESS_FORMAT, "settings": self.settings,
+                "shards": [asdict(s) for s in self.completed], "open": [s.name for s in self._open.values()]}
+        self.output.write_small(fmt.PROGRESS_NAME, (json.dumps(body, indent=1, sort_keys=True) + "\n").encode())
+        if fmt.PROGRESS_NAME not in self._written:
+            self._written.append(fmt.PROGRESS_NAME)
+
+    # ---- writing -------------------------------------------------------------------------------------
+
     def add_image(self, record: ImageRecord) -> None:
         """Append one image; images must come in sample-index order."""
         shard = self._shard_for(fmt.IMAGES_KIND, record.index, None)
@@ -199,10 +224,16 @@ class ShardSetWriter:
         shard.tar.write({"__key__": fmt.image_key(record.index), **members})
         self._advance(shard, record.index, members)
 
+    def end_images(self) -> None:
+        """Close the image shard being written: every image is in (so that ``progress.json`` names
+        the image shards as complete while the labels are written)."""
+        if fmt.IMAGES_KIND in self._open:
+            self._close_shard(fmt.IMAGES_KIND)
+
     def add_batch(self, record: BatchRecord) -> None:
         """Append one batch record; batches must come in (epoch, batch) order."""
         shard = self._shard_for(fmt.LABELS_KIND, record.batch, record.epoch)
-        members = encode_batch(record, self.label_codec, self.codec_temperature)
+        members = encode_batch(record, self.codec)
         shard.tar.write({"__key__": fmt.batch_key(record.epoch, record.batch), **members})
         self._advance(shard, record.batch, members)
 
@@ -210,27 +241,44 @@ class ShardSetWriter:
         """Close all shards and write ``manifest`` (with the shard list filled in) last."""
         for kind in list(self._open):
             self._close_shard(kind)
-        images = [s for s in self._closed if s.kind == fmt.IMAGES_KIND]
-        labels = [s for s in self._closed if s.kind == fmt.LABELS_KIND]
+        images = [s for s in self.completed if s.kind == fmt.IMAGES_KIND]
+        labels = [s for s in self.completed if s.kind == fmt.LABELS_KIND]
         complete = manifest.with_shards(images + labels)
-        complete.validate(f"{self.output.where}/{fmt.MANIFEST_NAME}")
-        self.output.write_manifest(complete.to_json().encode())
+        try:
+            complete.validate(f"{self.output.where}/{fmt.MANIFEST_NAME}")
+        except ManifestError as exc:
+            raise ValueError(f"internal error: the written set is inconsistent ({exc})") from None
+        self.output.write_small(fmt.MANIFEST_NAME, complete.to_json().encode())
+        self.output.remove(fmt.PROGRESS_NAME)
         self.output.close()
         return complete
 
     def abort(self) -> None:
-        """Remove every file this writer created."""
+        """Remove what this writer created: every file, or, when resumable, only the shard it was
+        writing (closed shards and ``progress.json`` stay for a later resume)."""
         for shard in self._open.values():
             try:
                 shard.tar.close()
+            except (OSError, ValueError):
+                pass
+            try:
                 shard.file.close()
             except (OSError, ValueError):
                 pass
             if os.path.exists(shard.temp_path):
                 os.remove(shard.temp_path)
         self._open.clear()
-        for name in self._written:
-            self.output.remove(name)
+        if self.resumable:
+            try:
+                self._save_progress()
+            except OSError:
+                pass
+        else:
+            for name in self._written:
+                try:
+                    self.output.remove(name)
+                except (OSError, LocationMissing):
+                    pass
         self.output.close()
 
     def _shard_for(self, kind: str, position: int, epoch: int | None) -> _OpenShard:
@@ -242,15 +290,17 @@ class ShardSetWriter:
             elif position != shard.last + 1:
                 raise ValueError(f"{kind} record {position} follows {shard.last}: out of order")
         if shard is None:
+            import webdataset  # here, not at the top: it imports torch, which readers never need
+
             name = fmt.shard_name(kind, self._numbers[kind])
             self._numbers[kind] += 1
             temp_path = self.output.staging_path(name)
             file = _HashingFile(temp_path)
             tar = webdataset.TarWriter(file, user=fmt.TAR_USER, group=fmt.TAR_USER, encoder=False,
                                        mtime=fmt.TAR_MTIME)
-            shard = _OpenShard(kind, name, temp_path, file, tar, first=position, last=position - 1,
-                               epoch=epoch)
+            shard = _OpenShard(kind, name, temp_path, file, tar, first=position, last=position - 1, epoch=epoch)
             self._open[kind] = shard
+            self._save_progress()  # names the shard before its first byte exists
         return shard
 
     def _advance(self, shard: _OpenShard, position: int, members: dict[str, bytes]) -> None:
@@ -258,7 +308,8 @@ class ShardSetWriter:
         shard.count += 1
         # One 512-byte header per member (short names, integer fields: no PAX or long-name header)
         # and the data padded to 512 bytes.
-        shard.tar_bytes += sum(512 + -(-len(data) // 512) * 512 for data in members.values())
+        shard.tar_bytes += sum(fmt.TAR_BLOCK + -(-len(data) // fmt.TAR_BLOCK) * fmt.TAR_BLOCK
+                               for data in members.values())
 
     def _close_shard(self, kind: str) -> None:
         shard = self._open.pop(kind)
@@ -266,7 +317,17 @@ class ShardSetWriter:
         shard.file.close()
         self.output.commit(shard.name, shard.temp_path)
         self._written.append(shard.name)
-        self._closed.append(ShardInfo(
+        self.completed.append(ShardInfo(
             name=shard.name, kind=kind, bytes=shard.file.size, sha256=shard.file.sha256.hexdigest(),
             count=shard.count, first=shard.first, last=shard.last, epoch=shard.epoch,
         ))
+        self._save_progress()
+
+
+def _difference(before: object, now: dict) -> str:
+    if not isinstance(before, dict):
+        return "no settings recorded"
+    for key in sorted(set(before) | set(now)):
+        if before.get(key) != now.get(key):
+            return f"{escape(key)}: {escape(repr(before.get(key)))[:80]} then, {escape(repr(now.get(key)))[:80]} now"
+    return "none"

@@ -20,16 +20,21 @@ def _logits(n=6, width=12, seed=0):
     return (np.random.default_rng(seed).standard_normal((n, width)) * 3).astype(np.float16)
 
 
+def _round_trip(spec, z, temperature=20.0):
+    codec = codecs.parse(spec, temperature)
+    arrays = codec.encode(z)
+    return arrays, codec.decode(arrays, z.shape[1])
+
+
 def test_raw_is_bit_exact():
     z = _logits()
-    back = codecs.decode("raw", codecs.encode("raw", 20.0, z), z.shape[1])
+    _, back = _round_trip("raw", z)
     assert back.dtype == np.float16 and back.tobytes() == z.tobytes()
 
 
 def test_int8_round_trip_within_half_a_step():
     z = _logits().astype(np.float32)
-    arrays = codecs.encode("int8", 20.0, z)
-    back = codecs.decode("int8", arrays, z.shape[1])
+    arrays, back = _round_trip("int8", z)
     assert arrays["soft_q"].dtype == np.int8 and back.dtype == np.float32
     assert np.all(np.abs(back - z) <= arrays["soft_step"][:, None] / 2 + 1e-6)
     assert np.allclose(back.min(1), z.min(1)) and np.allclose(back.max(1), z.max(1), atol=1e-5)
@@ -38,7 +43,7 @@ def test_int8_round_trip_within_half_a_step():
 def test_topk_keeps_the_top_values_and_the_tail_mass():
     z = _logits().astype(np.float32)
     t = 4.0
-    back = codecs.decode("topk:3", codecs.encode("topk:3", t, z), z.shape[1])
+    _, back = _round_trip("topk:3", z, t)
     for row, coded in zip(z, back):
         top = np.argsort(-row)[:3]
         assert np.allclose(coded[top], row[top].astype(np.float16), atol=0)
@@ -92,5 +97,22 @@ def test_unknown_codec_is_refused_by_writer_and_reader(relabel_case, converted, 
     path = os.path.join(output, "manifest.json")
     body = json.load(open(path))
     json.dump(body | {"label_codec": "zstd"}, open(path, "w"))
+    with pytest.raises(shards.ManifestError, match="checksum mismatch"):
+        shards.ShardSet(output)
+    json.dump({k: v for k, v in body.items() if k != "checksum"} | {"label_codec": "zstd"}, open(path, "w"))
     with pytest.raises(shards.ManifestError, match="this reader cannot decode this set's soft labels"):
         shards.ShardSet(output)
+
+
+@pytest.mark.parametrize("spec,temperature,logits,message", [
+    ("topk:2", 0.0, None, "topk needs a finite, positive codec temperature, got 0.0"),
+    ("topk:2", float("inf"), None, "topk needs a finite, positive codec temperature, got inf"),
+    ("topk:2", 20.0, np.array([[1e5, 0, 0]], np.float32), "does not give finite values"),
+    ("int8", 20.0, np.array([[3e38, -3e38, 0]], np.float32), "int8: a row's logits span more than float32 holds"),
+    ("topk:0", 20.0, None, "label codec 'topk:0' is not supported"),
+    ("topk:x", 20.0, None, "label codec 'topk:x' is not supported"),
+])
+def test_codec_parameters_that_cannot_round_trip_are_refused(spec, temperature, logits, message):
+    z = _logits().astype(np.float32) if logits is None else logits
+    with pytest.raises(codecs.CodecError, match=message):
+        codecs.parse(spec, temperature).encode(z)

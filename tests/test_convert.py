@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -151,6 +154,17 @@ def _mutate(path, index, value):
     ("empty_train", "not a usable image folder"),
     ("n_disagrees", "relabel output covers 20 images but"),
     ("too_many_epochs", "--epochs 9 asked, the relabel output holds 3"),
+    ("nan_logits", "soft_label row 2 holds a value that is not finite"),
+    ("inf_logits", "soft_label row 0 holds a value that is not finite"),
+    ("random_bytes", "truncated or not a torch.save file (invalid pickle data)"),
+    ("epoch_02", "epoch_02: unexpected entry"),
+    ("fifo_batch", "batch_1.tar: not a regular file (a FIFO)"),
+    ("dev_zero", "batch_1.tar: not a regular file (a device)"),
+    ("huge_png", "class000_id004.png: image has more than"),
+    ("codec_temperature_zero", "--codec-temperature must be finite and positive, got 0.0"),
+    ("codec_temperature_nan", "--codec-temperature must be finite and positive, got nan"),
+    ("min_alignment_nan", "--min-alignment must be in [0, 1], got nan"),
+    ("bbox_floats", "mix_bbox is not 4 integers"),
 ])
 def test_bad_input_is_one_line_error_and_no_output(relabel_case, tmp_path, capsys, case, message):
     train_dir, fkd_path, samples, truth = relabel_case()
@@ -199,11 +213,44 @@ def test_bad_input_is_one_line_error_and_no_output(relabel_case, tmp_path, capsy
         os.remove(samples[3][0])
     elif case == "too_many_epochs":
         extra = ["--epochs", "9"]
+    elif case == "nan_logits":
+        _mutate(b11, 5, lambda it: it[5].index_fill(0, torch.tensor([2]), float("nan")))
+    elif case == "inf_logits":
+        _mutate(b11, 5, lambda it: it[5].index_fill(0, torch.tensor([0]), float("-inf")))
+    elif case == "random_bytes":
+        open(b11, "wb").write(np.random.default_rng(0).bytes(3000))
+    elif case == "epoch_02":
+        os.rename(os.path.join(fkd_path, "epoch_2"), os.path.join(fkd_path, "epoch_02"))
+    elif case == "fifo_batch":
+        os.remove(b11)
+        os.mkfifo(b11)
+    elif case == "dev_zero":
+        os.remove(b11)
+        os.symlink("/dev/zero", b11)
+    elif case == "huge_png":
+        open(samples[4][0], "wb").write(_png_header(20000, 20000))
+    elif case == "codec_temperature_zero":
+        extra = ["--label-codec", "topk:2", "--codec-temperature", "0"]
+    elif case == "codec_temperature_nan":
+        extra = ["--label-codec", "topk:2", "--codec-temperature", "nan"]
+    elif case == "min_alignment_nan":
+        extra = ["--min-alignment", "nan"]
+    elif case == "bbox_floats":
+        _mutate(b11, 4, [0.5, 1.0, 2.0, 3.0])
     _assert_fails(capsys, output, 1, message, train_dir, fkd_path, *extra)
 
 
 class UnsafeThing:
     """A class a weights_only load must refuse to construct."""
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that claims a size in its header (and holds no pixels): decoding it would be a bomb."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + \
+        chunk(b"IEND", b"")
 
 
 def test_output_is_refused_unless_overwrite(relabel_case, tmp_path, capsys):
@@ -212,26 +259,29 @@ def test_output_is_refused_unless_overwrite(relabel_case, tmp_path, capsys):
     assert _run_cli(train_dir, fkd_path, output) == 0
     first = shards.ShardSet(output).manifest
     assert _run_cli(train_dir, fkd_path, output) == 1
-    assert "not empty (use --overwrite)" in capsys.readouterr().err
+    assert "output is not empty (use --overwrite" in capsys.readouterr().err
     assert shards.ShardSet(output).manifest == first  # untouched
     assert _run_cli(train_dir, fkd_path, output, "--overwrite", "--epochs", "2") == 0
     assert shards.ShardSet(output).manifest.epochs == 2
     assert len(listing(output)) == 1 + 1 + 2  # manifest, one image shard, two label shards
 
 
-def test_converter_killed_mid_run_leaves_no_accepted_set(relabel_case, tmp_path):
+def test_converter_killed_mid_run_leaves_no_accepted_set_and_overwrite_cleans_up(relabel_case, tmp_path):
     train_dir, fkd_path, _, truth = relabel_case()
-    blocking = truth.files[(1, 2)]
-    os.remove(blocking)
-    os.mkfifo(blocking)  # the converter blocks here, mid-run, until it is killed
     output = str(tmp_path / "out")
-    proc = subprocess.Popen([sys.executable, "-m", "fkd_shards.convert", "--train-dir", train_dir,
-                             "--fkd-path", fkd_path, "--output", output, "--input-size", str(INPUT_SIZE),
-                             "--workers", "1", "--no-progress"],
+    # A slow file system, simulated: reading one batch file blocks until the converter is killed.
+    code = ("import sys, time\n"
+            "import fkd_shards.convert.pipeline as p\n"
+            "from fkd_shards.convert.cli import main\n"
+            "real = p.read_file\n"
+            "p.read_file = lambda path: time.sleep(600) if path.endswith('epoch_1/batch_2.tar') else real(path)\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, "--train-dir", train_dir, "--fkd-path", fkd_path,
+                             "--output", output, "--input-size", str(INPUT_SIZE), "--workers", "1", "--no-progress"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 60
-        while not any(name.startswith("labels-000001") for name in listing(output)):
+        while "labels-000001.tar.partial" not in listing(output):
             assert time.time() < deadline and proc.poll() is None
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
@@ -239,9 +289,37 @@ def test_converter_killed_mid_run_leaves_no_accepted_set(relabel_case, tmp_path)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert "manifest.json" not in listing(output)
+    left = listing(output)
+    assert "manifest.json" not in left and "progress.json" in left
     with pytest.raises(shards.ManifestError, match="no manifest"):
         shards.ShardSet(output)
+    named = json.load(open(os.path.join(output, "progress.json")))
+    assert {s["name"] for s in named["shards"]} == {"images-000000.tar", "labels-000000.tar"}
+    assert named["open"] == ["labels-000001.tar"]
+    user_file = os.path.join(output, "notes.txt")
+    open(user_file, "w").write("mine")
+    assert _run_cli(train_dir, fkd_path, output, "--overwrite") == 0  # the interrupted run's files are replaced
+    assert open(user_file).read() == "mine"  # not written by us: kept
+    assert shards.ShardSet(output).manifest.epochs == 3
+
+
+def test_overwrite_removes_only_files_a_manifest_names(relabel_case, tmp_path, capsys):
+    train_dir, fkd_path, _, _ = relabel_case()
+    output = str(tmp_path / "out")
+    assert _run_cli(train_dir, fkd_path, output, "--shard-size", "2000") == 0
+    look_alikes = ["images-old.tar", "labels-notes.txt", "images-000000.tar.bak"]
+    for name in look_alikes:
+        open(os.path.join(output, name), "w").write("user data")
+    assert _run_cli(train_dir, fkd_path, output, "--overwrite", "--epochs", "1") == 0
+    for name in look_alikes:
+        assert open(os.path.join(output, name)).read() == "user data"
+    stray = os.path.join(output, "labels-000099.tar")
+    open(stray, "w").write("not from a conversion of ours")
+    before = listing(output)
+    assert _run_cli(train_dir, fkd_path, output, "--overwrite") == 1
+    err = capsys.readouterr().err
+    assert "labels-000099.tar: looks like a shard, but no manifest or progress file there names it" in err
+    assert listing(output) == before  # nothing removed when refusing
 
 
 def test_failure_mid_run_removes_shards(relabel_case, tmp_path, capsys):
@@ -266,19 +344,50 @@ def test_verify_catches_a_flipped_byte(converted, capsys):
     assert "labels-000001.tar: sha256 mismatch" in capsys.readouterr().err
 
 
-def test_alignment_detects_wrong_seed(relabel_case, tmp_path, capsys):
+def test_a_wrong_seed_is_refused_unless_accepted_explicitly(relabel_case, tmp_path, capsys):
     train_dir, fkd_path, _, _ = relabel_case(num_classes=10, per_class=4, mix_type="none", batch_size=8)
     good = str(tmp_path / "good")
     assert _run_cli(train_dir, fkd_path, good) == 0
-    out = capsys.readouterr().out
-    assert "WARNING" not in out
     assert min(shards.ShardSet(good).manifest.alignment) == 1.0
-    wrong = str(tmp_path / "wrong")
-    assert _run_cli(train_dir, fkd_path, wrong, "--fkd-seed", "7") == 0
-    assert "WARNING: alignment is near chance" in capsys.readouterr().out
-    assert max(shards.ShardSet(wrong).manifest.alignment) < 0.5
-    _assert_fails(capsys, str(tmp_path / "strict"), 1, "below --min-alignment 0.9", train_dir, fkd_path,
+    capsys.readouterr()
+    err = _assert_fails(capsys, str(tmp_path / "wrong"), 1, "epoch 0's replay alignment", train_dir, fkd_path,
+                        "--fkd-seed", "7")
+    assert "below 0.325 (the default threshold" in err and "--min-alignment 0 accepts" in err
+    _assert_fails(capsys, str(tmp_path / "strict"), 1, "below 0.900 (--min-alignment)", train_dir, fkd_path,
                   "--fkd-seed", "7", "--min-alignment", "0.9")
+    accepted = str(tmp_path / "accepted")
+    assert _run_cli(train_dir, fkd_path, accepted, "--fkd-seed", "7", "--min-alignment", "0") == 0
+    m = shards.ShardSet(accepted).manifest
+    assert m.min_alignment == 0 and max(m.alignment) < 0.5 and m.misalignment() is None
+    assert shards.ShardSet(good).manifest.min_alignment == pytest.approx(0.325)
+
+
+def test_input_size_is_inferred_from_square_images_or_asked_for(relabel_case, tmp_path, capsys):
+    from tests.relabel_fixture import make_image_folder, make_relabel
+
+    train_dir, fkd_path = str(tmp_path / "train"), str(tmp_path / "fkd")
+    samples = make_image_folder(train_dir, 3, 4, kinds=[(32, 32, "RGB", "png")])
+    make_relabel(fkd_path, samples, epochs=1, batch_size=5, width=3, input_size=32)
+    out = str(tmp_path / "out")
+    assert convert_main(["--train-dir", train_dir, "--fkd-path", fkd_path, "--output", out, "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "input size S=32 inferred from the images" in printed and "S=32" in printed.splitlines()[-1]
+    assert shards.ShardSet(out).manifest.input_size == 32
+    mixed_dir, mixed_fkd, _, _ = relabel_case()  # five sizes, some not square
+    assert convert_main(["--train-dir", mixed_dir, "--fkd-path", mixed_fkd, "--output", str(tmp_path / "x"),
+                         "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "images are not all one square size" in err and "--input-size" in err
+
+
+def test_non_utf8_file_names_convert(relabel_case, tmp_path):
+    train_dir, fkd_path, samples, _ = relabel_case()
+    folder = os.fsencode(os.path.dirname(samples[0][0]))
+    os.rename(os.fsencode(samples[0][0]), os.path.join(folder, b"class000_id000\xff.jpg"))
+    output = str(tmp_path / "out")
+    assert _run_cli(train_dir, fkd_path, output) == 0
+    paths = sorted(image.path for image in shards.ShardSet(output).images())
+    assert "new000/class000_id000\\xff.jpg" in paths
 
 
 def test_parallel_workers_give_identical_shards(relabel_case, tmp_path):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from fkd_shards.convert.cli import main as convert_main
 from fkd_shards.train.cli import main as train_main
-from fkd_shards.train.grid import CAPTION_PX
+from fkd_shards.train.grid import LINE_PX
 
 
 def test_summary_prints_the_fixture_numbers(converted, capsys):
@@ -26,7 +27,11 @@ def test_grid_has_the_expected_size_and_differs_between_batches(converted, tmp_p
     assert train_main(["inspect", output, "--batch", "1", "0", "--out", one, "--columns", "4"]) == 0
     assert train_main(["inspect", output, "--batch", "1", "1", "--out", two, "--columns", "4"]) == 0
     a, b = Image.open(one), Image.open(two)
-    assert a.size == b.size == (4 * 96, CAPTION_PX + 2 * (96 + CAPTION_PX))  # 8 images in 2 rows of 4
+    legend = 4  # title, box, lambda note, key
+    assert a.size[1] == b.size[1] == LINE_PX * legend + 4 + 2 * (96 + LINE_PX)  # 8 images in 2 rows of 4
     assert not np.array_equal(np.asarray(a), np.asarray(b))
     assert train_main(["inspect", output, "--batch", "9", "0", "--out", one]) == 1
-    assert "epoch 9 outside [0, 3)" in capsys.readouterr().err
+    assert "--batch 9 0: outside the set's epochs [0, 3)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:  # argparse's usage error, exit status 2
+        train_main(["inspect", output, "--batch", "1", "0", "--out", one, "--columns", "0"])
+    assert stopped.value.code == 2 and "--columns must be at least 1" in capsys.readouterr().err

@@ -43,7 +43,7 @@ def test_http_stream_equals_local(http_set):
     local, server = http_set
     remote = shards.ShardSet(server.url, **FAST)
     assert remote.manifest == shards.ShardSet(local).manifest
-    assert _same_batches(BatchStream(local, workers=0), BatchStream(remote, workers=0)) == 9
+    assert _same_batches(BatchStream(shards.ShardSet(local), workers=0), BatchStream(remote, workers=0)) == 9
     remote.verify()
 
 
@@ -54,7 +54,7 @@ def test_http_faults_are_retried(http_set):
     server.faults.cut[label] = 700
     server.faults.flip[label], server.faults.flip_times[label] = 900, 1
     remote = shards.ShardSet(server.url, **FAST)
-    assert _same_batches(BatchStream(local, workers=0), BatchStream(remote, workers=0)) == 9
+    assert _same_batches(BatchStream(shards.ShardSet(local), workers=0), BatchStream(remote, workers=0)) == 9
     # Every injected fault was served, and the stream still matches the local one.
     assert set(server.faults.errors.values()) == {0} and label not in server.faults.cut
     assert server.faults.flip_times[label] == 0
@@ -95,7 +95,7 @@ def test_cache_dir_holds_image_shards_and_on_request_label_shards(http_set, tmp_
     assert not any("partial" in f for f in files)
     requests = len(server.faults.requests)
     second = BatchStream(shards.ShardSet(server.url, cache_dir=cache, cache_labels=True, **FAST), workers=0)
-    assert _same_batches(BatchStream(local, workers=0), second) == 9
+    assert _same_batches(BatchStream(shards.ShardSet(local), workers=0), second) == 9
     assert set(server.faults.requests[requests:]) == {"manifest.json"}  # all shards from the cache
 
 
@@ -144,12 +144,13 @@ def test_convert_to_s3_then_train_from_it(relabel_case, tmp_path, s3, capsys):
                          str(INPUT_SIZE), "--shard-size", "3000", "--no-progress"]) == 0
     assert convert_main(["--train-dir", train_dir, "--fkd-path", fkd_path, "--output", url, "--input-size",
                          str(INPUT_SIZE), "--no-progress"]) == 1
-    assert "not empty (use --overwrite)" in capsys.readouterr().err
+    assert "output is not empty (use --overwrite" in capsys.readouterr().err
     assert convert_main(["verify", url]) == 0
     remote = shards.ShardSet(url, **FAST)
     assert remote.manifest == shards.ShardSet(local).manifest  # same bytes, same hashes
     cache = str(tmp_path / "cache")
-    assert _same_batches(BatchStream(local, workers=0), BatchStream(url, workers=0, cache_dir=cache)) == 9
+    cached = BatchStream(shards.ShardSet(url, cache_dir=cache), workers=0)
+    assert _same_batches(BatchStream(shards.ShardSet(local), workers=0), cached) == 9
     for run, extra in (("cold", []), ("warm", [])):
         out = tmp_path / run
         assert train_main(["--shards", url, "--cache-dir", cache, "--output-dir", str(out), "-j", "0",

@@ -12,11 +12,17 @@ import pytest
 import torch
 from PIL import Image
 
-from fkd_shards.train.crop import crop_resize_flip
-from fkd_shards.train.decoded import DecodedImages
-from fkd_shards.train.stream import BatchStream, StreamError, slice_rows
+from fkd_shards import shards
+from fkd_shards.train.crop import crop_resize_flip, pil_boxes
+from fkd_shards.train.images import ImageSource, ImageTable
+from fkd_shards.train.plan import slice_rows
+from fkd_shards.train.stream import BatchStream, StreamError
 from tests.conftest import INPUT_SIZE
 from tests.reference import reference_batch
+
+
+def _stream(output, **kwargs) -> BatchStream:
+    return BatchStream(shards.ShardSet(output), **kwargs)
 
 MODES = {"pil": {"decode_cache": False}, "decode_cache": {"decode_cache": True},
          "crop_device": {"crop_device": "cpu"}}
@@ -27,7 +33,7 @@ MODES = {"pil": {"decode_cache": False}, "decode_cache": {"decode_cache": True},
                                             ("none", torch.float16)])
 def test_batches_bit_identical_to_reference(converted, mix_type, dtype, mode):
     output, samples, truth = converted(mix_type=mix_type, dtype=dtype, batch_size=8)  # 8, 8, 4 rows
-    stream = BatchStream(output, workers=0, **MODES[mode])
+    stream = _stream(output, workers=0, **MODES[mode])
     seen = 0
     for b in stream:
         indices = truth.indices(b.epoch, b.batch)
@@ -46,8 +52,8 @@ def test_batches_bit_identical_to_reference(converted, mix_type, dtype, mode):
 @pytest.mark.parametrize("decode_cache", [False, True])
 def test_workers_give_identical_stream_and_keep_order(converted, decode_cache):
     output, _, _ = converted(mix_type="cutmix")
-    inline = list(BatchStream(output, workers=0, decode_cache=False))
-    parallel = list(BatchStream(output, workers=2, decode_cache=decode_cache))
+    inline = list(_stream(output, workers=0, decode_cache=False))
+    parallel = list(_stream(output, workers=2, decode_cache=decode_cache))
     assert [(b.epoch, b.batch) for b in parallel] == [(e, k) for e in range(3) for k in range(4)]
     for a, b in zip(inline, parallel):
         assert (a.epoch, a.batch) == (b.epoch, b.batch)
@@ -57,20 +63,41 @@ def test_workers_give_identical_stream_and_keep_order(converted, decode_cache):
 
 def test_decoded_cache_by_default_when_it_fits_the_memory_budget(converted, monkeypatch):
     output, _, _ = converted()
-    monkeypatch.setattr("fkd_shards.train.stream.cache_budget", lambda: 10**12)
-    on = BatchStream(output, workers=0)
-    assert on._dataset.decoded is not None and on.decode_cache_note.startswith("decoded cache: ")
-    monkeypatch.setattr("fkd_shards.train.stream.cache_budget", lambda: on._dataset.decoded.nbytes - 1)
-    off = BatchStream(output, workers=0)
-    assert off._dataset.decoded is None and "would exceed" in off.decode_cache_note
-    assert BatchStream(output, workers=0, decode_cache=True)._dataset.decoded is not None  # asked for: kept
+    monkeypatch.setattr("fkd_shards.train.images.available_memory", lambda: 10**12)
+    on = _stream(output, workers=0)
+    assert on._dataset.cropper.source.cache and on.decode_cache_note.startswith("decoded cache: ")
+    monkeypatch.setattr("fkd_shards.train.images.available_memory", lambda: 2 * on.images.pixel_bytes - 2)
+    off = _stream(output, workers=0)
+    assert not off._dataset.cropper.source.cache and "would exceed" in off.decode_cache_note
+    assert _stream(output, workers=0, decode_cache=True)._dataset.cropper.source.cache  # asked for: kept
     for a, b in zip(on, off):
         assert torch.equal(a.model_input(), b.model_input())
 
 
+def test_the_cache_decodes_each_image_on_first_use_only(converted):
+    output, _, _ = converted(batch_size=8)
+    stream = _stream(output, workers=0, decode_cache=True)
+    source = stream._dataset.cropper.source
+    batches = iter(stream)
+    first = next(batches)
+    needed = len(np.unique(_samples_of(output, 0, 0)))
+    assert first.crops.shape[0] == needed
+    assert int(source.ready.sum()) == needed < len(source)  # training started before every image was decoded
+    list(batches)
+    assert int(source.ready.sum()) == len(source)
+    for k in range(len(source)):
+        img = Image.open(io.BytesIO(source.table.encoded[k])).convert("RGB")
+        assert np.array_equal(source.rgb(k), np.asarray(img))
+
+
+def _samples_of(output, epoch, batch):
+    record = next(r for r in shards.ShardSet(output).batches(epoch, epoch + 1) if r.batch == batch)
+    return np.concatenate([record.indices, record.indices[record.mix_index]])
+
+
 def test_model_input_layouts_hold_the_same_values(converted):
     output, _, _ = converted(mix_type="cutmix")
-    for b in BatchStream(output, workers=0, end_epoch=1):
+    for b in _stream(output, workers=0, end_epoch=1):
         nchw, nhwc = b.model_input(), b.model_input(memory_format=torch.channels_last)
         assert nchw.is_contiguous() and nhwc.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(nchw, nhwc)
@@ -78,17 +105,17 @@ def test_model_input_layouts_hold_the_same_values(converted):
 
 def test_start_and_end_epoch(converted):
     output, _, _ = converted()
-    got = [(b.epoch, b.batch) for b in BatchStream(output, start_epoch=1, end_epoch=2, workers=0)]
+    got = [(b.epoch, b.batch) for b in _stream(output, start_epoch=1, end_epoch=2, workers=0)]
     assert got == [(1, k) for k in range(4)]
     with pytest.raises(ValueError, match="outside"):
-        BatchStream(output, start_epoch=0, end_epoch=4)
+        _stream(output, start_epoch=0, end_epoch=4)
 
 
 @pytest.mark.parametrize("mix_type", ["cutmix", "mixup", "none"])
 def test_rank_slices_reassemble_the_batch(converted, mix_type):
     output, _, _ = converted(mix_type=mix_type, batch_size=8)
-    full = list(BatchStream(output, workers=0, end_epoch=1))
-    parts = [list(BatchStream(output, workers=0, end_epoch=1, rank=r, world_size=4)) for r in range(4)]
+    full = list(_stream(output, workers=0, end_epoch=1))
+    parts = [list(_stream(output, workers=0, end_epoch=1, rank=r, world_size=4)) for r in range(4)]
     for k, whole in enumerate(full):
         slices = [p[k] for p in parts]
         assert [list(s.rows) for s in slices] == [
@@ -102,9 +129,9 @@ def test_rank_slices_reassemble_the_batch(converted, mix_type):
 
 def test_a_rank_crops_only_its_rows_and_partners(converted):
     output, _, _ = converted(mix_type="none", batch_size=8)
-    stream = BatchStream(output, workers=0, rank=1, world_size=2)
+    stream = _stream(output, workers=0, rank=1, world_size=2)
     list(stream)
-    assert stream.decoded_fraction == pytest.approx(0.4)  # 4+4+0 of 8+8+4 rows per epoch
+    assert stream.cropped_fraction == pytest.approx(0.4)  # 4+4+0 of 8+8+4 rows per epoch
 
 
 def test_slice_rows():
@@ -114,26 +141,43 @@ def test_slice_rows():
 
 
 def test_misaligned_worker_output_is_an_error(converted, monkeypatch):
+    from dataclasses import replace
+
+    import fkd_shards.train.stream as stream_module
+
     output, _, _ = converted()
-    stream = BatchStream(output, workers=0)
-    original = stream._plan
+    real = stream_module.plan_task
 
-    def shifted(record):
-        task, layout = original(record)
-        return type(task)(task.epoch, task.batch + (record.batch == 2), task.samples, task.coords,
-                          task.flips), layout
+    def shifted(record, *args):
+        task = real(record, *args)
+        return replace(task, batch=task.batch + (record.batch == 2))
 
-    monkeypatch.setattr(stream, "_plan", shifted)
-    with pytest.raises(StreamError, match="worker returned epoch 0 batch 3 for epoch 0 batch 2"):
-        list(stream)
+    monkeypatch.setattr(stream_module, "plan_task", shifted)
+    with pytest.raises(StreamError, match="a worker returned epoch 0 batch 3 where epoch 0 batch 2 belongs"):
+        list(_stream(output, workers=0))
 
 
-def test_crop_rounds_to_nearest_like_pil(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_image_that_does_not_decode_is_one_line_naming_it(converted, tmp_path, workers):
+    output, _, _ = converted()
+    from tests.tamper import reseal
+
+    reseal(output, image_bytes={5: b"\xff\xd8\xff not a jpeg"})
+    with pytest.raises(StreamError) as caught:
+        list(_stream(output, workers=workers, decode_cache=False))
+    message = str(caught.value)
+    assert len(message.splitlines()) == 1
+    assert "image 5 (new001/class001_id000.JPEG): cannot decode (not a known image format)" in message
+
+
+def test_crop_rounds_to_nearest_like_pil():
     # A box edge at 2.6 px must round to 3, not truncate to 2.
     pixels = np.arange(10 * 10 * 3, dtype=np.uint8).reshape(10, 10, 3)
     img = Image.fromarray(pixels, "RGB")
-    coords = np.array([0.26, 0.0, 0.5, 0.5], dtype=np.float32)
-    out = crop_resize_flip(img, coords, False, 5)
+    coords = np.array([[0.26, 0.0, 0.5, 0.5]], dtype=np.float32)
+    box = pil_boxes(coords, np.array([10]), np.array([10]))[0]
+    assert box.tolist() == [0, 3, 5, 8]
+    out = crop_resize_flip(pixels, box, False, 5)
     expected = np.asarray(img.crop((0, 3, 5, 8)).resize((5, 5), Image.BILINEAR))
     truncated = np.asarray(img.crop((0, 2, 5, 7)).resize((5, 5), Image.BILINEAR))
     assert np.array_equal(out, expected) and not np.array_equal(out, truncated)
@@ -148,31 +192,38 @@ def test_cropping_cached_pixels_equals_pil_crop_of_the_image():
         png = io.BytesIO()
         img.save(png, format="PNG")
         encoded.append(png.getvalue())
-    decoded = DecodedImages(encoded, threads=2)
+    shapes = np.array([(img.size[1], img.size[0]) for img in images])
+    source = ImageSource(ImageTable(encoded, np.zeros(3, np.int64), shapes, ["a", "b", "c"]), cache=True)
     cases = [np.array(c, dtype=np.float32) for c in
              [(0.5 / 37, 0.5 / 29, 0.5, 0.5), (2.5 / 37, 1.5 / 29, 0.3, 0.7), (0, 0, 1, 1),
-              (0.9, 0.9, 0.2, 0.2), (0.0, 0.0, 0.01, 0.01)]]  # half-pixel edges, whole, outside, empty
+              (0.9, 0.9, 0.2, 0.2)]]  # half-pixel edges, whole, reaching outside
     cases += [rng.random(4, dtype=np.float32) * np.float32(0.7) + np.float32(0.05) for _ in range(100)]
     for k, img in enumerate(images):
-        assert np.array_equal(decoded.pixels(k), np.asarray(img))
+        assert np.array_equal(source.rgb(k), np.asarray(img))
+        width, height = img.size
         for coords in cases:
+            box = pil_boxes(coords[None], np.array([height]), np.array([width]))[0]
+            top, left = float(coords[0]) * height, float(coords[1]) * width
+            float_box = (left, top, left + float(coords[3]) * width, top + float(coords[2]) * height)
             for flip in (False, True):
                 for size in (7, 16):
-                    assert np.array_equal(decoded.crop_resize_flip(k, coords, flip, size),
-                                          crop_resize_flip(img, coords, flip, size)), (k, coords, flip, size)
+                    # The reference: PIL's own crop of the float box (PIL rounds it), resize, flip.
+                    ref = img.crop(float_box).resize((size, size), Image.BILINEAR)
+                    ref = ref.transpose(Image.FLIP_LEFT_RIGHT) if flip else ref
+                    assert np.array_equal(crop_resize_flip(source.rgb(k), box, flip, size), np.asarray(ref)), \
+                        (k, coords, flip, size)
 
 
 def test_device_crops_cover_both_resample_paths_and_slices(converted):
-    from fkd_shards.train.resample import needs_pil, pil_boxes
-
     output, _, truth = converted(batch_size=8)
-    stream = BatchStream(output, workers=0, crop_device="cpu")
-    record = next(iter(stream.shards.batches()))
-    shapes = stream._dataset.decoded.shapes[record.indices]
-    by_pil = needs_pil(pil_boxes(record.coords, shapes[:, 1], shapes[:, 0]), INPUT_SIZE)
+    stream = _stream(output, workers=0, crop_device="cpu")
+    record = next(iter(stream.shard_set.batches()))
+    shapes = stream.images.shapes[record.indices]
+    boxes = pil_boxes(record.coords, shapes[:, 0], shapes[:, 1])
+    by_pil = boxes[:, 3] - boxes[:, 1] > INPUT_SIZE
     assert by_pil.any() and not by_pil.all()  # the fixture exercises the torch path and the PIL one
-    full = list(BatchStream(output, workers=0, end_epoch=1))
-    parts = [list(BatchStream(output, workers=0, end_epoch=1, rank=r, world_size=2, crop_device="cpu"))
+    full = list(_stream(output, workers=0, end_epoch=1))
+    parts = [list(_stream(output, workers=0, end_epoch=1, rank=r, world_size=2, crop_device="cpu"))
              for r in range(2)]
     for k, whole in enumerate(full):
         assert torch.equal(torch.cat([p[k].model_input() for p in parts]), whole.model_input())
@@ -184,12 +235,13 @@ def test_decoded_cache_reaches_workers_started_without_fork(converted):
     output, _, _ = converted(mix_type="cutmix")
     code = (f"import torch, torch.multiprocessing as mp\n"
             f"from fkd_shards.train.stream import BatchStream\n"
+            f"from fkd_shards.shards import ShardSet\n"
             f"if __name__ == '__main__':\n"
             f"    mp.set_start_method('forkserver', force=True)\n"
-            f"    a = BatchStream({output!r}, workers=0, decode_cache=False, end_epoch=1)\n"
-            f"    b = BatchStream({output!r}, workers=2, decode_cache=True, end_epoch=1)\n"
+            f"    a = BatchStream(ShardSet({output!r}), workers=0, decode_cache=False, end_epoch=1)\n"
+            f"    b = BatchStream(ShardSet({output!r}), workers=2, decode_cache=True, end_epoch=1)\n"
             f"    same = [torch.equal(x.model_input(), y.model_input()) for x, y in zip(a, b)]\n"
-            f"    print(len(same), all(same), b._dataset.decoded.buffer.is_shared())\n")
+            f"    print(len(same), all(same), b._dataset.cropper.source.buffer.is_shared())\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
     assert done.stdout.split() == ["4", "True", "True"], done.stderr[-2000:]

@@ -12,6 +12,7 @@ from torch import nn
 
 from fkd_shards import shards
 from fkd_shards.train import loop
+from fkd_shards.train.checkpoint import TrainState, build_scheduler
 from fkd_shards.train.cli import main as train_main
 from fkd_shards.train.config import build_parser, resolve
 from fkd_shards.train.distributed import DistEnv
@@ -64,29 +65,31 @@ class TinyNet(nn.Module):
         return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
 
 
-def _step_with(stream_batch, steps, micro, *flags):
+def _step_with(stream_batch, steps, *flags):
     torch.manual_seed(0)
     model = TinyNet()
-    cfg = _config(steps, None, *flags)
+    cfg = _config(steps, *flags)
     optimizer = loop.build_optimizer(cfg, model)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    loop.train_step(model, stream_batch, cfg, "cpu", optimizer, scaler, loop.EpochTotals.zeros("cpu"), micro)
+    state = TrainState(model, model, optimizer, build_scheduler(cfg, optimizer, 0),
+                       torch.amp.GradScaler("cpu", enabled=False), 0, 0.0)
+    loop.train_step(state, stream_batch, cfg, loop.EpochTotals.zeros("cpu"))
     return model.state_dict()
 
 
-def _config(steps, manifest=None, *flags):
-    args = build_parser().parse_args(["--shards", "x", "--gradient-accumulation-steps", str(steps), *flags])
-    manifest = manifest or shards.Manifest(
+def _config(steps, *flags):
+    args = build_parser().parse_args(["--shards", "x", "--gradient-accumulation-steps", str(steps), "--device", "cpu",
+                                      *flags])
+    manifest = shards.Manifest(
         num_images=20, batch_size=8, num_classes=4, soft_label_width=4, epochs=3, input_size=16,
         mix_type="cutmix", fkd_seed=42, classes=list("abcd"), soft_label_dtype="float16", shards=[])
-    return resolve(args, manifest, None)
+    return resolve(args, manifest, DistEnv())
 
 
 def test_accumulation_gives_the_same_update_without_batch_norm(converted):
     output, _, _ = converted(batch_size=8)
-    batch = next(iter(BatchStream(output, workers=0)))
-    one = _step_with(batch, 1, 8)
-    two = _step_with(batch, 2, 4)
+    batch = next(iter(BatchStream(shards.ShardSet(output), workers=0)))
+    one = _step_with(batch, 1)
+    two = _step_with(batch, 2)
     for name in one:
         torch.testing.assert_close(one[name], two[name], rtol=1e-5, atol=1e-6)
     assert not torch.equal(one["fc.weight"], TinyNet().fc.weight)
@@ -94,13 +97,13 @@ def test_accumulation_gives_the_same_update_without_batch_norm(converted):
 
 def test_last_batch_loss_quirk_and_mean(converted):
     output, _, _ = converted(batch_size=8)
-    last = list(BatchStream(output, workers=0, end_epoch=1))[-1]  # 4 rows: one micro-batch at A=2
+    last = list(BatchStream(shards.ShardSet(output), workers=0, end_epoch=1))[-1]  # 4 rows: one micro-batch at A=2
     assert last.batch_rows == 4
     sgd = ("--sgd", "-lr", "0.5", "--weight-decay", "0")  # the update is proportional to the gradient
-    before = _step_with(last, 1, 8, *sgd, "-lr", "0")
-    one = _step_with(last, 1, 8, *sgd)
-    quirk = _step_with(last, 2, 4, *sgd)  # the loss of its only micro-batch is divided by A=2
-    mean = _step_with(last, 2, 4, *sgd, "--last-batch-loss", "mean")
+    before = _step_with(last, 1, *sgd, "-lr", "0")
+    one = _step_with(last, 1, *sgd)
+    quirk = _step_with(last, 2, *sgd)  # the loss of its only micro-batch is divided by A=2
+    mean = _step_with(last, 2, *sgd, "--last-batch-loss", "mean")
     for name in one:
         torch.testing.assert_close(one[name], mean[name], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(quirk[name] - before[name], (one[name] - before[name]) / 2,
@@ -164,6 +167,16 @@ def test_cli_end_to_end_writes_checkpoints_and_metrics(converted, tmp_path, rela
     (["--gradient-accumulation-steps", "4"], "not divisible by --gradient-accumulation-steps 4"),
     (["--train-dir", "x", "--fkd-path", "y"], "run fkd-convert"),
     (["--model", "no_such_net"], "--model no_such_net is not a torchvision.models"),
+    (["--model", "vit_b_16"], "--model vit_b_16 cannot take this set's 16x16 crops"),
+    (["--model", "timm:no_such_net"], "timm"),
+    (["--adamw-lr", "nan"], "--adamw-lr must be a finite number in [0, inf], got nan"),
+    (["-T", "0"], "--temperature must be a finite number in (0, inf], got 0.0"),
+    (["-T", "inf"], "--temperature must be a finite number in (0, inf], got inf"),
+    (["--momentum", "1.5"], "--momentum must be a finite number in [0, 1], got 1.5"),
+    (["--device", "tpu:0"], "--device 'tpu:0'"),
+    (["--seed", "-1"], "--seed must be in [0, 2**63), got -1"),
+    (["--restart", "--resume", "auto"], "--restart and --resume contradict each other"),
+    (["--resume", "missing.pth"], "--resume missing.pth: no such file"),
     (["--init-weights", "missing.pt"], "missing.pt: no such file"),
     (["--start-epoch", "3"], "--start-epoch 3 outside [0, 3)"),
     (["--amp", "fp16"], "--amp fp16 needs a CUDA device"),
@@ -194,7 +207,8 @@ def test_init_weights_refuses_unsafe_pickles(converted, tmp_path, capsys):
     torch.save({"state_dict": {}, "obj": TinyNet}, path)
     assert train_main(["--shards", output, "--output-dir", str(tmp_path / "r"), "--init-weights",
                        str(path)]) == 1
-    assert "cannot load safely" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "needs unsafe unpickling of tests.test_train.TinyNet; refused" in err and len(err.splitlines()) == 1
 
 
 def test_kd_loss_matches_hand_computation():
@@ -229,7 +243,7 @@ def test_resume_from_a_bare_state_dict_is_a_clear_error(converted, tmp_path, cap
     argv = ["--shards", output, "--output-dir", str(tmp_path / "r"), "-j", "0", "--resume", init]
     assert train_main(argv) == 1
     err = capsys.readouterr().err.strip()
-    assert "not an fkd-train checkpoint (no epoch, state_dict, optimizer, scheduler, rng, manifest)" in err
+    assert "not an fkd-train checkpoint (no epoch, state_dict, optimizer, scheduler, rng)" in err
     assert len(err.splitlines()) == 1
 
 
@@ -256,10 +270,10 @@ def test_wandb_offline_writes_a_local_run(converted, tmp_path):
                     str(tmp_path / "run"), "-j", "0", "--epochs", "1", "--wandb-mode", "offline",
                     "--wandb-api-key", "not-a-key"],
                    env=env, check=True, capture_output=True, timeout=300)
-    runs = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
-    assert len(runs) == 1
+    runs = [d for d in os.listdir(tmp_path / "run" / "wandb") if d.startswith("offline-run-")]
+    assert len(runs) == 1 and not os.path.exists(tmp_path / "wandb")  # under the output directory
     assert "not-a-key" not in open(tmp_path / "run" / "metrics.jsonl").read()
-    for root, _, files in os.walk(tmp_path / "wandb"):
+    for root, _, files in os.walk(tmp_path / "run" / "wandb"):
         for name in files:
             try:
                 data = open(os.path.join(root, name), "rb").read()

@@ -1,49 +1,247 @@
-"""Checkpoints: one dict written atomically (temp file, then rename), loaded with weights_only=True."""
+"""Checkpoints: what the loop's state is, how it is saved and restored, and the checks that make a
+resume trustworthy.
+
+One dict, train_FKD.py's keys (``epoch`` = epochs completed, ``state_dict`` without ``module.``
+prefixes, ``best_acc1``, ``optimizer``, ``scheduler``) plus what an exact resume needs (position,
+RNG states, AMP scaler, seed, config, the shard set's content id) and an integrity hash over all of
+it. Written to a temporary file and renamed; loaded with ``weights_only=True``; on resume the hash,
+the weights' finiteness, the shard set and the run-defining flags are checked before anything is used.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+from dataclasses import dataclass
 
 import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
-from fkd_shards.shards.io import first_line
+from fkd_shards import shards
+from fkd_shards.common.files import FileWriteError, write_atomically
+from fkd_shards.common.text import escape, first_line
+from fkd_shards.common.torchfiles import TorchFileError, load_weights_only
 
-CHECKPOINT_NAME = "checkpoint.pth.tar"
-BEST_NAME = "model_best.pth.tar"
+from .config import TRAJECTORY_FIELDS, TrainConfig
+from .rundir import BEST_NAME, CHECKPOINT_NAME
+
+INTEGRITY = "sha256-tensors-v1"
+REQUIRED = ("epoch", "state_dict", "optimizer", "scheduler", "rng")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint or weights file that cannot be used; the message names the file."""
+    """A checkpoint or weights file that cannot be used or written; the message names the file."""
 
 
-def save(state: dict, output_dir: str, is_best: bool) -> str:
-    """Write ``OUTPUT_DIR/checkpoint.pth.tar`` atomically, and copy it to ``model_best`` when best."""
-    path = os.path.join(output_dir, CHECKPOINT_NAME)
-    suffix = f".{os.getpid()}.partial"  # unique: a writer never renames another process's file
-    torch.save(state, path + suffix)
-    os.replace(path + suffix, path)
-    if is_best:
-        best = os.path.join(output_dir, BEST_NAME)
-        shutil.copyfile(path, best + suffix)
-        os.replace(best + suffix, best)
-    return path
+@dataclass
+class TrainState:
+    """What the loop updates and a checkpoint holds."""
+
+    model: nn.Module  # DDP-wrapped under torchrun
+    plain: nn.Module  # the unwrapped student
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    scaler: torch.amp.GradScaler
+    first_epoch: int
+    best_acc1: float
 
 
-def load(path: str) -> dict:
-    """Load a checkpoint or state dict safely (``weights_only=True``)."""
+# ---- files ---------------------------------------------------------------------------------------
+
+def load_file(path: str) -> dict:
+    """A checkpoint or state dict, loaded safely (``weights_only=True``); must be a dict."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
-    except Exception as exc:  # unpickling refusals, truncated zips, ...
-        raise CheckpointError(f"{path}: cannot load safely ({first_line(exc)})") from None
+        state = load_weights_only(path, path)
+    except TorchFileError as exc:
+        raise CheckpointError(str(exc)) from None
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: expected a dict, found {type(state).__name__}")
+        raise CheckpointError(f"{path}: expected a dict, found {escape(type(state).__name__)}")
     return state
 
 
-def model_state(state: dict) -> dict:
+def model_state(state: dict, where: str) -> dict:
     """The model's state dict from a checkpoint or a bare state dict, without ``module.`` prefixes."""
     weights = state.get("state_dict", state)
-    return {k.removeprefix("module."): v for k, v in weights.items()}
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError(f"{where}: holds no state dict of tensors")
+    return {str(k).removeprefix("module."): v for k, v in weights.items()}
+
+
+def check_finite(weights: dict, where: str) -> None:
+    """Refuse weights holding NaN or inf: training on from them only spreads them."""
+    for name, value in weights.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{where}: {escape(name)} holds NaN or inf values; refused")
+
+
+def digest(obj: object) -> str:
+    """sha256 over a checkpoint's content: every tensor's dtype, shape and bytes, every container's
+    structure, every other value's type and repr, in a fixed order."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def _feed(h, obj: object) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)};".encode())
+        for key in sorted(obj, key=repr):
+            _feed(h, key)
+            _feed(h, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)};".encode())
+        for value in obj:
+            _feed(h, value)
+    else:
+        h.update(f"S{type(obj).__name__}:{obj!r};".encode())
+
+
+def _to_cpu(obj: object) -> object:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def write(state: dict, path: str) -> None:
+    """``torch.save`` through a temporary file and a rename; a full or read-only disk is a
+    :class:`CheckpointError` and the file at ``path`` stays as it was."""
+    try:
+        write_atomically(path, lambda f: torch.save(state, f))
+    except FileWriteError as exc:
+        raise CheckpointError(f"{exc}; the previous file there is intact") from None
+
+
+def write_weights(model: nn.Module, path: str) -> None:
+    """A plain state dict (CPU tensors) that ``model.load_state_dict(torch.load(path))`` takes."""
+    write(_to_cpu(model.state_dict()), path)
+
+
+# ---- save and restore --------------------------------------------------------------------------
+
+def save(s: TrainState, epoch: int, cfg: TrainConfig, manifest: shards.Manifest, is_best: bool) -> str:
+    """Write ``OUTPUT_DIR/checkpoint.pth.tar`` after ``epoch``, and ``model_best.pth.tar`` when best."""
+    state = _to_cpu({
+        "epoch": epoch + 1, "state_dict": s.plain.state_dict(), "best_acc1": s.best_acc1,
+        "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
+        "scaler": s.scaler.state_dict(), "position": {"epoch": epoch + 1, "batch": 0},
+        "rng": _rng_state(cfg.device), "seed": cfg.seed, "shard_set": manifest.content_id(),
+        "config": cfg.as_dict(),
+    })
+    check_finite(state["state_dict"], f"the model after epoch {epoch}")
+    state["integrity"] = {"algorithm": INTEGRITY, "sha256": digest(state)}
+    path = os.path.join(cfg.output_dir, CHECKPOINT_NAME)
+    write(state, path)
+    if is_best:
+        best = os.path.join(cfg.output_dir, BEST_NAME)
+        try:
+            with open(path, "rb") as source:
+                write_atomically(best, lambda f: shutil.copyfileobj(source, f))
+        except (OSError, FileWriteError) as exc:
+            raise CheckpointError(f"{best}: cannot write ({first_line(exc)}); {path} is complete") from None
+    return path
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint written by :func:`save`, its integrity hash and weights checked."""
+    state = load_file(path)
+    missing = [k for k in REQUIRED if k not in state]
+    if missing or ("shard_set" not in state and "manifest" not in state):
+        raise CheckpointError(f"{path}: not an fkd-train checkpoint (no {', '.join(missing or ['shard_set'])})")
+    integrity = state.pop("integrity", None)
+    if integrity is not None:  # checkpoints written before the hash existed have none
+        if not isinstance(integrity, dict) or integrity.get("sha256") != digest(state):
+            raise CheckpointError(f"{path}: integrity hash mismatch (the file changed or is corrupt); refused")
+    epoch = state["epoch"]
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        raise CheckpointError(f"{path}: epoch is {escape(repr(epoch))[:40]}")
+    check_finite(model_state(state, path), path)
+    return state
+
+
+def restore(s: TrainState, path: str, cfg: TrainConfig, manifest: shards.Manifest) -> TrainState:
+    """Continue from the checkpoint at ``path``: refused, naming what differs, when it belongs to
+    another shard set, another model, optimizer or schedule; otherwise every state is restored."""
+    state = load_checkpoint(path)
+    _check_compatible(state, cfg, manifest, path)
+    try:
+        s.plain.load_state_dict(model_state(state, path))
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: does not fit --model {cfg.model} ({first_line(exc, 200)})") from None
+    try:
+        s.optimizer.load_state_dict(state["optimizer"])
+        s.scaler.load_state_dict(state.get("scaler") or {})
+        scheduler = build_scheduler(cfg, s.optimizer, state["epoch"])
+        scheduler.load_state_dict(state["scheduler"])
+        _restore_rng(state["rng"], cfg.device)
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: optimizer, schedule or RNG state does not fit this run "
+                              f"({first_line(exc, 150)})") from None
+    best = state.get("best_acc1", 0.0)
+    return TrainState(s.model, s.plain, s.optimizer, scheduler, s.scaler, state["epoch"],
+                      float(best) if isinstance(best, (int, float)) else 0.0)
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, first_epoch: int) -> LambdaLR:
+    """LambdaLR stepped once per epoch, positioned at ``first_epoch``."""
+    from .kd import lr_factor
+
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    return LambdaLR(optimizer, lambda e: lr_factor(e, cfg.epochs, cfg.cos), last_epoch=first_epoch - 1)
+
+
+def _check_compatible(state: dict, cfg: TrainConfig, manifest: shards.Manifest, path: str) -> None:
+    if "shard_set" in state:
+        if state["shard_set"] != manifest.content_id():
+            raise CheckpointError(f"{path}: written for another shard set (its shards' hashes differ from "
+                                  f"{cfg.shards}'s)")
+    elif state["manifest"] != _legacy_identity(manifest):
+        raise CheckpointError(f"{path}: written for another shard set")
+    before = state.get("config") or {}
+    for name in TRAJECTORY_FIELDS:
+        if name in before and before[name] != getattr(cfg, name):
+            flag = "--" + name.replace("_", "-")
+            raise CheckpointError(f"{path}: {flag} {getattr(cfg, name)!r} differs from the checkpoint's "
+                                  f"{escape(repr(before[name]))[:60]}; resume with the same value, or start a "
+                                  f"new run")
+
+
+def _legacy_identity(m: shards.Manifest) -> dict:
+    """What checkpoints written before content ids recorded about their shard set."""
+    return {"num_images": m.num_images, "batch_size": m.batch_size, "soft_label_width": m.soft_label_width,
+            "mix_type": m.mix_type, "fkd_seed": m.fkd_seed, "input_size": m.input_size, "classes": list(m.classes)}
+
+
+def _rng_state(device: str) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.startswith("cuda"):
+        state["cuda"] = torch.cuda.get_rng_state(torch.device(device))
+    return state
+
+
+def _restore_rng(state: dict, device: str) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.startswith("cuda") and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], torch.device(device))
+
+
+def export_weights(path: str, out: str) -> int:
+    """``fkd-train export``: the model weights of a checkpoint (or any state dict) as a plain state
+    dict at ``out``; returns the number of tensors written."""
+    state = load_file(path)
+    if "integrity" in state:
+        state = load_checkpoint(path)
+    weights = model_state(state, path)
+    check_finite(weights, path)
+    write(_to_cpu(weights), out)
+    return len(weights)

@@ -1,4 +1,10 @@
-"""``fkd-train`` (also ``python -m fkd_shards.train``): parse, check against the shard set, train."""
+"""``fkd-train`` (also ``python -m fkd_shards.train``): parse, check against the shard set, train.
+Subcommands: ``inspect`` (summary and a picture of a batch), ``report`` (a table over finished
+runs), ``export`` (a plain weights file from a checkpoint).
+
+Only the standard library is imported until the arguments are parsed, so that ``--help`` and flag
+errors answer at once (torch takes seconds to import).
+"""
 
 from __future__ import annotations
 
@@ -6,81 +12,139 @@ import argparse
 import os
 import sys
 
-from fkd_shards import shards
+from fkd_shards.common.text import error_line
 
-from . import distributed
-from .checkpoint import CheckpointError
-from .config import ConfigError, build_parser, resolve
-from .grid import render_batch, save_png
-from .loop import train
-from .metrics import WandbError
-from .stream import BatchStream, StreamError
+from .config import build_parser
 
-
-def inspect(argv: list[str]) -> int:
-    """``fkd-train inspect LOCATION [--batch E B --out grid.png]``: summary, and a picture of a batch."""
-    p = argparse.ArgumentParser(prog="fkd-train inspect", description="Summarise a shard set; with "
-                                "--batch and --out, draw that batch as the model sees it.")
-    p.add_argument("location")
-    p.add_argument("--batch", type=int, nargs=2, metavar=("EPOCH", "BATCH"))
-    p.add_argument("--out", help="PNG to write (with --batch)")
-    p.add_argument("--columns", type=int, default=8)
-    args = p.parse_args(argv)
-    if (args.batch is None) != (args.out is None):
-        p.error("--batch and --out go together")
-    try:
-        shard_set = shards.ShardSet(args.location)
-        print(f"location        {args.location}")
-        print(shard_set.manifest.describe())
-        if args.batch:
-            epoch, number = args.batch
-            if not 0 <= epoch < shard_set.manifest.epochs:
-                raise ConfigError(f"epoch {epoch} outside [0, {shard_set.manifest.epochs})")
-            batch = BatchStream(shard_set, epoch, epoch + 1, workers=0).get(epoch, number)
-            save_png(render_batch(batch, columns=args.columns), args.out)
-            print(f"wrote {args.out}: epoch {epoch} batch {number}, {len(batch.rows)} images "
-                  f"(y = hard label, t = teacher's top-1; red where they differ)")
-    except (ConfigError, ValueError, shards.ManifestError, shards.ShardError, shards.LocationError,
-            OSError) as exc:
-        print(f"fkd-train inspect: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+PROG = "fkd-train"
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status. User errors print one line and return 1."""
+    """Entry point; returns the exit status: 0, 1 for bad input or a failed run (one line on
+    stderr), 2 for bad flags (argparse's usage message), 130 when interrupted."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["inspect"]:
-        return inspect(argv[1:])
-    args = build_parser().parse_args(argv)
-    env = distributed.from_environment()
+    commands = {"inspect": _inspect, "report": _report, "export": _export}
+    command = commands.get(argv[0] if argv else "")
     try:
-        if args.train_dir or args.fkd_path:
-            raise ConfigError("--train-dir/--fkd-path are replaced by --shards: run fkd-convert "
-                              "--train-dir DIR --fkd-path DIR --output SHARDS first")
-        if not args.shards:
-            raise ConfigError("--shards LOCATION is required (a shard set written by fkd-convert)")
-        shard_set = shards.ShardSet(args.shards, cache_dir=args.cache_dir, cache_labels=args.cache_labels)
-        api_key = os.environ.get("WANDB_API_KEY") or args.wandb_api_key
-        cfg = resolve(args, shard_set.manifest, api_key)
-        if args.keep_topk != 1000 and env.is_main:
-            print("fkd-train: note: --keep-topk is accepted for compatibility and unused, as in the original")
-        device = distributed.init(env, cfg.device)
-        try:
-            train(cfg if device == cfg.device else _with_device(cfg, device), shard_set, env, api_key)
-        finally:
-            distributed.shutdown(env)
-    except (ConfigError, CheckpointError, StreamError, WandbError, shards.ManifestError, shards.ShardError,
-            shards.LocationError) as exc:
-        print(f"fkd-train: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("fkd-train: interrupted; the last checkpoint is complete", file=sys.stderr)
+        return command(argv[1:]) if command else _train(argv)
+    except KeyboardInterrupt as exc:
+        print(f"{PROG}: {exc or 'interrupted'}", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not _is_user_error(exc):
+            raise
+        print(error_line(PROG, exc), file=sys.stderr)
+        return 1
+
+
+def _train(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.train_dir or args.fkd_path:
+        raise _config_error("--train-dir/--fkd-path are replaced by --shards: run fkd-convert --train-dir DIR "
+                            "--fkd-path DIR --output SHARDS first")
+    if not args.shards:
+        raise _config_error("--shards LOCATION is required (a shard set written by fkd-convert or fkd-relabel)")
+    from fkd_shards import shards
+
+    from . import distributed
+    from .config import resolve
+    from .loop import train
+
+    env = distributed.from_environment()
+    shard_set = shards.ShardSet(args.shards, cache_dir=args.cache_dir, cache_labels=args.cache_labels)
+    cfg = resolve(args, shard_set.manifest, env)
+    if args.keep_topk != 1000 and env.is_main:
+        print(f"{PROG}: note: --keep-topk is accepted for compatibility and unused, as in train_FKD.py")
+    distributed.init(env, cfg.device)
+    try:
+        train(cfg, shard_set, os.environ.get("WANDB_API_KEY") or args.wandb_api_key)
+    finally:
+        distributed.shutdown(env)
     return 0
 
 
-def _with_device(cfg, device: str):
-    from dataclasses import replace
+def _inspect(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog=f"{PROG} inspect", description="Summarise a shard set; with --batch and "
+                                "--out, draw that batch as the model sees it (after crop, flip and mix).")
+    p.add_argument("location", help="directory or URL of the shard set")
+    p.add_argument("--batch", type=int, nargs=2, metavar=("EPOCH", "BATCH"), help="the batch to draw")
+    p.add_argument("--out", metavar="PNG", help="picture to write (with --batch)")
+    p.add_argument("--columns", type=int, default=8, help="images per row of the picture (default: 8)")
+    args = p.parse_args(argv)
+    if (args.batch is None) != (args.out is None):
+        p.error("--batch and --out go together")
+    if args.columns < 1:
+        p.error(f"--columns must be at least 1, got {args.columns}")
+    from fkd_shards import shards
 
-    return replace(cfg, device=device)
+    shard_set = shards.ShardSet(args.location)
+    print(f"location        {args.location}")
+    print(shard_set.manifest.describe())
+    if args.batch:
+        from .grid import render_batch, save_png
+        from .stream import batch_at
+
+        epoch, number = args.batch
+        m = shard_set.manifest
+        if not (0 <= epoch < m.epochs and 0 <= number < m.batches_per_epoch):
+            raise _config_error(f"--batch {epoch} {number}: outside the set's epochs [0, {m.epochs}) and batches "
+                                f"[0, {m.batches_per_epoch})")
+        batch = batch_at(shard_set, epoch, number)
+        save_png(render_batch(batch, columns=args.columns), args.out)
+        print(f"wrote {args.out}: epoch {epoch} batch {number}, {len(batch.rows)} images")
+    return 0
+
+
+def _report(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog=f"{PROG} report", description="One table over finished runs: runs that "
+                                "differ only in --seed are grouped, with the mean and standard deviation of "
+                                "their final and best top-1.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output directories of fkd-train runs")
+    p.add_argument("--csv", action="store_true", help="comma-separated values instead of a Markdown table")
+    args = p.parse_args(argv)
+    from .report import report
+
+    print(report(args.runs, csv=args.csv))
+    return 0
+
+
+def _export(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog=f"{PROG} export", description="Write the model weights of a checkpoint as "
+                                "a plain state dict, which torchvision/timm models load directly.")
+    p.add_argument("checkpoint", help="checkpoint.pth.tar or model_best.pth.tar of a run")
+    p.add_argument("out", help="weights file to write (refused if it exists)")
+    args = p.parse_args(argv)
+    if os.path.lexists(args.out):
+        raise _config_error(f"{args.out}: exists; choose another name")
+    from .checkpoint import export_weights
+
+    count = export_weights(args.checkpoint, args.out)
+    print(f"wrote {args.out}: {count} tensors (model.load_state_dict(torch.load({args.out!r})))")
+    return 0
+
+
+def _config_error(message: str) -> Exception:
+    from .config import ConfigError
+
+    return ConfigError(message)
+
+
+def _is_user_error(exc: Exception) -> bool:
+    """Errors about the input, the flags, the environment or the machine, as opposed to bugs (which
+    keep their traceback)."""
+    from fkd_shards import shards
+
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .distributed import DistError
+    from .images import ImageError
+    from .loop import TrainingError
+    from .metrics import MetricsError
+    from .report import ReportError
+    from .rundir import RunDirError
+    from .stream import StreamError
+    from .validate import ValidationError
+
+    return isinstance(exc, (ConfigError, CheckpointError, DistError, ImageError, TrainingError, MetricsError,
+                            ReportError, RunDirError, StreamError, ValidationError, shards.ManifestError,
+                            shards.ShardError, OSError))

@@ -1,30 +1,44 @@
-"""``fkd-train`` flags: train_FKD.py's, with the same meaning and defaults, plus ours; parsed once
-into a frozen :class:`TrainConfig` that is checked against the shard set's manifest."""
+"""``fkd-train`` flags (train_FKD.py's, with the same meaning and defaults where they still apply,
+plus ours) and :func:`resolve`, which turns flags, manifest and torchrun environment into one frozen
+:class:`TrainConfig` holding everything derived from them. Nothing writes to it afterwards.
+
+This module imports only the standard library at the top: ``--help`` must not wait for torch.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 from dataclasses import asdict, dataclass
 
-import torch
+from .distributed import DistEnv
+from .rundir import CHECKPOINT_NAME
 
-from fkd_shards import shards
+# What defines a run's trajectory: a resumed run must agree with its checkpoint on all of them.
+TRAJECTORY_FIELDS = ("model", "seed", "sgd", "learning_rate", "momentum", "weight_decay", "adamw_lr",
+                     "adamw_weight_decay", "cos", "epochs", "temperature", "micro_batch_rows", "last_batch_loss")
 
 
 class ConfigError(ValueError):
-    """Flags that contradict each other or the shard set."""
+    """Flags that contradict each other, the shard set or the environment."""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     shards: str
-    batch_size: int
-    gradient_accumulation_steps: int
+    output_dir: str
+    model: str
+    seed: int
+    epochs: int  # train epochs [start_epoch, epochs) of the set's
     start_epoch: int
-    epochs: int
+    gradient_accumulation_steps: int
+    micro_batch_rows: int  # B / (world size x accumulation): the rows of one forward pass
+    dist: DistEnv
+    device: str  # this rank's device, e.g. "cuda:3"
     workers: int
     val_dir: str | None
-    output_dir: str
+    val_every: int
     cos: bool
     sgd: bool
     learning_rate: float
@@ -32,126 +46,224 @@ class TrainConfig:
     weight_decay: float
     adamw_lr: float
     adamw_weight_decay: float
-    model: str
     temperature: float
-    mix_type: str
-    fkd_seed: int
-    device: str
-    init_weights: str | None
-    resume: str | None
-    val_every: int
-    wandb_project: str
-    wandb_mode: str
+    last_batch_loss: str
     amp: str
     channels_last: bool
     sync_bn: bool
-    decode_cache: str  # auto, on, off
+    init_weights: str | None
+    resume: str | None  # the checkpoint to continue from (resolved), or None for a fresh run
+    restart: bool
+    allow_misaligned: bool
+    decode_cache: str  # auto, on, off: decided once the images' size is known (images.decode_cache_choice)
+    device_crops: bool
     cache_dir: str | None
     cache_labels: bool
-    last_batch_loss: str
-    device_crops: bool
+    wandb_project: str
+    wandb_mode: str
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        body = asdict(self)
+        body["dist"] = {"world_size": self.dist.world_size}
+        return body
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=34, width=min(110, max(80, _columns())))
+
+
+def _columns() -> int:
+    try:
+        return os.get_terminal_size().columns
+    except OSError:
+        return 100
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fkd-train", description="Knowledge-distillation training on an "
-                                "fkd shard set, batch for batch as the teacher labelled it.")
-    a = p.add_argument
-    a("--shards", help="shard set written by fkd-convert (directory or URL)")
-    a("--train-dir", help=argparse.SUPPRESS)
-    a("--fkd-path", help=argparse.SUPPRESS)
-    a("--batch-size", type=int, default=None, help="global batch B (default: the manifest's)")
-    a("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per step, A")
-    a("--start-epoch", type=int, default=0, help="first epoch to train (without --resume: fresh weights)")
-    a("--epochs", type=int, default=None, help="epochs E (default: all in the manifest)")
-    a("-j", "--workers", type=int, default=16, help="crop worker processes (0: in the main process)")
-    a("--val-dir", default=None, help="ImageFolder for validation (optional)")
-    a("--output-dir", default="./save/1024", help="checkpoints and metrics.jsonl")
-    a("--cos", action="store_true", help="cosine LR schedule (default: linear decay)")
-    a("--sgd", action="store_true", help="SGD instead of AdamW")
-    a("-lr", "--learning-rate", type=float, default=1.024, help="SGD learning rate")
-    a("--momentum", type=float, default=0.875, help="SGD momentum")
-    a("--weight-decay", type=float, default=3e-5, help="SGD weight decay")
-    a("--adamw-lr", type=float, default=0.001, help="AdamW learning rate")
-    a("--adamw-weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    a("--model", default="resnet18", help="any torchvision.models name")
-    a("--keep-topk", type=int, default=1000, help="accepted for compatibility; unused, as in the original")
-    a("-T", "--temperature", type=float, default=3.0, help="KD temperature")
-    a("--wandb-project", default="Temperature", help="wandb project")
-    a("--wandb-api-key", default=None, help="wandb key (WANDB_API_KEY in the environment wins)")
-    a("--mix-type", default=None, choices=["mixup", "cutmix", "none"],
-      help="must match the manifest (default: the manifest's)")
-    a("--fkd_seed", "--fkd-seed", dest="fkd_seed", type=int, default=None,
-      help="must match the manifest (default: the manifest's)")
-    a("--device", default=None, help="cuda when available, else cpu")
-    a("--init-weights", default=None, help="start from this state_dict (or checkpoint)")
-    a("--resume", default=None, help="checkpoint to continue from, or 'auto' (OUTPUT_DIR's, if any)")
-    a("--val-every", type=int, default=10, help="validate every N epochs, and at the last")
-    a("--wandb-mode", default=None, choices=["online", "offline", "disabled"],
-      help="default: online with an API key, else disabled")
-    a("--amp", default="off", choices=["bf16", "fp16", "off"], help="autocast (off: exact parity)")
-    a("--channels-last", action="store_true", help="channels-last memory format (off: exact parity)")
-    a("--sync-bn", action="store_true", help="SyncBatchNorm across ranks (torchrun)")
-    a("--last-batch-loss", default="original", choices=["original", "mean"],
-      help="original: the short last batch's micro-batch losses are divided by A, as train_FKD.py "
-           "does; mean: by its real micro-batch count")
-    a("--device-crops", action="store_true",
-      help="crop, resize and flip on the training device from a decoded copy of the images there "
-           "(bit-identical to PIL; no crop workers)")
-    a("--cache-dir", default=None, help="keep verified remote image shards here and reuse them")
-    a("--cache-labels", action="store_true", help="with --cache-dir: cache the label shards too")
-    a("--decode-cache", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
-      help="decode every image once, into memory the crop workers share (H*W*3 bytes each; same "
-           "pixels, no JPEG decode per crop); auto (default): when that fits in half the available memory")
+    p = argparse.ArgumentParser(
+        prog="fkd-train", formatter_class=_Formatter,
+        description="Knowledge-distillation training on a shard set, batch for batch as the teacher "
+                    "labelled it (train_FKD.py's loop and flags).\nOther commands: fkd-train inspect, "
+                    "fkd-train report, fkd-train export (each with --help).",
+        epilog="Example:\n  fkd-train --shards shards/ --output-dir runs/r18-s0 --model resnet18 -T 20 --cos "
+               "--seed 0\nSeveral GPUs: torchrun --nproc-per-node=8 -m fkd_shards.train --shards ...")
+    data = p.add_argument_group("data")
+    data.add_argument("--shards", metavar="LOCATION", help="shard set written by fkd-convert or fkd-relabel "
+                      "(directory or URL); required")
+    data.add_argument("--epochs", type=int, default=None, metavar="E", help="train epochs [start, E) (default: all "
+                      "the set holds; the LR schedule spans E)")
+    data.add_argument("--start-epoch", type=int, default=0, metavar="S", help="first epoch, with that epoch's own "
+                      "batches and LR; fresh weights unless --init-weights (default: 0)")
+    data.add_argument("--batch-size", type=int, default=None, metavar="B", help="must equal the set's B (default: "
+                      "the set's); change the forward batch with --gradient-accumulation-steps")
+    data.add_argument("--mix-type", default=None, choices=["mixup", "cutmix", "none"],
+                      help="must match the set (default: the set's)")
+    data.add_argument("--fkd_seed", "--fkd-seed", dest="fkd_seed", type=int, default=None, metavar="SEED",
+                      help="must match the set (default: the set's)")
+    data.add_argument("--allow-misaligned", action="store_true", help="train on a set whose replay alignment is "
+                      "near chance (its soft labels probably belong to other images)")
+    data.add_argument("--val-dir", default=None, metavar="DIR", help="ImageFolder to validate on (optional; "
+                      "same class folders as the set)")
+    data.add_argument("--val-every", type=int, default=10, metavar="N", help="validate every N epochs and at the "
+                      "last (default: 10)")
+    data.add_argument("--train-dir", help=argparse.SUPPRESS)
+    data.add_argument("--fkd-path", help=argparse.SUPPRESS)
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default="resnet18", metavar="NAME", help="torchvision.models name, or timm:NAME "
+                       "with the timm extra (default: resnet18); random init, no download")
+    model.add_argument("--seed", type=int, default=0, help="seed of everything random in training, the "
+                       "student's init first (default: 0)")
+    model.add_argument("--init-weights", default=None, metavar="FILE", help="start from these weights (a state "
+                       "dict or checkpoint)")
+    model.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster on "
+                       "GPUs; off: exact parity)")
+    model.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across ranks under torchrun")
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--gradient-accumulation-steps", type=int, default=1, metavar="A", help="micro-batches "
+                     "per step; B must be divisible by A x ranks (default: 1)")
+    opt.add_argument("--sgd", action="store_true", help="SGD instead of AdamW")
+    opt.add_argument("-lr", "--learning-rate", type=float, default=1.024, metavar="LR", help="SGD learning rate "
+                     "(default: 1.024)")
+    opt.add_argument("--momentum", type=float, default=0.875, help="SGD momentum (default: 0.875)")
+    opt.add_argument("--weight-decay", type=float, default=3e-5, metavar="WD", help="SGD weight decay "
+                     "(default: 3e-5)")
+    opt.add_argument("--adamw-lr", type=float, default=0.001, metavar="LR", help="AdamW learning rate "
+                     "(default: 0.001)")
+    opt.add_argument("--adamw-weight-decay", type=float, default=0.01, metavar="WD", help="AdamW weight decay "
+                     "(default: 0.01)")
+    opt.add_argument("--cos", action="store_true", help="cosine LR schedule per epoch (default: linear decay)")
+    opt.add_argument("--last-batch-loss", default="original", choices=["original", "mean"],
+                     help="original (default): the short last batch's losses are divided by A, as train_FKD.py "
+                          "does; mean: by its real micro-batch count")
+    opt.add_argument("--amp", default="off", choices=["bf16", "fp16", "off"], help="autocast (default: off, "
+                     "exact parity)")
+    kd = p.add_argument_group("distillation")
+    kd.add_argument("-T", "--temperature", type=float, default=3.0, help="KD temperature (default: 3.0; the "
+                    "paper's runs use 20)")
+    kd.add_argument("--keep-topk", type=int, default=1000, help="accepted for compatibility; unused, as in "
+                    "train_FKD.py")
+    out = p.add_argument_group("checkpoints and output")
+    out.add_argument("--output-dir", default="./save/1024", metavar="DIR", help="checkpoints, metrics.jsonl, "
+                     "final_weights.pth, summary.json (default: ./save/1024)")
+    out.add_argument("--resume", default=None, metavar="auto|FILE", help="continue a run: 'auto' takes "
+                     "OUTPUT_DIR's checkpoint if there is one")
+    out.add_argument("--restart", action="store_true", help="start over in an output directory that holds a "
+                     "run; its files are moved to OUTPUT_DIR/previous-N/ first")
+    log = p.add_argument_group("logging")
+    log.add_argument("--wandb-mode", default=None, choices=["online", "offline", "disabled"],
+                     help="default: online with an API key, else disabled; files go under OUTPUT_DIR/wandb")
+    log.add_argument("--wandb-project", default="Temperature", help="wandb project (default: Temperature)")
+    log.add_argument("--wandb-api-key", default=None, metavar="KEY", help="wandb key (WANDB_API_KEY in the "
+                     "environment wins); never printed or logged")
+    system = p.add_argument_group("system")
+    system.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    system.add_argument("-j", "--workers", type=int, default=16, metavar="N", help="crop worker processes; 0 "
+                        "crops in the main process (default: 16)")
+    system.add_argument("--decode-cache", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                        help="keep each image's decoded pixels after first use, in memory the workers share "
+                             "(H*W*3 bytes each); auto (default): when that fits half the available memory")
+    system.add_argument("--device-crops", action="store_true", help="crop and resize on the training device "
+                        "(bit-identical to PIL; no crop workers; for GPUs)")
+    system.add_argument("--cache-dir", default=None, metavar="DIR", help="keep verified remote image shards "
+                        "here and reuse them")
+    system.add_argument("--cache-labels", action="store_true", help="with --cache-dir: cache the label shards too")
     return p
 
 
-def resolve(args: argparse.Namespace, manifest: shards.Manifest, api_key: str | None) -> TrainConfig:
-    """Check the flags against each other and the manifest, filling unset ones from it."""
+def _check_number(flag: str, value: float, low: float = 0.0, high: float = math.inf, strict: bool = False) -> None:
+    """A finite float flag within [low, high] (or (low, high] when ``strict``)."""
+    if not math.isfinite(value) or value < low or value > high or (strict and value == low):
+        bound = f"({low:g}" if strict else f"[{low:g}"
+        raise ConfigError(f"{flag} must be a finite number in {bound}, {high:g}], got {value}")
+
+
+def resolve(args: argparse.Namespace, manifest, env: DistEnv) -> TrainConfig:
+    """Check the flags against each other, the manifest and the environment; derive the rest."""
+    import torch
+
     m = manifest
-    batch_size = m.batch_size if args.batch_size is None else args.batch_size
-    if batch_size != m.batch_size:
-        raise ConfigError(f"--batch-size {batch_size} contradicts the shard set's B={m.batch_size}; "
+    if args.batch_size is not None and args.batch_size != m.batch_size:
+        raise ConfigError(f"--batch-size {args.batch_size} contradicts the shard set's B={m.batch_size}; "
                           f"use --gradient-accumulation-steps to change the forward batch")
+    if args.mix_type is not None and args.mix_type != m.mix_type:
+        raise ConfigError(f"--mix-type {args.mix_type} contradicts the shard set's {m.mix_type}")
+    if args.fkd_seed is not None and args.fkd_seed != m.fkd_seed:
+        raise ConfigError(f"--fkd_seed {args.fkd_seed} contradicts the shard set's {m.fkd_seed}")
     epochs = m.epochs if args.epochs is None else args.epochs
     if not 0 < epochs <= m.epochs:
         raise ConfigError(f"--epochs {epochs} asked, the shard set holds {m.epochs}")
     if not 0 <= args.start_epoch < epochs:
         raise ConfigError(f"--start-epoch {args.start_epoch} outside [0, {epochs})")
-    mix_type = m.mix_type if args.mix_type is None else args.mix_type
-    if mix_type != m.mix_type:
-        raise ConfigError(f"--mix-type {mix_type} contradicts the shard set's {m.mix_type}")
-    fkd_seed = m.fkd_seed if args.fkd_seed is None else args.fkd_seed
-    if fkd_seed != m.fkd_seed:
-        raise ConfigError(f"--fkd_seed {fkd_seed} contradicts the shard set's {m.fkd_seed}")
     steps = args.gradient_accumulation_steps
-    if steps <= 0 or batch_size % steps:
-        raise ConfigError(f"--batch-size {batch_size} is not divisible by "
+    if steps <= 0 or m.batch_size % steps:
+        raise ConfigError(f"--batch-size {m.batch_size} is not divisible by --gradient-accumulation-steps {steps}")
+    if m.batch_size % (env.world_size * steps):
+        raise ConfigError(f"--batch-size {m.batch_size} is not divisible by world size {env.world_size} x "
                           f"--gradient-accumulation-steps {steps}")
-    for flag, value in (("--val-every", args.val_every), ("--temperature", args.temperature)):
-        if value <= 0:
-            raise ConfigError(f"{flag} must be positive, got {value}")
-    if args.cache_labels and not args.cache_dir:
-        raise ConfigError("--cache-labels needs --cache-dir")
+    if not 0 <= args.seed < 2**63:
+        raise ConfigError(f"--seed must be in [0, 2**63), got {args.seed}")
+    if args.val_every <= 0:
+        raise ConfigError(f"--val-every must be positive, got {args.val_every}")
     if args.workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {args.workers}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} asked, but CUDA is not available")
+    _check_number("--temperature", args.temperature, strict=True)
+    _check_number("--learning-rate", args.learning_rate)
+    _check_number("--adamw-lr", args.adamw_lr)
+    _check_number("--weight-decay", args.weight_decay)
+    _check_number("--adamw-weight-decay", args.adamw_weight_decay)
+    _check_number("--momentum", args.momentum, high=1.0)
+    if args.cache_labels and not args.cache_dir:
+        raise ConfigError("--cache-labels needs --cache-dir")
+    if args.restart and args.resume:
+        raise ConfigError("--restart and --resume contradict each other")
+    if m.misalignment() and not args.allow_misaligned:
+        raise ConfigError(f"{args.shards}: {m.misalignment()}; --allow-misaligned trains on it anyway")
+    device = _device(args.device, env, torch)
     if args.amp == "fp16" and not device.startswith("cuda"):
         raise ConfigError("--amp fp16 needs a CUDA device; use --amp bf16 on CPU")
-    wandb_mode = args.wandb_mode or ("online" if api_key else "disabled")
+    api_key = os.environ.get("WANDB_API_KEY") or args.wandb_api_key
     return TrainConfig(
-        shards=args.shards, batch_size=batch_size, gradient_accumulation_steps=steps,
-        start_epoch=args.start_epoch, epochs=epochs, workers=args.workers, val_dir=args.val_dir,
-        output_dir=args.output_dir, cos=args.cos, sgd=args.sgd, learning_rate=args.learning_rate,
-        momentum=args.momentum, weight_decay=args.weight_decay, adamw_lr=args.adamw_lr,
-        adamw_weight_decay=args.adamw_weight_decay, model=args.model, temperature=args.temperature,
-        mix_type=mix_type, fkd_seed=fkd_seed, device=device, init_weights=args.init_weights,
-        resume=args.resume, val_every=args.val_every, wandb_project=args.wandb_project,
-        wandb_mode=wandb_mode, amp=args.amp, channels_last=args.channels_last, sync_bn=args.sync_bn,
-        decode_cache=args.decode_cache, cache_dir=args.cache_dir, cache_labels=args.cache_labels,
-        last_batch_loss=args.last_batch_loss, device_crops=args.device_crops,
+        shards=args.shards, output_dir=args.output_dir, model=args.model, seed=args.seed, epochs=epochs,
+        start_epoch=args.start_epoch, gradient_accumulation_steps=steps,
+        micro_batch_rows=m.batch_size // (env.world_size * steps), dist=env, device=device, workers=args.workers,
+        val_dir=args.val_dir, val_every=args.val_every, cos=args.cos, sgd=args.sgd,
+        learning_rate=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay,
+        adamw_lr=args.adamw_lr, adamw_weight_decay=args.adamw_weight_decay, temperature=args.temperature,
+        last_batch_loss=args.last_batch_loss, amp=args.amp, channels_last=args.channels_last,
+        sync_bn=args.sync_bn, init_weights=args.init_weights, resume=_resume_path(args.resume, args.output_dir),
+        restart=args.restart, allow_misaligned=args.allow_misaligned, decode_cache=args.decode_cache,
+        device_crops=args.device_crops, cache_dir=args.cache_dir, cache_labels=args.cache_labels,
+        wandb_project=args.wandb_project, wandb_mode=args.wandb_mode or ("online" if api_key else "disabled"),
     )
+
+
+def _device(flag: str | None, env: DistEnv, torch) -> str:
+    """This rank's device: the flag's, else CUDA when available; under torchrun, GPU LOCAL_RANK."""
+    name = flag or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name!r} is not a device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name} asked, but CUDA is not available")
+        index = env.local_rank if env.active else (device.index or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: GPU {index} asked, {torch.cuda.device_count()} visible")
+        return f"cuda:{index}"
+    if device.type != "cpu":
+        raise ConfigError(f"--device {name}: only cpu and cuda devices are supported")
+    return "cpu"
+
+
+def _resume_path(flag: str | None, output_dir: str) -> str | None:
+    """``--resume auto``: OUTPUT_DIR's checkpoint if there is one (else a fresh run); a file must exist."""
+    if flag is None:
+        return None
+    if flag == "auto":
+        path = os.path.join(output_dir, CHECKPOINT_NAME)
+        return path if os.path.exists(path) else None
+    if not os.path.isfile(flag):
+        raise ConfigError(f"--resume {flag}: no such file")
+    return flag

@@ -1,39 +1,83 @@
-"""The per-image path of the original trainer, bit for bit (SRE2L-FACTS section 4, steps 1-4)."""
+"""Crop, resize and flip on the CPU with PIL, bit for bit the original trainer's per-image path
+(crop the stored box, bilinear resize to S x S, horizontal flip), for a batch of images.
+
+The box is computed in doubles from the float32 coords and each edge is rounded to the nearest
+integer, ties to even, exactly as PIL's ``Image.crop`` rounds a float box (Python's ``round``).
+The products land just below or above whole numbers, so truncating instead (``int()``, a floor)
+would pick other pixels in most batches.
+"""
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
+import torch
 from PIL import Image
 
-
-def decode_rgb(data: bytes) -> Image.Image:
-    """Open encoded image bytes by content and convert to RGB first, as ImageFolder's loader does."""
-    with Image.open(io.BytesIO(data)) as img:
-        return img.convert("RGB")
+from .images import ImageSource, shared_bytes
 
 
-def crop_box(coords: np.ndarray, width: int, height: int) -> tuple[float, float, float, float]:
-    """PIL's crop box ``(left, top, right, bottom)`` of the stored coords, in Python floats."""
-    top = float(coords[0]) * height
-    left = float(coords[1]) * width
-    return left, top, left + float(coords[3]) * width, top + float(coords[2]) * height
+class CropError(ValueError):
+    """A crop that cannot be made (a box that rounds to zero pixels)."""
 
 
-def pil_crop_box(coords: np.ndarray, width: int, height: int) -> tuple[int, int, int, int]:
-    """The integer box PIL's ``crop`` uses: each edge of :func:`crop_box` rounded with ``round``."""
-    x0, y0, x1, y1 = (round(v) for v in crop_box(coords, width, height))
-    return x0, y0, x1, y1
+def pil_boxes(coords: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """int64 (u, 4): the integer boxes ``(left, top, right, bottom)`` PIL crops for float32 coords
+    ``(top/H, left/W, height/H, width/W)`` (u, 4) on images of the given sizes."""
+    c = coords.astype(np.float64)
+    top = c[:, 0] * heights
+    left = c[:, 1] * widths
+    # The far edges are left + width and top + height, added in doubles before rounding, as PIL
+    # receives them; np.rint rounds ties to even like Python's round.
+    edges = np.stack([left, top, left + c[:, 3] * widths, top + c[:, 2] * heights], axis=1)
+    return np.rint(edges).astype(np.int64).reshape(-1, 4)
 
 
-def crop_resize_flip(img: Image.Image, coords: np.ndarray, flip: bool, size: int) -> np.ndarray:
-    """Crop the stored box, resize to (size, size) with PIL bilinear, flip; uint8 HWC.
+def check_boxes(boxes: np.ndarray, samples: np.ndarray) -> None:
+    """A box with no pixel (it rounds to zero width or height) cannot be resized: name it."""
+    empty = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+    if empty.any():
+        k = int(np.argmax(empty))
+        raise CropError(f"the crop box of image {int(samples[k])} rounds to {list(boxes[k])}: no pixels")
 
-    The box is computed in Python floats from the float32 coords; PIL rounds each edge to the
-    nearest integer. Truncating instead would pick other pixels in most batches.
+
+def crop_resize_flip(rgb: np.ndarray, box: np.ndarray, flip: bool, size: int) -> np.ndarray:
+    """PIL's crop of ``box``, bilinear resize to (size, size), flip; uint8 (size, size, 3).
+
+    ``rgb`` is C-contiguous (H, W, 3). A box inside the image is handed to PIL as a region of the
+    array (row stride W*3): no copy of the crop. A box reaching outside it takes PIL's own crop,
+    which pads with black, as the original does.
     """
-    out = img.crop(crop_box(coords, *img.size)).resize((size, size), Image.BILINEAR)
+    height, width = rgb.shape[:2]
+    x0, y0, x1, y1 = (int(v) for v in box)
+    if 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height:
+        flat = memoryview(rgb.reshape(-1))
+        region = Image.frombuffer("RGB", (x1 - x0, y1 - y0), flat[(y0 * width + x0) * 3:], "raw", "RGB",
+                                  width * 3, 1)
+    else:
+        region = Image.fromarray(rgb).crop((x0, y0, x1, y1))
+    out = region.resize((size, size), Image.BILINEAR)
     if flip:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
     return np.asarray(out)
+
+
+class CpuCropper:
+    """Crops of a batch on the CPU: uint8 (u, 3, S, S), channels-last in memory ((u, S, S, 3), PIL's
+    own pixel order, so no transpose per image here; the device makes the batch NCHW)."""
+
+    def __init__(self, source: ImageSource, size: int):
+        self.source = source
+        self.size = size
+
+    def crop(self, samples: np.ndarray, coords: np.ndarray, flips: np.ndarray, shared: bool = False) -> torch.Tensor:
+        """``shared``: allocate the batch in shared memory (in a worker process: handing it to the
+        main process then copies nothing)."""
+        shapes = self.source.table.shapes[samples]
+        boxes = pil_boxes(coords, shapes[:, 0], shapes[:, 1])
+        check_boxes(boxes, samples)
+        shape = (len(samples), self.size, self.size, 3)
+        crops = shared_bytes(int(np.prod(shape))).view(shape) if shared else torch.empty(shape, dtype=torch.uint8)
+        out = crops.numpy()
+        for k, sample in enumerate(samples):
+            out[k] = crop_resize_flip(self.source.rgb(int(sample)), boxes[k], bool(flips[k]), self.size)
+        return crops.permute(0, 3, 1, 2)

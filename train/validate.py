@@ -1,26 +1,57 @@
-"""Validation on an ImageFolder with the original transforms, sharded over ranks and reduced."""
+"""Validation on an ImageFolder with the original transforms, sharded over ranks and reduced.
+
+An image that cannot be read does not crash a worker with a traceback: the dataset marks it, and
+:func:`evaluate` raises one line naming the file (after the epoch's checkpoint is written)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
+
+from fkd_shards.common.text import first_line
 
 from .distributed import DistEnv, sum_across_ranks
 from .kd import topk_correct
 from .mix import MEAN, STD
 
 
-def val_loader(val_dir: str, input_size: int, batch_size: int, workers: int, env: DistEnv) -> DataLoader:
-    """Resize(256)+CenterCrop(224) at S=224, scaled as 256/224 for other sizes; batch B/4."""
+class ValidationError(ValueError):
+    """The validation folder cannot be used; the message names the folder or the file."""
+
+
+class _CheckedFolder(ImageFolder):
+    """ImageFolder whose unreadable images come back as a marker: target ``-(index + 1)``."""
+
+    def __getitem__(self, index: int):
+        try:
+            return super().__getitem__(index)
+        except Exception:  # PIL's errors for a broken file; the reason is found again in evaluate
+            return torch.zeros(3, self.size, self.size), -(index + 1)
+
+
+def val_loader(val_dir: str, classes: list[str], input_size: int, batch_size: int, workers: int,
+               env: DistEnv) -> DataLoader:
+    """Resize(256)+CenterCrop(224) at S=224, scaled as 256/224 for other sizes; batch B/4. The class
+    folders must be the shard set's."""
     transform = T.Compose([T.Resize(round(input_size * 256 / 224)), T.CenterCrop(input_size),
                            T.ToTensor(), T.Normalize(mean=list(MEAN), std=list(STD))])
-    dataset = ImageFolder(val_dir, transform)
+    try:
+        dataset = _CheckedFolder(val_dir, transform)
+    except (OSError, ValueError) as exc:  # torchvision: a missing folder, a class folder without images
+        raise ValidationError(f"{val_dir}: not a usable image folder ({first_line(exc)})") from None
+    dataset.size = input_size
+    if dataset.classes != classes:
+        raise ValidationError(f"{val_dir}: class folders differ from the shard set's classes")
     shard = Subset(dataset, range(env.rank, len(dataset), env.world_size))
-    return DataLoader(shard, batch_size=max(1, batch_size // 4), shuffle=False, num_workers=workers)
+    # Its own generator: iterating a DataLoader draws a seed, which must not move the global RNG
+    # (dropout, resume parity) by whether an epoch validates.
+    return DataLoader(shard, batch_size=max(1, batch_size // 4), shuffle=False, num_workers=workers,
+                      generator=torch.Generator())
 
 
 @torch.no_grad()
@@ -28,15 +59,30 @@ def evaluate(model: nn.Module, loader: DataLoader, device: str, env: DistEnv) ->
     """Cross-entropy, top-1 and top-5 (percent) over the whole validation set."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1, top-5, rows
-    for images, targets in loader:
-        images, targets = images.to(device), targets.to(device)
-        out = model(images)
-        top1, top5 = topk_correct(out, targets, (1, 5))
-        loss_sum = F.cross_entropy(out, targets, reduction="sum")
-        counts = torch.stack([loss_sum.double(), top1.double(), top5.double()]).cpu()
-        totals += torch.cat([counts, torch.tensor([len(targets)], dtype=torch.float64)])
+    try:
+        for images, targets in loader:
+            if (targets < 0).any():
+                _raise_unreadable(loader, int(-targets[targets < 0][0]) - 1)
+            images, targets = images.to(device), targets.to(device)
+            out = model(images)
+            top1, top5 = topk_correct(out, targets, (1, 5))
+            loss_sum = F.cross_entropy(out, targets, reduction="sum")
+            counts = torch.stack([loss_sum.double(), top1.double(), top5.double()]).cpu()
+            totals += torch.cat([counts, torch.tensor([len(targets)], dtype=torch.float64)])
+    finally:
+        model.train()
     totals = sum_across_ranks(totals.to(device), env).cpu()
     rows = max(totals[3].item(), 1.0)
-    model.train()
     return {"val/loss": totals[0].item() / rows, "val/top1": 100 * totals[1].item() / rows,
             "val/top5": 100 * totals[2].item() / rows}
+
+
+def _raise_unreadable(loader: DataLoader, index: int) -> None:
+    path = loader.dataset.dataset.samples[index][0]
+    try:
+        with Image.open(path) as img:
+            img.convert("RGB")
+        reason = "unreadable image"
+    except Exception as exc:  # the reason the worker's load failed, found again here
+        reason = f"unreadable image ({first_line(exc, 150)})"
+    raise ValidationError(f"{path}: {reason}")

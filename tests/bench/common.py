@@ -23,7 +23,7 @@ def make_fixture(root: str, *, images: int, classes: int, size: int, batch_size:
     else:
         samples = make_image_folder(train_dir, classes, images // classes, kinds=[(size, size, "RGB", "jpg")])
         make_relabel(fkd_path, samples, epochs=epochs, batch_size=batch_size, width=width,
-                     input_size=224, mix_type=mix_type)
+                     input_size=size, mix_type=mix_type)
     return train_dir, fkd_path, samples
 
 

@@ -1,23 +1,27 @@
-"""Reading SRe2L relabel output: the directory layout and one batch file, loaded safely and checked."""
+"""Reading SRe2L relabel output: the directory layout and one batch file, loaded safely and checked
+(the six-item list of each ``epoch_{e}/batch_{b}.tar``, which despite its name is a ``torch.save``)."""
 
 from __future__ import annotations
 
-import io
 import math
 import os
-import pickle
 import re
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from fkd_shards.shards.io import first_line
+from fkd_shards.common.files import FileMissingError, FileReadError, read_bounded
+from fkd_shards.common.text import escape
+from fkd_shards.common.torchfiles import TorchFileError, load_weights_only
+from fkd_shards.shards import format as fmt
 
 from .errors import ConvertError
 
-_EPOCH_DIR = re.compile(r"epoch_(\d+)")
-_BATCH_FILE = re.compile(r"batch_(\d+)\.tar")
+# Canonical decimal numbers only: "epoch_02" or "batch_+1.tar" are not names the relabel step writes.
+_EPOCH_DIR = re.compile(r"epoch_(0|[1-9]\d{0,8})")
+_BATCH_FILE = re.compile(r"batch_(0|[1-9]\d{0,8})\.tar")
+MAX_BATCH_FILE_BYTES = 2**31  # a 1024 x 100,000 float32 batch is 0.4 GB
 
 
 def _numpy_safe_globals() -> list:
@@ -64,8 +68,8 @@ class RelabelBatch:
     @property
     def mix_type(self) -> str:
         if self.mix_bbox is not None:
-            return "cutmix"
-        return "mixup" if self.mix_lam is not None else "none"
+            return fmt.MIX_CUTMIX
+        return fmt.MIX_MIXUP if self.mix_lam is not None else fmt.MIX_NONE
 
 
 def scan_layout(root: str) -> RelabelLayout:
@@ -96,7 +100,11 @@ def scan_layout(root: str) -> RelabelLayout:
 def _numbered_entries(directory: str, pattern: re.Pattern, template: str, want_dirs: bool) -> list[int]:
     """Numbers 0..k-1 of the entries matching ``pattern``; a gap or a stray entry is an error."""
     numbers = []
-    for entry in sorted(os.listdir(directory)):
+    try:
+        entries = sorted(os.listdir(directory))
+    except OSError as exc:
+        raise ConvertError(f"{directory}: cannot list ({exc.strerror})") from None
+    for entry in entries:
         if entry.startswith("."):
             continue
         match = pattern.fullmatch(entry)
@@ -112,13 +120,13 @@ def _numbered_entries(directory: str, pattern: re.Pattern, template: str, want_d
 
 
 def read_file(path: str) -> bytes:
+    """A batch file's bytes: a regular file of at most :data:`MAX_BATCH_FILE_BYTES`."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
+        return read_bounded(path, MAX_BATCH_FILE_BYTES)
+    except FileMissingError:
         raise ConvertError(f"{path}: missing") from None
-    except OSError as exc:
-        raise ConvertError(f"{path}: cannot read ({exc.strerror})") from None
+    except FileReadError as exc:
+        raise ConvertError(str(exc)) from None
 
 
 def load_batch(path: str, input_size: int, data: bytes | None = None) -> RelabelBatch:
@@ -129,15 +137,9 @@ def load_batch(path: str, input_size: int, data: bytes | None = None) -> Relabel
     """
     data = read_file(path) if data is None else data
     try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            content = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            raise ConvertError(f"{path}: needs unsafe unpickling; refused (only tensors, numbers and "
-                               "numpy scalars are loaded)") from None
-        raise ConvertError(f"{path}: truncated or not a torch.save file ({first_line(exc)})") from None
-    except Exception as exc:  # torch raises RuntimeError, EOFError, zipfile errors, ... for broken files
-        raise ConvertError(f"{path}: truncated or not a torch.save file ({first_line(exc)})") from None
+        content = load_weights_only(data, path, _numpy_safe_globals())
+    except TorchFileError as exc:
+        raise ConvertError(str(exc)) from None
     return RelabelBatch(*_check_batch(path, content, input_size), file_bytes=len(data))
 
 
@@ -158,10 +160,15 @@ def _check_batch(path: str, content: object, input_size: int) -> tuple:
         fail("empty batch")
     if not np.all(np.isfinite(coords)) or coords.min() < 0 or coords.max() > 1:
         fail("coords outside [0, 1]")
+    if not (coords[:, 2:] > 0).all():
+        fail("coords hold a crop of zero height or width")
     if flips.shape != (n,) or flips.dtype != np.bool_:
         fail(f"flip_status is {flips.dtype}{list(flips.shape)}, expected bool ({n},)")
-    if soft.ndim != 2 or soft.shape[0] != n or soft.dtype not in (np.float16, np.float32):
+    if soft.ndim != 2 or soft.shape[0] != n or soft.shape[1] == 0 or soft.dtype not in (np.float16, np.float32):
         fail(f"soft_label is {soft.dtype}{list(soft.shape)}, expected float16/float32 ({n}, C)")
+    if not np.isfinite(soft).all():
+        row = int(np.argwhere(~np.isfinite(soft))[0][0])
+        fail(f"soft_label row {row} holds a value that is not finite (NaN or inf)")
     if mix_index is not None:
         mix_index = _array(path, "mix_index", mix_index)
         if mix_index.shape != (n,) or mix_index.dtype.kind not in "iu":
@@ -171,17 +178,17 @@ def _check_batch(path: str, content: object, input_size: int) -> tuple:
         mix_index = mix_index.astype(np.int64)
     if lam is not None:
         if isinstance(lam, bool) or not isinstance(lam, (float, int, np.floating)):
-            fail(f"mix_lam is {type(lam).__name__}, expected a float")
+            fail(f"mix_lam is {escape(type(lam).__name__)}, expected a float")
         lam = float(lam)
         if not 0.0 <= lam <= 1.0:
             fail(f"mix_lam {lam} outside [0, 1]")
     if bbox is not None:
-        try:
-            bbox = tuple(int(v) for v in bbox)
-        except (TypeError, ValueError):
+        # Integers only (numpy's, as SRe2L's rand_bbox returns them, or Python's): int() would
+        # silently truncate a float box.
+        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(
+                isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in bbox):
             fail("mix_bbox is not 4 integers")
-        if len(bbox) != 4:
-            fail("mix_bbox is not 4 integers")
+        bbox = tuple(int(v) for v in bbox)
         x1, y1, x2, y2 = bbox
         if not (0 <= x1 <= x2 <= input_size and 0 <= y1 <= y2 <= input_size):
             fail(f"mix_bbox {list(bbox)} outside the {input_size}x{input_size} crop")
@@ -194,10 +201,14 @@ def _check_batch(path: str, content: object, input_size: int) -> tuple:
 
 def _array(path: str, name: str, value: object) -> np.ndarray:
     if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bfloat16:
+            raise ConvertError(f"{path}: {name} is bfloat16, which the shard format does not store")
         return value.detach().cpu().numpy()
     if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf":
+            raise ConvertError(f"{path}: {name} is a {value.dtype} array, expected numbers")
         return value
-    raise ConvertError(f"{path}: {name} is {type(value).__name__}, expected a tensor")
+    raise ConvertError(f"{path}: {name} is {escape(type(value).__name__)}, expected a tensor")
 
 
 def infer_sizes(layout: RelabelLayout, first: RelabelBatch, last: RelabelBatch) -> tuple[int, int]:

@@ -1,13 +1,13 @@
-"""PIL's crop + bilinear resize + flip for whole batches in torch, on any device, bit-identical to
-Pillow's fixed-point two-pass resampling (``libImaging/Resample.c``) for crops that are not taller
-than the output.
+"""Crop, resize and flip for whole batches in torch, on the training device: the twin of
+:mod:`.crop`, bit-identical to Pillow's fixed-point two-pass bilinear resampling
+(``libImaging/Resample.c``) for crops that are not taller than the output.
 
 Pillow computes per output pixel filter weights in double precision, normalises them, turns them into
 fixed point with 22 fractional bits, resamples rows first (rounded and clipped to uint8), then
 columns. The weights are computed here the same way (numpy float64, same operations, same order); the
 integer sums run in int32 on the device, where integer arithmetic is exact. Pillow 13 resamples
 columns first when a resize shrinks the height much more than the width (python-pillow/Pillow#9549),
-so crops taller than the output are left to the caller (``needs_pil``), which uses PIL itself.
+so :class:`DeviceCropper` makes crops taller than the output with PIL (:mod:`.crop`) on the CPU.
 """
 
 from __future__ import annotations
@@ -17,21 +17,11 @@ import math
 import numpy as np
 import torch
 
-from .crop import pil_crop_box
+from .crop import check_boxes, crop_resize_flip, pil_boxes
+from .images import ImageSource
 
 PRECISION_BITS = 32 - 8 - 2
 HALF = 1 << (PRECISION_BITS - 1)
-
-
-def pil_boxes(coords: np.ndarray, widths: np.ndarray, heights: np.ndarray) -> np.ndarray:
-    """The integer crop boxes ``(left, top, right, bottom)`` PIL uses: each edge rounded with ``round``."""
-    return np.array([pil_crop_box(c, int(w), int(h)) for c, w, h in zip(coords, widths, heights)],
-                    dtype=np.int64).reshape(-1, 4)
-
-
-def needs_pil(boxes: np.ndarray, size: int) -> np.ndarray:
-    """Rows this module does not reproduce: crops taller than the output, or empty ones."""
-    return (boxes[:, 3] - boxes[:, 1] > size) | (boxes[:, 3] <= boxes[:, 1]) | (boxes[:, 2] <= boxes[:, 0])
 
 
 def bilinear_coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -69,8 +59,8 @@ def crop_resize_flip_batch(flat: torch.Tensor, offsets: np.ndarray, shapes: np.n
     """uint8 (n, 3, size, size) on ``flat``'s device: PIL's crop, bilinear resize and flip.
 
     ``flat`` holds every image's RGB pixels (H, W, 3) one after another; ``offsets``/``shapes``:
-    where each starts and its (H, W); ``boxes``: from :func:`pil_boxes`, none of them
-    :func:`needs_pil`. Pixels of a box reaching outside its image are black, as PIL's crop makes them.
+    where each starts and its (H, W); ``boxes``: from :func:`.crop.pil_boxes`, none with pixels and
+    none taller than ``size``. Pixels of a box reaching outside its image are black, as PIL's crop makes them.
     """
     out = torch.empty((len(samples), 3, size, size), dtype=torch.uint8, device=flat.device)
     for start in range(0, len(samples), chunk):
@@ -112,3 +102,29 @@ def _resample(flat, offsets, shapes, boxes, flips, size) -> torch.Tensor:
     result = ((acc + HALF) >> PRECISION_BITS).clamp(0, 255).to(torch.uint8)
     result = torch.where(dev(flips, torch.bool)[:, None, None, None], result.flip(2), result)
     return result.permute(0, 3, 1, 2)
+
+
+class DeviceCropper:
+    """Crops of a batch on ``device``: uint8 (u, 3, S, S) there. Every image is decoded once and
+    copied to the device at construction; crops taller than the output (which Pillow 13 may
+    resample columns first) are made by PIL on the CPU and copied over."""
+
+    def __init__(self, source: ImageSource, size: int, device: str):
+        source.decode_all()
+        self.source, self.size = source, size
+        self.pixels = source.buffer.to(device)
+
+    def crop(self, samples: np.ndarray, coords: np.ndarray, flips: np.ndarray, shared: bool = False) -> torch.Tensor:
+        shapes = self.source.table.shapes
+        boxes = pil_boxes(coords, shapes[samples, 0], shapes[samples, 1])
+        check_boxes(boxes, samples)
+        crops = torch.empty((len(samples), 3, self.size, self.size), dtype=torch.uint8, device=self.pixels.device)
+        tall = boxes[:, 3] - boxes[:, 1] > self.size
+        fast = np.nonzero(~tall)[0]
+        if len(fast):
+            crops[torch.as_tensor(fast, device=crops.device)] = crop_resize_flip_batch(
+                self.pixels, self.source.offsets, shapes, samples[fast], boxes[fast], flips[fast], self.size)
+        for k in np.nonzero(tall)[0]:
+            hwc = crop_resize_flip(self.source.rgb(int(samples[k])), boxes[k], bool(flips[k]), self.size)
+            crops[int(k)] = torch.tensor(hwc, device=crops.device).permute(2, 0, 1)
+        return crops

@@ -1,4 +1,5 @@
-"""The replay check against the data: how often the teacher's argmax is a row's class or its mix partner's."""
+"""The replay check against the data: how often the teacher's argmax is a row's class or its mix
+partner's, and when a rate is too close to chance to trust the set."""
 
 from __future__ import annotations
 
@@ -25,7 +26,12 @@ def chance_rate(num_classes: int, mixed: bool) -> float:
     return 1.0 - (miss * miss if mixed else miss)
 
 
-def near_chance(rate: float, num_classes: int, mixed: bool) -> bool:
-    """True when ``rate`` is closer to chance than a quarter of the way from chance to 1."""
+def default_threshold(num_classes: int, mixed: bool) -> float:
+    """A quarter of the way from chance to 1: below it a rate is too close to chance to trust (the
+    default ``--min-alignment``)."""
     chance = chance_rate(num_classes, mixed)
-    return rate < chance + 0.25 * (1.0 - chance)
+    return chance + 0.25 * (1.0 - chance)
+
+
+def near_chance(rate: float, num_classes: int, mixed: bool) -> bool:
+    return rate < default_threshold(num_classes, mixed)

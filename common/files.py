@@ -1,0 +1,129 @@
+"""Local files read with a bound and written atomically.
+
+Reading: only regular files are read (a FIFO, a device such as ``/dev/zero`` or a directory is
+refused before any byte is read; the open itself never blocks), and never more than a stated number
+of bytes. Writing: to a temporary name unique to the process, flushed to disk, then renamed over the
+target, so that a reader sees the old file or the new one, never a part; on failure the temporary
+file is removed and the old file is left as it was.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import uuid
+from collections.abc import Callable
+from typing import IO
+
+TEMP_SUFFIX = ".partial"
+
+
+class FileReadError(OSError):
+    """A local file that cannot be read as asked; the message names it and the problem."""
+
+
+class FileMissingError(FileReadError):
+    """The file does not exist."""
+
+
+class FileWriteError(OSError):
+    """A file that could not be written (disk full, read-only, ...); the old file is intact."""
+
+
+def open_regular(path: str) -> tuple[int, int]:
+    """(descriptor, size) of ``path`` opened for reading after checking that it is a regular file.
+
+    Opened non-blocking, so that a FIFO cannot hang the open; the flag is cleared for the reads."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise FileMissingError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise FileReadError(f"{path}: cannot open ({exc.strerror or exc})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise FileReadError(f"{path}: not a regular file ({_kind(info.st_mode)})")
+        if hasattr(os, "O_NONBLOCK"):
+            import fcntl
+
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, info.st_size
+
+
+def read_bounded(path: str, limit: int, expected: int | None = None) -> bytes:
+    """The whole regular file ``path``: refused when larger than ``limit`` bytes, or when not
+    exactly ``expected`` bytes if that is given (checked before and after reading: a file that
+    changes size while it is read is refused too)."""
+    fd, size = open_regular(path)
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        if expected is not None and size != expected:
+            raise FileReadError(f"{path}: {size} bytes, expected {expected}")
+        if size > limit:
+            raise FileReadError(f"{path}: {size} bytes, more than the {limit}-byte limit for this file")
+        data = bytearray(size)
+        view, done = memoryview(data), 0
+        try:
+            while done < size:
+                got = f.readinto(view[done:])
+                if not got:
+                    raise FileReadError(f"{path}: ended after {done} of {size} bytes (changed while read)")
+                done += got
+            if f.read(1):
+                raise FileReadError(f"{path}: grew past {size} bytes while read")
+        except OSError as exc:
+            if isinstance(exc, FileReadError):
+                raise
+            raise FileReadError(f"{path}: read failed ({exc.strerror or exc})") from None
+    return bytes(data)
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a plain file"
+
+
+def temp_name(path: str) -> str:
+    """A temporary name beside ``path``, unique to this process and call."""
+    return f"{path}.{os.getpid()}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
+
+
+def write_atomically(path: str, content: bytes | Callable[[IO[bytes]], None]) -> None:
+    """Write ``content`` (bytes, or a function writing to a binary file) to ``path`` through a
+    temporary file, fsync and a rename; :class:`FileWriteError` names the path and the problem."""
+    temp = temp_name(path)
+    try:
+        with open(temp, "wb") as f:
+            if callable(content):
+                content(f)
+            else:
+                f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except OSError as exc:
+        remove_quietly(temp)
+        reason = exc.strerror or str(exc)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            reason = f"disk full: {reason}"
+        error = FileWriteError(f"{path}: cannot write ({reason})")
+        error.errno = exc.errno
+        raise error from None
+    except BaseException:
+        remove_quietly(temp)
+        raise
+
+
+def remove_quietly(path: str) -> None:
+    """Remove ``path`` if it exists; errors are ignored (used while cleaning up after another one)."""
+    try:
+        os.remove(path)
+    except OSError:
+        pass

@@ -1,0 +1,74 @@
+"""The student: a torchvision classification model, or a timm one (``timm:NAME``, optional extra),
+randomly initialised (nothing is downloaded), sized to the set's classes, and checked to take the
+set's crop size before any training starts."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fkd_shards.common.text import first_line
+
+from .checkpoint import CheckpointError, check_finite, load_file, model_state
+from .config import ConfigError
+
+TIMM_PREFIX = "timm:"
+
+
+def build_model(name: str, num_classes: int, input_size: int) -> nn.Module:
+    """A fresh model (its init draws from torch's global generator: seed it first)."""
+    if name.startswith(TIMM_PREFIX):
+        model = _timm_model(name.removeprefix(TIMM_PREFIX), num_classes, input_size)
+    else:
+        import torchvision
+
+        if name not in torchvision.models.list_models(module=torchvision.models):
+            raise ConfigError(f"--model {name} is not a torchvision.models classification model (e.g. resnet18, "
+                              f"mobilenet_v2, efficientnet_b0; timm models as timm:NAME)")
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    check_input_size(model, name, input_size)
+    return model
+
+
+def _timm_model(name: str, num_classes: int, input_size: int) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(f"--model timm:{name} needs timm: pip install 'fkd-shards[timm]'") from None
+    if not timm.is_model(name):
+        raise ConfigError(f"--model timm:{name} is not a timm model (see timm.list_models())")
+    try:
+        # Models with a fixed grid (ViT, DeiT, Swin) are built for the set's crop size.
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=input_size)
+    except TypeError:  # the model takes any size and has no img_size argument
+        return timm.create_model(name, pretrained=False, num_classes=num_classes)
+    except Exception as exc:  # timm raises assorted errors for sizes a model cannot be built for
+        raise ConfigError(f"--model timm:{name} cannot be built for {input_size}x{input_size} crops "
+                          f"({first_line(exc, 150)})") from None
+
+
+@torch.no_grad()
+def check_input_size(model: nn.Module, name: str, input_size: int) -> None:
+    """One forward of a blank image in eval mode (which draws nothing and updates no statistic):
+    a model that cannot take the set's crops fails here, in one line, not after an epoch of setup."""
+    model.eval()
+    try:
+        out = model(torch.zeros(1, 3, input_size, input_size))
+    except Exception as exc:  # shape assertions and errors differ per architecture
+        raise ConfigError(f"--model {name} cannot take this set's {input_size}x{input_size} crops "
+                          f"({first_line(exc, 150)})") from None
+    finally:
+        model.train()
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise ConfigError(f"--model {name} does not return (batch, classes) logits")
+
+
+def load_init_weights(model: nn.Module, path: str, name: str) -> None:
+    """``--init-weights``: a state dict or checkpoint, loaded safely; a file that does not fit the
+    model or holds non-finite numbers is a one-line error."""
+    weights = model_state(load_file(path), path)
+    check_finite(weights, path)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: does not fit --model {name} ({first_line(exc, 200)})") from None

@@ -1,0 +1,55 @@
+"""Which rows of a batch a rank trains on, which images it must crop for them, and how the crops go
+back together: the layout a crop task carries through the workers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fkd_shards import shards
+
+
+def slice_rows(batch_size: int, batch_rows: int, rank: int, world_size: int) -> range:
+    """Rank ``rank``'s rows of a batch: ``[rank*B/K, (rank+1)*B/K)`` cut to the batch's rows."""
+    per_rank = batch_size // world_size
+    start = min(rank * per_rank, batch_rows)
+    return range(start, min(start + per_rank, batch_rows))
+
+
+@dataclass(frozen=True)
+class CropTask:
+    """One rank's share of one batch record: the images to crop (its rows plus their mix partners,
+    each once) and where each row and partner lands among the crops. Carries the rows' soft labels,
+    so that a worker returns a complete batch."""
+
+    epoch: int
+    batch: int
+    batch_rows: int  # n, the full batch's row count
+    rows: range  # this rank's rows of the batch
+    samples: np.ndarray  # int64 (u,): sample index of each crop to make
+    coords: np.ndarray  # float32 (u, 4)
+    flips: np.ndarray  # bool (u,)
+    own: np.ndarray | None  # int64 (m,): the rows' positions among the crops; None when they are all, in order
+    partners: np.ndarray | None  # int64 (m,): each row's mix partner's position; None without mix
+    row_samples: np.ndarray  # int64 (m,): sample index of each row (its hard label's image)
+    soft_labels: np.ndarray  # (m, C), the record's decoded dtype
+    mix_lam: float | None
+    mix_bbox: tuple[int, int, int, int] | None
+
+
+def plan_task(record: shards.BatchRecord, batch_size: int, rank: int = 0, world_size: int = 1) -> CropTask:
+    """The crop task of rank ``rank``'s slice of ``record``."""
+    rows = slice_rows(batch_size, record.size, rank, world_size)
+    own = np.arange(rows.start, rows.stop, dtype=np.int64)
+    partners = record.mix_index[own] if record.mix_index is not None else own[:0]
+    needed, inverse = np.unique(np.concatenate([own, partners]), return_inverse=True)
+    own_pos, partner_pos = inverse[: len(own)], inverse[len(own):]
+    identity = len(needed) == len(own) and np.array_equal(own_pos, np.arange(len(own)))
+    return CropTask(
+        epoch=record.epoch, batch=record.batch, batch_rows=record.size, rows=rows,
+        samples=record.indices[needed], coords=record.coords[needed], flips=record.flips[needed],
+        own=None if identity else own_pos, partners=partner_pos if record.mix_index is not None else None,
+        row_samples=record.indices[own], soft_labels=record.soft_labels[rows.start:rows.stop],
+        mix_lam=record.mix_lam, mix_bbox=record.mix_bbox,
+    )

@@ -1,0 +1,75 @@
+"""``fkd-train report``: one table over finished runs, seeds grouped, mean +- standard deviation.
+
+Runs are grouped when they differ in nothing that defines a trajectory except ``--seed`` (same
+model, shard set, optimizer, schedule, temperature, micro-batch size); each group is one row. The
+standard deviation is the sample one (n - 1), as papers report it over seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from fkd_shards.common.text import escape
+
+from .config import TRAJECTORY_FIELDS
+from .rundir import SUMMARY_NAME
+
+
+class ReportError(ValueError):
+    """A run directory without a finished run's summary."""
+
+
+def _load(run: str) -> dict:
+    path = os.path.join(run, SUMMARY_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            summary = json.load(f)
+    except FileNotFoundError:
+        raise ReportError(f"{run}: no {SUMMARY_NAME} (not a finished fkd-train run)") from None
+    except (OSError, ValueError) as exc:
+        raise ReportError(f"{path}: unreadable ({escape(exc)})") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("config"), dict):
+        raise ReportError(f"{path}: not an fkd-train summary")
+    return summary
+
+
+def _group_key(summary: dict) -> tuple:
+    config = summary["config"]
+    fields = tuple((name, json.dumps(config.get(name))) for name in TRAJECTORY_FIELDS if name != "seed")
+    return (summary.get("shard_set"), summary.get("epochs_done")) + fields
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.2f}"
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def report(runs: list[str], csv: bool = False) -> str:
+    """The table, as Markdown (or CSV), one row per group of runs in the order first seen."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        summary = _load(run)
+        groups.setdefault(_group_key(summary), []).append(summary)
+    header = ["model", "shards", "epochs", "seeds", "final top-1 %", "best top-1 %", "images/s"]
+    rows = []
+    for members in groups.values():
+        first = members[0]
+        finals = [m["final_top1"] for m in members if isinstance(m.get("final_top1"), (int, float))]
+        bests = [m["best_top1"] for m in members if isinstance(m.get("best_top1"), (int, float))]
+        rates = [m["images_per_s"] for m in members if isinstance(m.get("images_per_s"), (int, float))]
+        rows.append([escape(first.get("model")), escape(first.get("shards")), str(first.get("epochs_done")),
+                     ",".join(str(m.get("seed")) for m in members) + f" (n={len(members)})",
+                     _mean_std(finals), _mean_std(bests), f"{sum(rates) / len(rates):.0f}" if rates else "-"])
+    if csv:
+        return "\n".join(",".join(f'"{cell}"' if "," in cell else cell for cell in row) for row in [header, *rows])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in [header, *rows]]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""The output directory of a run: its file names, and the claim that keeps a run from being lost.
+
+A directory holding a run is refused unless the run is continued (``--resume``) or explicitly
+started over (``--restart``, which first moves the old run's files to ``previous-N/``). A lock held
+for the whole run (``flock``, released by the kernel when the process ends, however it ends) keeps
+a second process from training into the same directory. Temporary files an interrupted write left
+behind are removed, ours only: they match the names our writers use.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+CHECKPOINT_NAME = "checkpoint.pth.tar"
+BEST_NAME = "model_best.pth.tar"
+FINAL_WEIGHTS_NAME = "final_weights.pth"
+METRICS_NAME = "metrics.jsonl"
+SUMMARY_NAME = "summary.json"
+WANDB_DIR = "wandb"
+LOCK_NAME = ".fkd-train.lock"
+RUN_FILES = (CHECKPOINT_NAME, BEST_NAME, FINAL_WEIGHTS_NAME, METRICS_NAME, SUMMARY_NAME, WANDB_DIR)
+# common.files.temp_name's pattern (and the older NAME.PID.partial) for each file a run writes.
+_TEMP = re.compile("({})".format("|".join(re.escape(n) for n in RUN_FILES)) + r"\.\d+(\.[0-9a-f]{12})?\.partial")
+
+
+class RunDirError(ValueError):
+    """An output directory that cannot be used for this run; the message says why and what to do."""
+
+
+class RunLock:
+    """An exclusive lock on an output directory, held until :meth:`release` or the process's end."""
+
+    def __init__(self, directory: str):
+        import fcntl
+
+        self.path = os.path.join(directory, LOCK_NAME)
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            owner = self._file.read(32).strip() or "?"
+            self._file.close()
+            raise RunDirError(f"{directory}: another fkd-train (pid {owner}) is training into this directory") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"{os.getpid()}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        if not self._file.closed:
+            self._file.close()  # closing the descriptor releases the flock
+
+
+def claim(directory: str, continuing: bool, restart: bool) -> RunLock:
+    """Create ``directory`` if needed, lock it, remove stale temporary files, and check that this run
+    may write there: a run it holds is continued (``continuing``), moved aside (``restart``) or refused."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as exc:
+        raise RunDirError(f"{directory}: cannot create the output directory ({exc.strerror})") from None
+    if not os.access(directory, os.W_OK):
+        raise RunDirError(f"{directory}: output directory is not writable")
+    lock = RunLock(directory)
+    try:
+        for name in os.listdir(directory):
+            if _TEMP.fullmatch(name):
+                os.remove(os.path.join(directory, name))
+        existing = [name for name in RUN_FILES if os.path.lexists(os.path.join(directory, name))]
+        if existing and not continuing:
+            if not restart:
+                raise RunDirError(f"{directory}: holds a run ({', '.join(existing)}); continue it with --resume "
+                                  f"auto, or start over with --restart (its files are moved to "
+                                  f"{directory}/previous-N/ first)")
+            _move_aside(directory, existing)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _move_aside(directory: str, names: list[str]) -> str:
+    n = 1
+    while os.path.lexists(os.path.join(directory, f"previous-{n}")):
+        n += 1
+    target = os.path.join(directory, f"previous-{n}")
+    os.makedirs(target)
+    for name in names:
+        shutil.move(os.path.join(directory, name), os.path.join(target, name))
+    return target
