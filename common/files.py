@@ -65,21 +65,21 @@ def read_bounded(path: str, limit: int, expected: int | None = None) -> bytes:
             raise FileReadError(f"{path}: {size} bytes, expected {expected}")
         if size > limit:
             raise FileReadError(f"{path}: {size} bytes, more than the {limit}-byte limit for this file")
-        data = bytearray(size)
-        view, done = memoryview(data), 0
+        parts, done = [], 0
         try:
-            while done < size:
-                got = f.readinto(view[done:])
-                if not got:
+            while done < size:  # one read in the common case: the bytes object is the buffer
+                part = f.read(size - done)
+                if not part:
                     raise FileReadError(f"{path}: ended after {done} of {size} bytes (changed while read)")
-                done += got
+                parts.append(part)
+                done += len(part)
             if f.read(1):
                 raise FileReadError(f"{path}: grew past {size} bytes while read")
         except OSError as exc:
             if isinstance(exc, FileReadError):
                 raise
             raise FileReadError(f"{path}: read failed ({exc.strerror or exc})") from None
-    return bytes(data)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _kind(mode: int) -> str:

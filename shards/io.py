@@ -69,15 +69,31 @@ def remote_options(url: str, timeout_s: float) -> dict:
     return {}
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The error and the ones it was raised from (fsspec's HTTP back-end, for one, reports both a
+    404 and a refused connection as a FileNotFoundError raised from aiohttp's error)."""
+    chain = [exc]
+    while chain[-1].__cause__ is not None and len(chain) < 10:
+        chain.append(chain[-1].__cause__)
+    return chain
+
+
+def is_missing(exc: BaseException) -> bool:
+    """A failure that says the file does not exist (not that the server could not be reached)."""
+    chain = _chain(exc)
+    return any(getattr(e, "status", None) in (404, 410) for e in chain) or isinstance(chain[-1], FileNotFoundError)
+
+
 def describe_failure(exc: BaseException, timeout_s: float) -> str:
     """What a failed request means, in words: missing, timed out, unreachable, or the back-end's own."""
-    if isinstance(exc, FileNotFoundError):
+    if is_missing(exc):
         return "no such file"
-    if isinstance(exc, TimeoutError) or "Timeout" in type(exc).__name__:
+    root = _chain(exc)[-1]
+    if isinstance(root, TimeoutError) or "Timeout" in type(root).__name__:
         return f"timed out (no data for {timeout_s:g} s)"
-    if isinstance(exc, ConnectionError) or "Connect" in type(exc).__name__:
-        return f"unreachable ({first_line(exc, 150)})"
-    return f"request failed ({first_line(exc, 150)})"
+    if isinstance(root, ConnectionError) or "Connect" in type(root).__name__:
+        return f"unreachable ({first_line(root, 150)})"
+    return f"request failed ({first_line(root, 150)})"
 
 
 def _read_remote(url: str, limit: int, timeout_s: float) -> bytes:
@@ -127,7 +143,7 @@ def read_verified(url: str, size: int | None = None, sha256: str | None = None, 
             problem, missing = str(exc).removeprefix(f"{url}: "), False
             continue
         except Exception as exc:  # the back-end's own errors: aiohttp, botocore, OSError, ...
-            problem, missing = describe_failure(exc, timeout_s), isinstance(exc, FileNotFoundError)
+            problem, missing = describe_failure(exc, timeout_s), is_missing(exc)
             continue
         if size is not None and len(data) != size:
             problem, missing = f"short read: {len(data)} of {size} bytes", False

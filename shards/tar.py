@@ -5,6 +5,7 @@ archive is an error, never a read out of bounds. Callers pass bytes whose sha256
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 from . import format as fmt
@@ -12,6 +13,7 @@ from . import format as fmt
 BLOCK = fmt.TAR_BLOCK
 _REGULAR = (b"0", b"\0", b"7")
 _PAX = (b"x", b"g")
+_OCTAL = re.compile(rb"[0-7]+")
 
 
 class TarFormatError(ValueError):
@@ -20,7 +22,7 @@ class TarFormatError(ValueError):
 
 def _octal(field: bytes, what: str, offset: int) -> int:
     text = field.split(b"\0", 1)[0].strip(b" ")
-    if not text or not all(48 <= c <= 55 for c in text):
+    if not _OCTAL.fullmatch(text):  # int(text, 8) alone would take a sign, spaces or underscores
         raise TarFormatError(f"header at byte {offset}: bad {what} field")
     return int(text, 8)
 

@@ -110,9 +110,10 @@ class ShardSetWriter:
         self.settings = settings or {}
         self._open: dict[str, _OpenShard] = {}
         self._written: list[str] = []  # files this writer created (for abort)
+        self.notes: dict = {}  # the caller's own progress, kept in progress.json with the shards
         self.output.ensure()
         self.completed: list[ShardInfo] = self._continue() if resume else []
-        if not resume:
+        if not self.completed:
             self._prepare(overwrite)
         self._numbers = {kind: sum(s.kind == kind for s in self.completed) for kind in fmt.SHARD_KINDS}
         self._save_progress()
@@ -179,7 +180,7 @@ class ShardSetWriter:
             if any(_looks_like_ours(n) for n in names):
                 raise ResumeError(f"{where}: holds shards but no {fmt.PROGRESS_NAME}; cannot tell what to "
                                   f"continue (use --overwrite to start again)")
-            return []
+            return []  # nothing written yet: the run starts (into an empty output, as any run)
         text = self._read_small(fmt.PROGRESS_NAME, fmt.MAX_PROGRESS_BYTES)
         try:
             body = parse_json(text.decode("utf-8"), f"{where}/{fmt.PROGRESS_NAME}", ResumeError)
@@ -206,10 +207,12 @@ class ShardSetWriter:
             if isinstance(name, str) and fmt.SHARD_NAME.fullmatch(name):
                 self.output.remove(name + fmt.TEMP_SUFFIX)
                 self.output.remove(name)  # a remote shard uploaded before its close was recorded
+        notes = body.get("notes")
+        self.notes = notes if isinstance(notes, dict) else {}
         return shards
 
     def _save_progress(self) -> None:
-        body = {"format": PROGRESS_FORMAT, "settings": self.settings,
+        body = {"format": PROGRESS_FORMAT, "settings": self.settings, "notes": self.notes,
                 "shards": [asdict(s) for s in self.completed], "open": [s.name for s in self._open.values()]}
         self.output.write_small(fmt.PROGRESS_NAME, (json.dumps(body, indent=1, sort_keys=True) + "\n").encode())
         if fmt.PROGRESS_NAME not in self._written:

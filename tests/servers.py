@@ -5,19 +5,24 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class Faults:
     """What the server does wrong, per file name: ``errors`` (that many 5xx answers first), ``cut``
     (close the connection after that many bytes, once), ``flip`` (flip the byte at that offset;
-    ``flip_times`` answers, -1 for always)."""
+    ``flip_times`` answers, -1 for always), ``endless`` (after the file, zeros without end, no
+    Content-Length), ``stall`` (send that many bytes, then nothing for ``stall_s`` seconds)."""
 
     def __init__(self):
         self.errors: dict[str, int] = {}
         self.cut: dict[str, int] = {}
         self.flip: dict[str, int] = {}
         self.flip_times: dict[str, int] = {}
+        self.endless: set[str] = set()
+        self.stall: dict[str, int] = {}
+        self.stall_s = 5.0
         self.requests: list[str] = []
         self.lock = threading.Lock()
 
@@ -54,6 +59,18 @@ def _handler(root: str, faults: Faults):
             data = bytearray(open(path, "rb").read())
             if flip is not None:
                 data[flip] ^= 0x01
+            if name in faults.endless and body:
+                self._send_endless(bytes(data))
+                return
+            if name in faults.stall and body:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(bytes(data[:faults.stall[name]]))
+                self.wfile.flush()
+                time.sleep(faults.stall_s)
+                self.close_connection = True
+                return
             self.send_response(200)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -61,6 +78,18 @@ def _handler(root: str, faults: Faults):
                 self.wfile.write(bytes(data[:cut]) if cut is not None else bytes(data))
                 if cut is not None:
                     self.close_connection = True
+
+        def _send_endless(self, data: bytes):
+            """The file, then zeros until the client hangs up (bounded: 64 MB), chunked."""
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            try:
+                for chunk in [data] + [bytes(1 << 16)] * 1024:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            self.close_connection = True
 
     return Handler
 
@@ -76,6 +105,8 @@ class StaticServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
     def stop(self):
+        if not self.thread.is_alive():
+            return
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join()

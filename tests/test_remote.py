@@ -82,6 +82,53 @@ def test_missing_shard_is_a_clear_error(http_set):
         list(shards.ShardSet(server.url, **FAST).batches())
 
 
+def test_a_body_longer_than_the_manifest_says_is_cut_off_and_refused(http_set):
+    local, server = http_set
+    name = shards.ShardSet(local).manifest.shards_of("labels")[0].name
+    server.faults.endless.add(name)
+    with pytest.raises(shards.ShardError, match=f"{name}: longer than the [0-9]+ bytes expected after 4 attempts"):
+        list(shards.ShardSet(server.url, **FAST).batches())
+
+
+def test_a_stalled_server_is_a_timeout_naming_the_shard(http_set):
+    local, server = http_set
+    name = shards.ShardSet(local).manifest.shards_of("labels")[0].name
+    server.faults.stall[name], server.faults.stall_s = 100, 3.0
+    with pytest.raises(shards.ShardError, match=f"{name}: timed out \\(no data for 0.5 s\\) after 2 attempts"):
+        list(shards.ShardSet(server.url, retries=1, backoff_s=0.01, timeout_s=0.5).batches())
+
+
+def test_a_server_that_went_away_is_not_called_a_missing_manifest(http_set):
+    _, server = http_set
+    url = server.url
+    server.stop()
+    with pytest.raises(shards.ManifestError) as caught:
+        shards.ShardSet(url, **FAST)
+    assert "unreachable" in str(caught.value) and "no manifest" not in str(caught.value)
+
+
+def test_a_missing_manifest_is_named_as_such(http_set):
+    _, server = http_set
+    with pytest.raises(shards.ManifestError, match="manifest.json: no manifest; not a shard set, or an incomplete"):
+        shards.ShardSet(server.url + "/elsewhere", **FAST)
+
+
+def test_a_corrupt_cache_copy_is_fetched_again(http_set, tmp_path):
+    local, server = http_set
+    cache = str(tmp_path / "cache")
+    list(shards.ShardSet(server.url, cache_dir=cache, **FAST).images())
+    name = listing(cache)[0]
+    copy = os.path.join(cache, name)
+    data = bytearray(open(copy, "rb").read())
+    data[len(data) // 2] ^= 1
+    open(copy, "wb").write(bytes(data))
+    requests = len(server.faults.requests)
+    images = list(shards.ShardSet(server.url, cache_dir=cache, **FAST).images())
+    assert [i.data for i in images] == [i.data for i in shards.ShardSet(local).images()]
+    assert set(server.faults.requests[requests:]) == {"manifest.json", name.rsplit("-", 1)[0] + ".tar"}  # fetched again
+    assert open(copy, "rb").read() != bytes(data)  # and the copy replaced
+
+
 def test_cache_dir_holds_image_shards_and_on_request_label_shards(http_set, tmp_path):
     local, server = http_set
     cache = str(tmp_path / "cache")

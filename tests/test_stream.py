@@ -65,11 +65,11 @@ def test_decoded_cache_by_default_when_it_fits_the_memory_budget(converted, monk
     output, _, _ = converted()
     monkeypatch.setattr("fkd_shards.train.images.available_memory", lambda: 10**12)
     on = _stream(output, workers=0)
-    assert on._dataset.cropper.source.cache and on.decode_cache_note.startswith("decoded cache: ")
+    assert on.maker.cropper.source.cache and on.decode_cache_note.startswith("decoded cache: ")
     monkeypatch.setattr("fkd_shards.train.images.available_memory", lambda: 2 * on.images.pixel_bytes - 2)
     off = _stream(output, workers=0)
-    assert not off._dataset.cropper.source.cache and "would exceed" in off.decode_cache_note
-    assert _stream(output, workers=0, decode_cache=True)._dataset.cropper.source.cache  # asked for: kept
+    assert not off.maker.cropper.source.cache and "would exceed" in off.decode_cache_note
+    assert _stream(output, workers=0, decode_cache=True).maker.cropper.source.cache  # asked for: kept
     for a, b in zip(on, off):
         assert torch.equal(a.model_input(), b.model_input())
 
@@ -77,7 +77,7 @@ def test_decoded_cache_by_default_when_it_fits_the_memory_budget(converted, monk
 def test_the_cache_decodes_each_image_on_first_use_only(converted):
     output, _, _ = converted(batch_size=8)
     stream = _stream(output, workers=0, decode_cache=True)
-    source = stream._dataset.cropper.source
+    source = stream.maker.cropper.source
     batches = iter(stream)
     first = next(batches)
     needed = len(np.unique(_samples_of(output, 0, 0)))
@@ -241,7 +241,7 @@ def test_decoded_cache_reaches_workers_started_without_fork(converted):
             f"    a = BatchStream(ShardSet({output!r}), workers=0, decode_cache=False, end_epoch=1)\n"
             f"    b = BatchStream(ShardSet({output!r}), workers=2, decode_cache=True, end_epoch=1)\n"
             f"    same = [torch.equal(x.model_input(), y.model_input()) for x, y in zip(a, b)]\n"
-            f"    print(len(same), all(same), b._dataset.cropper.source.buffer.is_shared())\n")
+            f"    print(len(same), all(same), b.maker.cropper.source.buffer.is_shared())\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
     assert done.stdout.split() == ["4", "True", "True"], done.stderr[-2000:]

@@ -210,10 +210,14 @@ def _check_compatible(state: dict, cfg: TrainConfig, manifest: shards.Manifest, 
     before = state.get("config") or {}
     for name in TRAJECTORY_FIELDS:
         if name in before and before[name] != getattr(cfg, name):
-            flag = "--" + name.replace("_", "-")
-            raise CheckpointError(f"{path}: {flag} {getattr(cfg, name)!r} differs from the checkpoint's "
+            what = _DESCRIBED.get(name, "--" + name.replace("_", "-"))
+            raise CheckpointError(f"{path}: {what} {getattr(cfg, name)!r} differs from the checkpoint's "
                                   f"{escape(repr(before[name]))[:60]}; resume with the same value, or start a "
                                   f"new run")
+
+
+# Trajectory fields that are not flags of their own.
+_DESCRIBED = {"micro_batch_rows": "the micro-batch, B / (ranks x --gradient-accumulation-steps) rows:"}
 
 
 def _legacy_identity(m: shards.Manifest) -> dict:

@@ -80,7 +80,8 @@ def decode_rgb(data: bytes, name: str) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as img:
             if img.size[0] * img.size[1] > fmt.MAX_IMAGE_PIXELS:
                 raise ValueError(f"{img.size[0]}x{img.size[1]} is more than {fmt.MAX_IMAGE_PIXELS} pixels")
-            return np.asarray(img.convert("RGB"))
+            # convert("RGB") of an RGB image is a plain copy: skipped, the same pixels.
+            return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
     except UnidentifiedImageError:
         raise ImageError(f"{name}: cannot decode (not a known image format)") from None
     except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, ... for broken image data

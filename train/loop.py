@@ -137,19 +137,18 @@ def train_epoch(s: TrainState, batches, epoch: int, cfg: TrainConfig, m: shards.
     totals = EpochTotals.zeros(cfg.device)
     bad = torch.zeros(m.batches_per_epoch, dtype=torch.bool, device=cfg.device)
     started = time.perf_counter()
-    bar = tqdm(total=m.batches_per_epoch, desc=f"epoch {epoch}", unit="batch", leave=False,
-               disable=not cfg.dist.is_main)
-    for k in range(m.batches_per_epoch):
-        batch = next(batches)
-        assert (batch.epoch, batch.batch) == (epoch, k), (batch.epoch, batch.batch, epoch, k)
-        bad[k] = ~torch.isfinite(train_step(s, batch, cfg, totals))
-        bar.update(1)
-        if bar.n % 10 == 0 or bar.n == m.batches_per_epoch:  # .item() waits for the device
-            _check_finite_loss(bad, epoch, cfg)
-            seen = totals.rows.item()
-            bar.set_postfix(loss=f"{totals.loss.item() / max(seen, 1):.4f}",
-                            img_s=f"{seen * cfg.dist.world_size / (time.perf_counter() - started):.0f}")
-    bar.close()
+    with tqdm(total=m.batches_per_epoch, desc=f"epoch {epoch}", unit="batch", leave=False,
+              disable=not cfg.dist.is_main) as bar:
+        for k in range(m.batches_per_epoch):
+            batch = next(batches)
+            assert (batch.epoch, batch.batch) == (epoch, k), (batch.epoch, batch.batch, epoch, k)
+            bad[k] = ~torch.isfinite(train_step(s, batch, cfg, totals))
+            bar.update(1)
+            if bar.n % 10 == 0 or bar.n == m.batches_per_epoch:  # .item() waits for the device
+                _check_finite_loss(bad, epoch, cfg)
+                seen = totals.rows.item()
+                bar.set_postfix(loss=f"{totals.loss.item() / max(seen, 1):.4f}",
+                                img_s=f"{seen * cfg.dist.world_size / (time.perf_counter() - started):.0f}")
     _check_finite_loss(sum_across_ranks(bad.int(), cfg.dist).bool(), epoch, cfg)
     return totals, time.perf_counter() - started
 

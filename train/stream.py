@@ -38,33 +38,91 @@ class CropFailure:
     message: str
 
 
-class _Batches(Dataset):
-    """Map-style dataset whose 'index' is a :class:`CropTask` and whose item is the finished batch."""
+@dataclass(frozen=True)
+class Cropped:
+    """A worker's result: its task (carrying the layout back) and the crops made for it."""
 
-    def __init__(self, cropper: CpuCropper | DeviceCropper, labels: torch.Tensor, mix_type: str):
-        self.cropper, self.labels, self.mix_type = cropper, labels, mix_type
+    task: CropTask
+    crops: torch.Tensor
 
-    def __len__(self) -> int:
-        return len(self.labels)
+    def pin_memory(self) -> Cropped:
+        """Called by the DataLoader's pin-memory thread (``pin_memory=True``)."""
+        # Pin the crops' own memory order: (u, S, S, 3) for CPU crops, seen as (u, 3, S, S) again.
+        return Cropped(self.task, self.crops.permute(0, 2, 3, 1).pin_memory().permute(0, 3, 1, 2))
 
-    def __getitem__(self, task: CropTask) -> Batch | CropFailure:
+
+class BatchMaker:
+    """Crops a task's images (on the CPU with PIL, or on ``crop_device``) and assembles the batch:
+    crops from the worker, everything else from the task, in the main process."""
+
+    def __init__(self, images: ImageTable, input_size: int, mix_type: str, decode_cache: bool,
+                 crop_device: str | None = None):
+        source = ImageSource(images, decode_cache or bool(crop_device))
+        self.cropper = DeviceCropper(source, input_size, crop_device) if crop_device else \
+            CpuCropper(source, input_size)
+        self.labels = torch.from_numpy(images.labels)
+        self.mix_type = mix_type
+
+    def crop(self, task: CropTask, shared: bool = False) -> Cropped | CropFailure:
         try:
-            crops = self.cropper.crop(task.samples, task.coords, task.flips, shared=get_worker_info() is not None)
+            return Cropped(task, self.cropper.crop(task.samples, task.coords, task.flips, shared=shared))
         except (ImageError, CropError) as exc:
             return CropFailure(f"epoch {task.epoch} batch {task.batch}: {exc}")
+
+    def assemble(self, result: Cropped) -> Batch:
+        task = result.task
         partners = None if task.partners is None else torch.from_numpy(task.partners)
+        sample_labels = self.labels[torch.from_numpy(task.samples)]
         return Batch(
-            epoch=task.epoch, batch=task.batch, rows=task.rows, batch_rows=task.batch_rows, crops=crops,
-            own=None if task.own is None else torch.from_numpy(task.own),
-            partners=partners, targets=self.labels[torch.from_numpy(task.row_samples)],
-            partner_targets=None if partners is None else self.labels[torch.from_numpy(task.samples)][partners],
+            epoch=task.epoch, batch=task.batch, rows=task.rows, batch_rows=task.batch_rows, crops=result.crops,
+            own=None if task.own is None else torch.from_numpy(task.own), partners=partners,
+            targets=self.labels[torch.from_numpy(task.row_samples)],
+            partner_targets=None if partners is None else sample_labels[partners],
             soft_labels=torch.tensor(task.soft_labels, dtype=torch.float32),
             mix_type=self.mix_type, mix_lam=task.mix_lam, mix_bbox=task.mix_bbox,
         )
 
 
+class _CropDataset(Dataset):
+    """Map-style dataset for the DataLoader's workers: its 'index' is a :class:`CropTask`."""
+
+    def __init__(self, maker: BatchMaker):
+        self.maker = maker
+
+    def __len__(self) -> int:
+        return len(self.maker.labels)
+
+    def __getitem__(self, task: CropTask) -> Cropped | CropFailure:
+        # In a worker process the crops are made in shared memory: handing them over copies nothing.
+        return self.maker.crop(task, shared=get_worker_info() is not None)
+
+
 def _keep(item):
     return item
+
+
+def make_batches(tasks: Iterator[CropTask], maker: BatchMaker, positions: Iterator[tuple[int, int]], workers: int,
+                 prefetch_factor: int = 2, pin_memory: bool = False) -> Iterator[Batch]:
+    """The batches of ``tasks``, in order, cropped by ``workers`` processes (0: in this one, as do
+    device crops). Each must come back at the next of ``positions``: a result out of order, or one
+    that failed, is a :class:`StreamError`."""
+    if workers == 0 or isinstance(maker.cropper, DeviceCropper):
+        results = map(maker.crop, tasks)
+    else:
+        # The tasks go through the sampler slot (batch_size=None): the DataLoader keeps their order.
+        # Its own generator: iterating a DataLoader draws a seed, which must not move the global RNG.
+        results = DataLoader(_CropDataset(maker), batch_size=None, sampler=tasks, num_workers=workers,
+                             collate_fn=_keep, prefetch_factor=prefetch_factor, pin_memory=pin_memory,
+                             generator=torch.Generator())
+    for result in results:
+        if isinstance(result, CropFailure):
+            raise StreamError(result.message)
+        position = next(positions, None)
+        if (result.task.epoch, result.task.batch) != position:
+            raise StreamError(f"a worker returned epoch {result.task.epoch} batch {result.task.batch} where "
+                              f"{'nothing' if position is None else f'epoch {position[0]} batch {position[1]}'} "
+                              f"belongs")
+        yield maker.assemble(result)
 
 
 class BatchStream:
@@ -104,10 +162,7 @@ class BatchStream:
             decode_cache, self.decode_cache_note = decode_cache_choice("auto", self.images, local_ranks)
         else:
             self.decode_cache_note = decode_cache_choice("on" if decode_cache else "off", self.images, local_ranks)[1]
-        source = ImageSource(self.images, decode_cache)
-        cropper = DeviceCropper(source, m.input_size, crop_device) if crop_device else CpuCropper(source, m.input_size)
-        self._dataset = _Batches(cropper, torch.from_numpy(self.images.labels), m.mix_type)
-        self.crop_device = crop_device
+        self.maker = BatchMaker(self.images, m.input_size, m.mix_type, decode_cache, crop_device)
         self.cropped_fraction = 1.0  # share of the batches' rows this rank cropped, measured while iterating
 
     def __len__(self) -> int:
@@ -118,42 +173,22 @@ class BatchStream:
             yield plan_task(record, self.manifest.batch_size, self.rank, self.world_size)
 
     def __iter__(self) -> Iterator[Batch]:
-        tasks = self._tasks()
-        if self.crop_device or self.workers == 0:
-            results = map(self._dataset.__getitem__, tasks)
-        else:
-            results = DataLoader(self._dataset, batch_size=None, sampler=tasks, num_workers=self.workers,
-                                 collate_fn=_keep, prefetch_factor=self.prefetch_factor, pin_memory=self.pin_memory)
         m = self.manifest
-        expected = ((e, b) for e in range(self.start_epoch, self.end_epoch) for b in range(m.batches_per_epoch))
+        positions = ((e, b) for e in range(self.start_epoch, self.end_epoch) for b in range(m.batches_per_epoch))
         cropped = total = 0
-        for result in results:
-            if isinstance(result, CropFailure):
-                raise StreamError(result.message)
-            position = next(expected, None)
-            if (result.epoch, result.batch) != position:
-                raise StreamError(f"a worker returned epoch {result.epoch} batch {result.batch} where epoch "
-                                  f"{position[0]} batch {position[1]} belongs")
-            cropped, total = cropped + result.crops.shape[0], total + result.batch_rows
+        for batch in make_batches(self._tasks(), self.maker, positions, self.workers, self.prefetch_factor,
+                                  self.pin_memory):
+            cropped, total = cropped + batch.crops.shape[0], total + batch.batch_rows
             self.cropped_fraction = cropped / total
-            yield result
+            yield batch
 
 
 def batch_at(shard_set: shards.ShardSet, epoch: int, batch: int) -> Batch:
     """One batch, out of the stream's order (reads that epoch's label records up to it), cropped in
     this process: what ``inspect`` draws."""
     m = shard_set.manifest
-    if not 0 <= epoch < m.epochs:
-        raise ValueError(f"epoch {epoch} outside [0, {m.epochs})")
-    if not 0 <= batch < m.batches_per_epoch:
-        raise ValueError(f"batch {batch} outside [0, {m.batches_per_epoch})")
-    images = load_images(shard_set)
-    dataset = _Batches(CpuCropper(ImageSource(images, cache=False), m.input_size), torch.from_numpy(images.labels),
-                       m.mix_type)
-    for record in shard_set.batches(epoch, epoch + 1):
-        if record.batch == batch:
-            result = dataset[plan_task(record, m.batch_size)]
-            if isinstance(result, CropFailure):
-                raise StreamError(result.message)
-            return result
-    raise AssertionError("unreachable: the reader checks that every batch is present")
+    if not (0 <= epoch < m.epochs and 0 <= batch < m.batches_per_epoch):
+        raise ValueError(f"epoch {epoch} batch {batch} outside the set's [0, {m.epochs}) x [0, {m.batches_per_epoch})")
+    maker = BatchMaker(load_images(shard_set), m.input_size, m.mix_type, decode_cache=False)
+    tasks = (plan_task(r, m.batch_size) for r in shard_set.batches(epoch, epoch + 1) if r.batch == batch)
+    return next(make_batches(tasks, maker, iter([(epoch, batch)]), workers=0))

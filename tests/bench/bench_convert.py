@@ -39,7 +39,8 @@ def main() -> None:
         output = os.path.join(root, f"shards-{workers}")
         lines = []
         start = now()
-        convert(ConvertOptions(train_dir, fkd_path, output, workers=workers, overwrite=True, progress=False),
+        convert(ConvertOptions(train_dir, fkd_path, output, input_size=224, workers=workers, overwrite=True,
+                               progress=False),
                 log=lines.append)
         seconds = now() - start
         label_line = next(x for x in lines if x.startswith("labels:"))

@@ -31,21 +31,21 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _steps(model, batches, cfg, device, steps: int, micro: int) -> float:
+def _steps(cfg, manifest, batches, steps: int, batch_size: int) -> float:
+    """Images/s of ``steps`` training steps (after 5 warm-up steps) of a fresh student."""
     from fkd_shards.train import loop
 
-    optimizer = loop.build_optimizer(cfg, model)
-    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=False)
-    totals = loop.EpochTotals.zeros(device)
+    state = loop.build_state(cfg, manifest)
+    totals = loop.EpochTotals.zeros(cfg.device)
     for k, batch in enumerate(batches):  # the first 5 steps warm up
         if k == 5:
-            _sync(device)
+            _sync(cfg.device)
             start = now()
-        loop.train_step(model, batch, cfg, device, optimizer, scaler, totals, micro)
+        loop.train_step(state, batch, cfg, totals)
         if k == steps + 4:
             break
-    _sync(device)
-    return steps * micro / (now() - start)
+    _sync(cfg.device)
+    return steps * batch_size / (now() - start)
 
 
 class _Synthetic:
@@ -89,31 +89,30 @@ def main() -> int:
                                           epochs=epochs, width=1000)
     shard_dir = os.path.join(root, "shards")
     if not os.path.exists(os.path.join(shard_dir, "manifest.json")):
-        convert(ConvertOptions(train_dir, fkd_path, shard_dir, overwrite=True, progress=False),
+        convert(ConvertOptions(train_dir, fkd_path, shard_dir, input_size=224, overwrite=True, progress=False),
                 log=lambda *_: None)
     from fkd_shards.shards import ShardSet
+    from fkd_shards.train.distributed import DistEnv
 
-    manifest = ShardSet(shard_dir).manifest
+    shard_set = ShardSet(shard_dir)
+    manifest = shard_set.manifest
     device = a.device
     rows = []
     for name in a.models:
         for amp, channels_last in (("off", False), ("bf16", True)):
             flags = ["--shards", shard_dir, "--model", name, "--amp", amp, "--device", device]
             cfg = resolve(build_parser().parse_args(flags + (["--channels-last"] if channels_last else [])),
-                          manifest, None)
+                          manifest, DistEnv())
             rates = []
             for source in ("synthetic", "data path", "device crops"):
-                from fkd_shards.train.loop import build_model
-
-                model = build_model(cfg, manifest.soft_label_width, device)
                 if source == "synthetic":
                     fixed = _Synthetic(batch, manifest.soft_label_width, device)
                     batches = (fixed for _ in range(a.steps + 5))
                 elif source == "data path":
-                    batches = iter(BatchStream(shard_dir, workers=a.workers, pin_memory=True))
+                    batches = iter(BatchStream(shard_set, workers=a.workers, pin_memory=True))
                 else:
-                    batches = iter(BatchStream(shard_dir, workers=0, crop_device=device))
-                rates.append(_steps(model, batches, cfg, device, a.steps, batch))
+                    batches = iter(BatchStream(shard_set, workers=0, crop_device=device))
+                rates.append(_steps(cfg, manifest, batches, a.steps, batch))
             rows.append([name, "bf16+channels_last" if amp == "bf16" else "fp32", f"{rates[0]:.0f}",
                          f"{rates[1]:.0f}", "yes" if rates[1] < 0.95 * rates[0] else "no", f"{rates[2]:.0f}"])
     with socket.socket() as s:

@@ -46,7 +46,7 @@ def main() -> None:
                                           epochs=a.epochs, width=1000)
     local = os.path.join(root, f"shards-remote-{a.shard_size}")
     if not os.path.exists(os.path.join(local, "manifest.json")):
-        convert(ConvertOptions(train_dir, fkd_path, local, shard_bytes=a.shard_size, overwrite=True,
+        convert(ConvertOptions(train_dir, fkd_path, local, input_size=224, shard_bytes=a.shard_size, overwrite=True,
                                progress=False), log=lambda *_: None)
     from moto.server import ThreadedMotoServer
 

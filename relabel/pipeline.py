@@ -1,0 +1,420 @@
+"""``relabel()``: an ImageFolder and teachers in, a shard set out, batch by batch.
+
+For every (epoch, batch): the sample order of SRe2L's sampler replay, the draws of
+:mod:`.draws` (or, with ``--replay``, those of an existing SRe2L relabel output), the crops made by
+the very code ``fkd-train`` uses (:class:`fkd_shards.train.stream.BatchMaker`), the model input of
+:meth:`Batch.model_input`, the teachers' mixed logits on it, one batch record. Crops are made in worker
+processes while the teachers run; under torchrun each rank labels whole batches and rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fkd_shards import shards
+from fkd_shards.convert.imagefolder import ImageFolderListing, list_image_folder, read_checked_image
+from fkd_shards.convert.pipeline import VERSION, infer_input_size
+from fkd_shards.convert.replay import epoch_orders
+from fkd_shards.convert.sre2l import RelabelLayout, infer_sizes, load_batch, scan_layout
+from fkd_shards.shards import format as fmt
+from fkd_shards.shards.alignment import batch_hits, default_threshold
+from fkd_shards.train.distributed import DistEnv
+from fkd_shards.train.images import ImageTable
+from fkd_shards.train.plan import plan_task
+from fkd_shards.train.stream import BatchMaker, make_batches
+
+from . import draws
+from .teachers import Ensemble, Teacher, load_teacher, parse_mix
+
+
+class RelabelError(ValueError):
+    """Bad input or flags for the relabeller; the message names the file or flag."""
+
+
+@dataclass(frozen=True)
+class RelabelOptions:
+    """What to label and how; mirrors the ``fkd-relabel`` flags. None means "not given"."""
+
+    train_dir: str
+    output: str
+    teachers: tuple[tuple[str, str], ...]
+    teacher_mix: str = "mean"
+    batch_size: int | None = None
+    epochs: int | None = None
+    input_size: int | None = None
+    mix_type: str | None = None  # default cutmix
+    crop_scale: tuple[float, float] | None = None  # default (0.08, 1.0)
+    bn_mode: str = "eval"
+    teacher_chunks: int = 1
+    seed: int | None = None  # default 0
+    fkd_seed: int = 42
+    label_dtype: str = "float16"
+    label_codec: str = fmt.CODEC_RAW
+    codec_temperature: float = 20.0
+    device: str | None = None
+    workers: int = 8
+    amp: str = "off"
+    resume: bool = False
+    replay: str | None = None
+    shard_bytes: int = 64 * 10**6
+    overwrite: bool = False
+    min_alignment: float | None = None
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything derived before labelling starts: sizes, draws' settings, the source of the draws."""
+
+    num_images: int
+    batch_size: int
+    epochs: int
+    input_size: int
+    mix_type: str
+    crop_scale: tuple[float, float]
+    seed: int
+    layout: RelabelLayout | None  # the replayed relabel output, if any
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return -(-self.num_images // self.batch_size)
+
+
+def check_options(o: RelabelOptions) -> shards.codecs.Codec:
+    if not o.teachers:
+        raise RelabelError("--teacher MODEL WEIGHTS is required (repeat it for an ensemble)")
+    if o.teacher_chunks < 1:
+        raise RelabelError(f"--teacher-chunks must be at least 1, got {o.teacher_chunks}")
+    if o.replay is not None:
+        given = [flag for flag, value in (("--seed", o.seed), ("--crop-scale", o.crop_scale),
+                                          ("--mix-type", o.mix_type)) if value is not None]
+        if given:
+            raise RelabelError(f"{', '.join(given)} do(es) not apply with --replay: the draws come from {o.replay}")
+    else:
+        if o.batch_size is None or o.epochs is None:
+            raise RelabelError("--batch-size and --epochs are required (or --replay FKD_PATH, which has both)")
+    for flag, value in (("--batch-size", o.batch_size), ("--epochs", o.epochs)):
+        if value is not None and value <= 0:
+            raise RelabelError(f"{flag} must be positive, got {value}")
+    if o.input_size is not None and not 0 < o.input_size <= fmt.MAX_INPUT_SIZE:
+        raise RelabelError(f"--input-size must be in [1, {fmt.MAX_INPUT_SIZE}], got {o.input_size}")
+    if o.crop_scale is not None and not 0 < o.crop_scale[0] <= o.crop_scale[1] <= 1:
+        raise RelabelError(f"--crop-scale must satisfy 0 < MIN <= MAX <= 1, got {list(o.crop_scale)}")
+    if o.seed is not None and not 0 <= o.seed < 2**63:
+        raise RelabelError(f"--seed must be in [0, 2**63), got {o.seed}")
+    if not 0 <= o.fkd_seed < 2**64:
+        raise RelabelError(f"--fkd-seed must be in [0, 2**64), got {o.fkd_seed}")
+    if o.workers < 0:
+        raise RelabelError(f"--workers must be >= 0, got {o.workers}")
+    if o.min_alignment is not None and not 0.0 <= o.min_alignment <= 1.0:
+        raise RelabelError(f"--min-alignment must be in [0, 1], got {o.min_alignment}")
+    if not (np.isfinite(o.codec_temperature) and o.codec_temperature > 0):
+        raise RelabelError(f"--codec-temperature must be finite and positive, got {o.codec_temperature}")
+    try:
+        return shards.codecs.parse(o.label_codec, o.codec_temperature)
+    except shards.CodecError as exc:
+        raise RelabelError(f"--label-codec: {exc}") from None
+
+
+def make_plan(o: RelabelOptions, folder: ImageFolderListing, log) -> Plan:
+    """Sizes and draws' settings from the flags, or from the replayed relabel output (whose B, E,
+    N and mix type a contradicting flag may not override)."""
+    input_size = o.input_size or infer_input_size(folder, log)
+    if o.replay is None:
+        return Plan(len(folder.samples), o.batch_size, o.epochs, input_size, o.mix_type or fmt.MIX_CUTMIX,
+                    o.crop_scale or (0.08, 1.0), 0 if o.seed is None else o.seed, None)
+    layout = scan_layout(o.replay)
+    first = load_batch(layout.batch_path(0, 0), input_size)
+    last = load_batch(layout.batch_path(0, layout.batches_per_epoch - 1), input_size)
+    batch_size, num_images = infer_sizes(layout, first, last)
+    if num_images != len(folder.samples):
+        raise RelabelError(f"{o.replay}: relabel output covers {num_images} images but {o.train_dir} holds "
+                           f"{len(folder.samples)}")
+    for flag, given, found in (("--batch-size", o.batch_size, batch_size), ("--epochs", o.epochs, layout.epochs)):
+        if given is not None and given != found:
+            raise RelabelError(f"{flag} {given} contradicts {o.replay}, which has {found}")
+    return Plan(num_images, batch_size, layout.epochs, input_size, first.mix_type, (0.0, 0.0), 0, layout)
+
+
+def read_images(folder: ImageFolderListing, progress: bool) -> tuple[ImageTable, str]:
+    """Every image's bytes (each checked to decode) and a digest of the folder: names, classes, bytes."""
+    digest = hashlib.sha256()
+    encoded, shapes, paths = [], [], []
+    for path, label in tqdm(folder.samples, desc="images", unit="img", disable=not progress, file=sys.stderr):
+        data, height, width = read_checked_image(path)
+        relative = folder.relative_path(path)
+        digest.update(f"{relative}\0{label}\0{hashlib.sha256(data).hexdigest()}\n".encode())
+        encoded.append(data)
+        shapes.append((height, width))
+        paths.append(relative)
+    table = ImageTable(encoded, np.asarray(folder.labels, dtype=np.int64), np.asarray(shapes, dtype=np.int64), paths)
+    return table, digest.hexdigest()
+
+
+def positions(plan: Plan, start: int, rank: int = 0, world_size: int = 1) -> Iterator[tuple[int, int]]:
+    """The (epoch, batch) a rank labels: from position ``start`` (epoch * batches + batch) on,
+    every ``world_size``-th one, beginning with ``start + rank``."""
+    per_epoch = plan.batches_per_epoch
+    for position in range(start + rank, plan.epochs * per_epoch, world_size):
+        yield divmod(position, per_epoch)
+
+
+def skeletons(plan: Plan, table: ImageTable, mine: Iterator[tuple[int, int]], fkd_seed: int
+              ) -> Iterator[shards.BatchRecord]:
+    """Batch records without soft labels, at the positions ``mine`` (in order)."""
+    orders = epoch_orders(plan.num_images, fkd_seed, plan.epochs)
+    order_epoch, order = -1, None
+    for epoch, b in mine:
+        while order_epoch < epoch:  # every epoch's order is drawn, in turn: the generator carries over
+            order, order_epoch = next(orders), order_epoch + 1
+        indices = order[b * plan.batch_size:(b + 1) * plan.batch_size]
+        if plan.layout is not None:
+            path = plan.layout.batch_path(epoch, b)
+            found = load_batch(path, plan.input_size)
+            if found.size != len(indices) or found.mix_type != plan.mix_type:
+                raise RelabelError(f"{path}: {found.size} rows of {found.mix_type}, expected {len(indices)} of "
+                                   f"{plan.mix_type}")
+            d = draws.BatchDraws(found.coords, found.flips, found.mix_index, found.mix_lam, found.mix_bbox)
+        else:
+            d = draws.draw_batch(table.shapes[indices], plan.seed, epoch, b, plan.crop_scale, plan.mix_type,
+                                 plan.input_size)
+        yield shards.BatchRecord(epoch=epoch, batch=b, indices=indices, coords=d.coords, flips=d.flips,
+                                 mix_index=d.mix_index, mix_lam=d.mix_lam, mix_bbox=d.mix_bbox,
+                                 soft_labels=np.zeros((len(indices), 0), np.float32))
+
+
+@dataclass
+class Timing:
+    """Where the wall time of the labelling loop went."""
+
+    forward: float = 0.0
+    waiting: float = 0.0
+    writing: float = 0.0
+
+    def describe(self, total: float) -> str:
+        share = lambda part: f"{100 * part / max(total, 1e-9):.0f}%"  # noqa: E731
+        return (f"time: teacher forward {share(self.forward)}, waiting for crops {share(self.waiting)}, "
+                f"writing {share(self.writing)} of {total:.1f} s")
+
+
+def label(records: Iterator[shards.BatchRecord], expected: Iterator[tuple[int, int]], maker: BatchMaker,
+          ensemble: Ensemble, o: RelabelOptions, plan: Plan, timing: Timing) -> Iterator[shards.BatchRecord]:
+    """Each record with its soft labels: the teachers' logits on exactly the batch ``fkd-train`` builds
+    from it, cast to the label dtype; a value that is not finite stops the run, naming the batch."""
+    pending: deque[shards.BatchRecord] = deque()
+
+    def tasks():
+        for record in records:
+            pending.append(record)  # the DataLoader runs ahead: records wait here for their crops
+            yield plan_task(record, plan.batch_size)
+
+    dtype = torch.float16 if o.label_dtype == "float16" else torch.float32
+    started = time.perf_counter()
+    for batch in make_batches(tasks(), maker, expected, o.workers):
+        ready = time.perf_counter()
+        timing.waiting += ready - started
+        soft = ensemble(batch.model_input(ensemble.device)).to(dtype).cpu().numpy()
+        timing.forward += time.perf_counter() - ready
+        record = pending.popleft()
+        if not np.isfinite(soft).all():
+            raise RelabelError(f"epoch {record.epoch} batch {record.batch}: the teachers' logits are not all finite "
+                               f"in {o.label_dtype} (a diverged teacher, or logits beyond float16: --label-dtype "
+                               f"float32)")
+        yield replace(record, soft_labels=soft)
+        started = time.perf_counter()
+
+
+def settings_of(o: RelabelOptions, plan: Plan, teachers: list[Teacher], weights: list[float],
+                images_digest: str, codec) -> dict:
+    """Everything that decides the bytes written: a resumed run must agree on all of it."""
+    return {
+        "teachers": [{"model": t.name, "weights_sha256": t.sha256} for t in teachers], "teacher_mix": weights,
+        "bn_mode": o.bn_mode, "teacher_chunks": o.teacher_chunks, "amp": o.amp, "label_dtype": o.label_dtype,
+        "label_codec": codec.spec, "codec_temperature": o.codec_temperature, "batch_size": plan.batch_size,
+        "epochs": plan.epochs, "input_size": plan.input_size, "mix_type": plan.mix_type,
+        "crop_scale": list(plan.crop_scale), "seed": plan.seed, "fkd_seed": o.fkd_seed, "replay": o.replay,
+        "images": images_digest, "shard_bytes": o.shard_bytes,
+    }
+
+
+def provenance(o: RelabelOptions, plan: Plan, teachers: list[Teacher], weights: list[float]) -> dict:
+    """The manifest's ``relabel`` object: who labelled this set, how, with which versions."""
+    import PIL
+    import torchvision
+
+    return {
+        "teachers": [{"model": t.name, "weights": t.weights, "weights_sha256": t.sha256, "classes": t.classes,
+                      "mix_weight": w} for t, w in zip(teachers, weights)],
+        "teacher_mix": o.teacher_mix, "bn_mode": o.bn_mode, "teacher_chunks": o.teacher_chunks, "amp": o.amp,
+        "crop_scale": None if plan.layout else list(plan.crop_scale), "mix_type": plan.mix_type,
+        "seed": None if plan.layout else plan.seed, "fkd_seed": o.fkd_seed, "label_dtype": o.label_dtype,
+        "replay": o.replay, "draws": "numpy SeedSequence([seed, epoch, batch]).spawn(3): torch crops+flips, "
+                                     "torch permutation, numpy PCG64 lambda+box",
+        "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__,
+                     "fkd-shards": VERSION},
+    }
+
+
+def relabel(o: RelabelOptions, env: DistEnv | None = None, log=print) -> shards.Manifest | None:
+    """Label and write; returns the manifest on rank 0 (None elsewhere). Raises :class:`RelabelError`
+    (and the shard format's errors) for bad input; a failed run leaves no manifest, and its finished
+    shards stay for ``--resume``."""
+    env = env or DistEnv()
+    say = log if env.is_main else (lambda *_: None)
+    codec = check_options(o)
+    folder = list_image_folder(o.train_dir)
+    plan = make_plan(o, folder, say)
+    teachers = [load_teacher(name, weights) for name, weights in o.teachers]
+    for t in teachers:
+        if t.classes != len(folder.classes):
+            raise RelabelError(f"--teacher {t.name} {t.weights}: {t.classes} classes, but {o.train_dir} has "
+                               f"{len(folder.classes)} class folders")
+    weights = parse_mix(o.teacher_mix, len(teachers))
+    table, digest = read_images(folder, o.progress and env.is_main)
+    device = o.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and env.active:
+        device = f"cuda:{env.local_rank}"
+    ensemble = Ensemble(teachers, weights, device, o.bn_mode, o.teacher_chunks, o.amp)
+    threshold = default_threshold(len(folder.classes), plan.mix_type != fmt.MIX_NONE) \
+        if o.min_alignment is None else o.min_alignment
+    settings = settings_of(o, plan, teachers, weights, digest, codec)
+    writer = None
+    if env.is_main:
+        writer = shards.ShardSetWriter(o.output, o.shard_bytes, o.overwrite, codec, resumable=True, resume=o.resume,
+                                       settings=settings)
+    try:
+        start = _start(writer, plan, table, say) if writer else 0
+        start = _broadcast(start, env)
+        say(f"fkd-relabel: N={plan.num_images} images, {len(folder.classes)} classes, S={plan.input_size}, "
+            f"B={plan.batch_size}, {plan.batches_per_epoch} batches x {plan.epochs} epochs, mix={plan.mix_type}, "
+            f"{len(teachers)} teacher(s) ({', '.join(t.name for t in teachers)}) on {device}, bn={o.bn_mode}, "
+            f"chunks={o.teacher_chunks}, " + (f"replaying {o.replay}" if plan.layout else
+                                             f"seed {plan.seed}, crop scale {list(plan.crop_scale)}")
+            + (f"; resuming at epoch {start // plan.batches_per_epoch} batch {start % plan.batches_per_epoch}"
+               if start else ""))
+        mine = list(positions(plan, start, env.rank, env.world_size))
+        maker = BatchMaker(table, plan.input_size, plan.mix_type, decode_cache=True)
+        timing = Timing()
+        records = label(skeletons(plan, table, iter(mine), o.fkd_seed), iter(mine), maker, ensemble, o, plan, timing)
+        began = time.perf_counter()
+        total = plan.epochs * plan.batches_per_epoch - start
+        with tqdm(total=total, desc="batches", unit="batch", disable=not (o.progress and env.is_main),
+                  file=sys.stderr) as bar:
+            for record in _gathered(records, plan, start, env):
+                written = time.perf_counter()
+                if writer is not None:
+                    _write(writer, record, table.labels, o)
+                    _check_epoch(writer, record, plan, threshold, o)
+                timing.writing += time.perf_counter() - written
+                bar.update(1)
+                bar.set_postfix(img_s=f"{bar.n * plan.batch_size / max(time.perf_counter() - began, 1e-9):.0f}")
+        if writer is None:
+            return None
+        alignment = [writer.notes["hits"].get(str(e), 0) / plan.num_images for e in range(plan.epochs)]
+        say(timing.describe(time.perf_counter() - began))
+        say(f"alignment (teacher argmax = image class or mix partner's): mean {sum(alignment) / len(alignment):.3f}, "
+            f"min {min(alignment):.3f}, accepted at >= {threshold:.3f}")
+        return writer.finish(shards.Manifest(
+            num_images=plan.num_images, batch_size=plan.batch_size, num_classes=len(folder.classes),
+            soft_label_width=teachers[0].classes, epochs=plan.epochs, input_size=plan.input_size,
+            mix_type=plan.mix_type, fkd_seed=o.fkd_seed, classes=list(folder.classes), soft_label_dtype=o.label_dtype,
+            shards=[], alignment=[round(a, 6) for a in alignment], created_by=f"fkd-relabel {VERSION}",
+            label_codec=codec.spec,
+            label_codec_temperature=None if codec.spec == fmt.CODEC_RAW else o.codec_temperature,
+            min_alignment=round(threshold, 6), relabel=provenance(o, plan, teachers, weights),
+        ))
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+
+
+def _start(writer: shards.ShardSetWriter, plan: Plan, table: ImageTable, say) -> int:
+    """The first position to label: after the last label shard a resumed writer kept (the image
+    shards are written first, whole, unless they are complete already)."""
+    done = [s for s in writer.completed if s.kind == fmt.LABELS_KIND]
+    images_done = sum(s.count for s in writer.completed if s.kind == fmt.IMAGES_KIND)
+    if images_done and images_done != plan.num_images:
+        raise shards.ResumeError(f"{writer.output.where}: holds {images_done} of {plan.num_images} images; use "
+                                 f"--overwrite to start again")
+    if not images_done:
+        for index in range(len(table)):
+            writer.add_image(shards.ImageRecord(index=index, label=int(table.labels[index]), data=table.encoded[index],
+                                                path=table.paths[index], height=int(table.shapes[index][0]),
+                                                width=int(table.shapes[index][1])))
+        writer.end_images()
+    start = 0 if not done else done[-1].epoch * plan.batches_per_epoch + done[-1].last + 1
+    kept = {f"{s.epoch}:{b}" for s in done for b in range(s.first, s.last + 1)}
+    per_batch = {k: v for k, v in writer.notes.get("per_batch", {}).items() if k in kept}
+    writer.notes = {"per_batch": per_batch, "hits": _epoch_hits(per_batch)}
+    if start:
+        say(f"fkd-relabel: continuing after {len(done)} finished label shard(s)")
+    return start
+
+
+def _epoch_hits(per_batch: dict) -> dict:
+    hits: dict = {}
+    for key, value in per_batch.items():
+        epoch = key.split(":")[0]
+        hits[epoch] = hits.get(epoch, 0) + value
+    return hits
+
+
+def _write(writer: shards.ShardSetWriter, record: shards.BatchRecord, labels: np.ndarray, o: RelabelOptions) -> None:
+    try:
+        writer.add_batch(record)
+    except shards.CodecError as exc:
+        raise RelabelError(f"epoch {record.epoch} batch {record.batch}: --label-codec {o.label_codec}: {exc}") from None
+    # Noted after the record is in: a shard closed while adding it has saved the notes without it.
+    hits = batch_hits(labels, record.indices, record.soft_labels.astype(np.float32).argmax(axis=1), record.mix_index)
+    writer.notes["per_batch"][f"{record.epoch}:{record.batch}"] = hits
+    writer.notes["hits"][str(record.epoch)] = writer.notes["hits"].get(str(record.epoch), 0) + hits
+
+
+def _check_epoch(writer, record: shards.BatchRecord, plan: Plan, threshold: float, o: RelabelOptions) -> None:
+    """At an epoch's last batch: an alignment below the threshold stops the run (a teacher whose
+    classes are in another order than the class folders, say)."""
+    if record.batch != plan.batches_per_epoch - 1:
+        return
+    rate = writer.notes["hits"].get(str(record.epoch), 0) / plan.num_images
+    if rate < threshold:
+        raise RelabelError(f"epoch {record.epoch}: only {rate:.3f} of the rows' teacher argmax is the image's class "
+                           f"or its partner's (threshold {threshold:.3f}): do the teachers' classes follow the class "
+                           f"folders' sorted order? (--min-alignment 0 accepts any alignment)")
+
+
+def _broadcast(value: int, env: DistEnv) -> int:
+    if not env.active:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gathered(records: Iterator[shards.BatchRecord], plan: Plan, start: int, env: DistEnv
+              ) -> Iterator[shards.BatchRecord]:
+    """In one process, the records as they come. Under torchrun, each round of ``world_size``
+    consecutive batches (one per rank) is gathered, and rank 0 yields them in order."""
+    if not env.active:
+        yield from records
+        return
+    import torch.distributed as dist
+
+    total = plan.epochs * plan.batches_per_epoch
+    for round_start in range(start, total, env.world_size):
+        mine = next(records) if round_start + env.rank < total else None
+        everyone: list = [None] * env.world_size
+        dist.all_gather_object(everyone, mine)
+        if env.is_main:
+            yield from (record for record in everyone if record is not None)

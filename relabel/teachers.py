@@ -1,0 +1,177 @@
+"""The teachers: models built from a name and a weights file (or a torchvision weights name), run
+together on one batch tensor, their logits mixed into one soft label per row.
+
+``--teacher MODEL WEIGHTS`` (repeatable). MODEL is a torchvision classification name, or
+``timm:NAME`` with the timm extra. WEIGHTS is a file (a state dict, or a checkpoint holding one under
+``state_dict``; ``module.`` prefixes are stripped), loaded with ``weights_only=True``, or a torchvision
+weights name such as ``ResNet18_Weights.IMAGENET1K_V1`` (torchvision loads it, downloading it on
+first use where a network is reachable). The class count comes from the weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fkd_shards.common.files import FileReadError, open_regular
+from fkd_shards.common.text import escape, first_line
+from fkd_shards.train.checkpoint import CheckpointError, check_finite, load_file, model_state
+
+TIMM_PREFIX = "timm:"
+
+
+class TeacherError(ValueError):
+    """A teacher that cannot be built, loaded or run; the message names it."""
+
+
+@dataclass
+class Teacher:
+    name: str
+    weights: str
+    sha256: str
+    classes: int
+    model: nn.Module
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    try:
+        fd, _ = open_regular(path)
+    except FileReadError as exc:
+        raise TeacherError(str(exc)) from None
+    with os.fdopen(fd, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _build(name: str, num_classes: int) -> nn.Module:
+    if name.startswith(TIMM_PREFIX):
+        try:
+            import timm
+        except ImportError:
+            raise TeacherError(f"--teacher {name} needs timm: pip install 'fkd-shards[timm]'") from None
+        if not timm.is_model(name.removeprefix(TIMM_PREFIX)):
+            raise TeacherError(f"--teacher {name}: not a timm model")
+        return timm.create_model(name.removeprefix(TIMM_PREFIX), pretrained=False, num_classes=num_classes)
+    import torchvision
+
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise TeacherError(f"--teacher {name}: not a torchvision.models classification model (timm models as "
+                           f"timm:NAME)")
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+
+
+def _class_count(name: str, weights: dict, where: str) -> int:
+    """The output size the weights were trained for: build the model with one class and find the
+    tensors whose first dimension is the class count."""
+    probe = _build(name, 1).state_dict()
+    counts = {int(weights[key].shape[0]) for key, value in probe.items()
+              if key in weights and value.ndim >= 1 and value.shape[0] == 1 and weights[key].ndim == value.ndim
+              and weights[key].shape[1:] == value.shape[1:]}
+    if len(counts) != 1:
+        raise TeacherError(f"{where}: cannot tell the class count of --teacher {name} from these weights (do they "
+                           f"belong to this model?)")
+    return counts.pop()
+
+
+def load_teacher(name: str, weights: str) -> Teacher:
+    """A teacher in eval mode on the CPU, its weights checked to fit and to be finite."""
+    if os.path.exists(weights) or os.sep in weights or weights.endswith((".pth", ".pt", ".tar", ".bin")):
+        try:
+            state = model_state(load_file(weights), weights)
+            check_finite(state, weights)
+        except CheckpointError as exc:
+            raise TeacherError(str(exc)) from None
+        classes = _class_count(name, state, weights)
+        model = _build(name, classes)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise TeacherError(f"{weights}: does not fit --teacher {name} ({first_line(exc, 200)})") from None
+        return Teacher(name, weights, _sha256(weights), classes, model.eval())
+    return _torchvision_weights(name, weights)
+
+
+def _torchvision_weights(name: str, weights: str) -> Teacher:
+    import torchvision
+
+    if name.startswith(TIMM_PREFIX):
+        raise TeacherError(f"--teacher {name} {weights}: no such file (timm teachers need a weights file)")
+    try:
+        enum = torchvision.models.get_weight(weights)
+    except (ValueError, AttributeError, KeyError):
+        raise TeacherError(f"--teacher {name} {escape(weights)}: neither a file nor a torchvision weights name "
+                           f"(e.g. ResNet18_Weights.IMAGENET1K_V1)") from None
+    try:
+        model = torchvision.models.get_model(name, weights=enum)
+    except Exception as exc:  # a download that fails (no network), weights of another model, ...
+        raise TeacherError(f"--teacher {name} {weights}: cannot load ({first_line(exc, 150)})") from None
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(enum.url))
+    classes = len(enum.meta.get("categories") or []) or model.state_dict()[list(model.state_dict())[-1]].shape[0]
+    return Teacher(name, weights, _sha256(path), classes, model.eval())
+
+
+def parse_mix(spec: str, count: int) -> list[float]:
+    """``mean`` (1/n each) or explicit weights ``W1,W2,...``, used as given (not normalised)."""
+    if spec == "mean":
+        return [1.0 / count] * count
+    try:
+        weights = [float(w) for w in spec.split(",")]
+    except ValueError:
+        raise TeacherError(f"--teacher-mix {escape(spec)}: expected 'mean' or comma-separated numbers") from None
+    if len(weights) != count:
+        raise TeacherError(f"--teacher-mix has {len(weights)} weights for {count} teachers")
+    if not all(math.isfinite(w) for w in weights):
+        raise TeacherError(f"--teacher-mix {escape(spec)}: weights must be finite")
+    return weights
+
+
+def batchnorm_on_batch_statistics(model: nn.Module) -> None:
+    """``--bn-mode train``: batch-norm layers normalise with the statistics of the batch they see;
+    their running statistics are neither used nor updated; every other layer stays in eval mode."""
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.train()
+            # Without tracking, a training-mode batch norm passes no running buffers to the kernel:
+            # it uses the batch's statistics and leaves the buffers (and their counter) as they are.
+            module.track_running_stats = False
+
+
+class Ensemble:
+    """The teachers' mixed logits for a batch: ``sum_i w_i * z_i``, accumulated in float32 in the
+    order the teachers were given (the first term is not added to zero, so that one teacher with
+    weight 1 gives its own logits bit for bit, signed zeros included)."""
+
+    def __init__(self, teachers: list[Teacher], weights: list[float], device: str, bn_mode: str, chunks: int,
+                 amp: str):
+        self.teachers, self.weights, self.device, self.chunks, self.amp = teachers, weights, device, chunks, amp
+        for t in teachers:
+            t.model.to(device)
+            if bn_mode == "train":
+                batchnorm_on_batch_statistics(t.model)
+            else:
+                t.model.eval()
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 (n, C) logits of the batch ``x`` (n, 3, S, S), forwarded in ``chunks`` consecutive
+        parts (``torch.chunk``: equal sizes, the last one smaller when n does not divide)."""
+        total = None
+        autocast = torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.amp == "bf16")
+        for teacher, weight in zip(self.teachers, self.weights):
+            try:
+                with autocast:
+                    logits = torch.cat([teacher.model(part) for part in torch.chunk(x, self.chunks)])
+            except (RuntimeError, ValueError) as exc:  # e.g. batch norm on a chunk of one image
+                raise TeacherError(f"--teacher {teacher.name}: cannot run on a batch of {len(x)} images in "
+                                   f"{min(self.chunks, len(x))} chunk(s) ({first_line(exc, 150)})") from None
+            term = weight * logits.float()
+            total = term if total is None else total + term
+        return total

@@ -1,0 +1,194 @@
+"""Seeded fuzz of the read path: a few hundred mutations of a tiny shard set. Whatever is changed,
+reading the set and building every batch the trainer would see either fails with one of the
+documented one-line errors, or succeeds; and where the manifest was not re-sealed to match (a
+corrupt disk, a cut transfer), success must mean that nothing mutated was used: every batch
+identical to the unmutated set's."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import tarfile
+
+import pytest
+import torch
+
+from fkd_shards import shards
+from fkd_shards.train.stream import BatchStream, StreamError
+from tests.tamper import reseal
+
+CLEAN_ERRORS = (shards.ManifestError, shards.ShardError, StreamError)
+CASES = 300
+
+
+def consume(location: str) -> str:
+    """Digest of everything training takes from a set: model inputs, targets, soft labels, order."""
+    h = hashlib.sha256()
+    shard_set = shards.ShardSet(location, retries=0)
+    h.update(json.dumps([shard_set.manifest.epochs, shard_set.manifest.classes]).encode())
+    for b in BatchStream(shard_set, workers=0):
+        h.update(f"{b.epoch},{b.batch},{b.batch_rows};".encode())
+        for t in (b.model_input(), b.targets, b.soft_labels):
+            h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    from fkd_shards.convert import ConvertOptions, convert
+    from tests.conftest import INPUT_SIZE
+    from tests.relabel_fixture import make_image_folder, make_relabel
+
+    root = tmp_path_factory.mktemp("fuzz")
+    samples = make_image_folder(str(root / "train"), 3, 4)
+    make_relabel(str(root / "fkd"), samples, epochs=2, batch_size=5, width=3, input_size=INPUT_SIZE)
+    out = str(root / "set")
+    convert(ConvertOptions(str(root / "train"), str(root / "fkd"), out, input_size=INPUT_SIZE, shard_bytes=4000,
+                           progress=False), log=lambda *_: None)
+    return out, consume(out)
+
+
+def _members(path: str) -> list[str]:
+    with tarfile.open(path) as tar:
+        return [m.name for m in tar.getmembers()]
+
+
+def _mutate_bytes(rng: random.Random, location: str) -> str:
+    """A raw change of one file, the manifest not re-sealed: what a bad disk or transfer does."""
+    names = sorted(os.listdir(location))
+    name = rng.choice(names)
+    path = os.path.join(location, name)
+    data = bytearray(open(path, "rb").read())
+    kind = rng.choice(["flip", "flip", "truncate", "append", "zero_block", "swap"])
+    if kind == "flip":
+        data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+    elif kind == "truncate":
+        del data[rng.randrange(len(data)):]
+    elif kind == "append":
+        data += bytes(rng.randrange(1, 2000))
+    elif kind == "zero_block":
+        start = rng.randrange(len(data))
+        data[start:start + 512] = bytes(len(data[start:start + 512]))
+    else:
+        a, b = sorted(rng.sample(range(len(data)), 2))
+        data[a], data[b] = data[b], data[a]
+    open(path, "wb").write(bytes(data))
+    return f"{kind} {name}"
+
+
+def _mutate_sealed(rng: random.Random, location: str) -> str:
+    """A changed record with the manifest re-sealed to match: what an attacker who controls the set,
+    or a buggy writer, produces. Only the per-record checks stand in the way."""
+    shard = rng.choice([s for s in sorted(os.listdir(location)) if s.endswith(".tar")])
+    member = rng.choice(_members(os.path.join(location, shard)))
+    kind = rng.choice(["flip", "truncate", "garbage", "drop", "npy_shape"])
+
+    def edit(data: bytes) -> bytes | None:
+        data = bytearray(data)
+        if kind == "flip" and data:
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        elif kind == "truncate":
+            del data[rng.randrange(len(data) + 1):]
+        elif kind == "garbage":
+            data = bytearray(rng.randbytes(rng.randrange(0, 300)))
+        elif kind == "drop":
+            return None
+        elif kind == "npy_shape" and data.startswith(b"\x93NUMPY"):
+            data = data.replace(b"'shape': (", b"'shape': (99999999999, ", 1)
+        return bytes(data)
+
+    reseal(location, members={member: edit})
+    return f"sealed {kind} {member}"
+
+
+def _mutate_manifest_sealed(rng: random.Random, location: str) -> str:
+    """A manifest field set to another value, the checksum recomputed."""
+    path = os.path.join(location, shards.MANIFEST_NAME)
+    body = json.load(open(path))
+    key = rng.choice(sorted(k for k in body if k not in ("checksum", "format", "format_version")))
+    value = rng.choice([0, -1, 1, 2, 10**12, "x", None, [], {}, True, 0.5, [1, "a"], body[key]])
+    if key == "shards" and rng.random() < 0.7:
+        entry = rng.choice(body["shards"])
+        field = rng.choice(sorted(entry))
+        entry[field] = rng.choice([0, -1, 1, 10**12, "x", None, "labels-000000.tar", "../x"])
+        key = f"shards.{field}"
+    else:
+        body[key] = value
+    body.pop("checksum", None)
+    body["checksum"] = hashlib.sha256(json.dumps({k: v for k, v in body.items() if k != "checksum"},
+                                                 sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    open(path, "w").write(json.dumps(body))
+    return f"manifest {key}={value!r}"
+
+
+class _Hang(Exception):
+    pass
+
+
+def _alarm(*_):
+    raise _Hang("no answer within 20 s")
+
+
+def test_no_mutation_is_used_unverified_and_none_gives_a_traceback(pristine, tmp_path):
+    original, expected = pristine
+    rng = random.Random(20261130)
+    outcomes = {"clean error": 0, "identical": 0, "sealed and accepted": 0}
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    try:
+        for case in range(CASES):
+            location = str(tmp_path / f"case{case}")
+            shutil.copytree(original, location)
+            choice = rng.random()
+            sealed = choice >= 0.55
+            mutate = _mutate_bytes if not sealed else _mutate_sealed if choice < 0.85 else _mutate_manifest_sealed
+            try:
+                what = mutate(rng, location)
+            except shards.ManifestError:
+                continue  # the mutation made a manifest the tamper helper itself cannot re-seal
+            signal.alarm(20)
+            try:
+                digest = consume(location)
+            except CLEAN_ERRORS as exc:
+                assert "\n" not in str(exc) and str(exc), (what, str(exc))
+                outcomes["clean error"] += 1
+            else:
+                if sealed:
+                    outcomes["sealed and accepted"] += 1
+                else:
+                    assert digest == expected, f"case {case}: {what} was used unverified"
+                    outcomes["identical"] += 1
+            finally:
+                signal.alarm(0)
+            shutil.rmtree(location)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    assert outcomes["clean error"] > CASES // 2, outcomes
+
+
+def test_a_sealed_nan_logit_is_refused_by_the_reader_and_by_training(converted, tmp_path, capsys):
+    import numpy as np
+
+    from fkd_shards.train.cli import main as train_main
+
+    output, _, _ = converted(dtype=torch.float32)
+
+    def poison(data: bytes) -> bytes:
+        array = np.load(__import__("io").BytesIO(data))
+        array[1, 2] = np.nan
+        buffer = __import__("io").BytesIO()
+        np.save(buffer, array)
+        return buffer.getvalue()
+
+    reseal(output, members={"e00001_b000002.soft_labels.npy": poison})
+    with pytest.raises(shards.ShardError, match="epoch 1 batch 2: soft labels hold a value that is not finite"):
+        list(shards.ShardSet(output).batches())
+    out = tmp_path / "run"
+    assert train_main(["--shards", output, "--output-dir", str(out), "-j", "0", "--device", "cpu"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # besides the progress bar
+    assert len(errors) == 1 and errors[0].startswith("fkd-train: error: ") and "not finite" in errors[0]
+    state = torch.load(out / "checkpoint.pth.tar", weights_only=True)
+    assert state["epoch"] == 1  # epoch 0 was trained and kept; epoch 1 stopped at the poisoned record

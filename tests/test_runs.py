@@ -1,0 +1,305 @@
+"""fkd-train's runs: never lost, never mixed, never resumed from something untrustworthy; seeds,
+weights files, summaries and reports; one line for every user mistake."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+import torchvision
+
+from fkd_shards.train import checkpoint, loop
+from fkd_shards.train.cli import main as train_main
+from fkd_shards.train.rundir import RunLock
+
+
+def _run(output, out_dir, *extra, code=0, capsys=None):
+    argv = ["--shards", output, "--output-dir", str(out_dir), "-j", "0", "--device", "cpu", *extra]
+    assert train_main(argv) == code
+    if capsys is not None:  # what the user reads besides the progress bars
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fkd-train: ")]
+        assert code == 0 or len(lines) == 1, lines
+        return "\n".join(lines)
+    return None
+
+
+def _weights(path):
+    state = torch.load(path, weights_only=True)
+    return state.get("state_dict", state)
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_output_dir_holding_a_run_is_refused_unless_resumed_or_restarted(converted, tmp_path, capsys):
+    output, _, _ = converted()
+    out = tmp_path / "run"
+    _run(output, out, "--epochs", "1")
+    before = {name: (out / name).read_bytes() for name in ("checkpoint.pth.tar", "metrics.jsonl")}
+    err = _run(output, out, "--epochs", "1", code=1, capsys=capsys)
+    assert "holds a run (checkpoint.pth.tar, final_weights.pth, metrics.jsonl, summary.json); continue it with " \
+           "--resume auto, or start over with --restart" in err
+    assert all((out / name).read_bytes() == data for name, data in before.items())
+    _run(output, out, "--epochs", "1", "--restart")
+    assert (out / "previous-1" / "checkpoint.pth.tar").read_bytes() == before["checkpoint.pth.tar"]
+    assert (out / "checkpoint.pth.tar").exists()
+
+
+def test_a_second_process_is_refused_while_the_first_trains(converted, tmp_path, capsys):
+    output, _, _ = converted()
+    out = tmp_path / "run"
+    os.makedirs(out)
+    held = RunLock(str(out))
+    err = _run(output, out, "--epochs", "1", code=1, capsys=capsys)
+    assert f"another fkd-train (pid {os.getpid()}) is training into this directory" in err
+    held.release()  # as the kernel does when a process dies, however it dies
+    _run(output, out, "--epochs", "1")
+
+
+def test_stale_temporary_files_are_removed_and_user_files_kept(converted, tmp_path):
+    output, _, _ = converted()
+    out = tmp_path / "run"
+    os.makedirs(out)
+    (out / "checkpoint.pth.tar.4242.0123456789ab.partial").write_bytes(b"half")
+    (out / "checkpoint.pth.tar.mine").write_bytes(b"user")
+    _run(output, out, "--epochs", "1")
+    assert not (out / "checkpoint.pth.tar.4242.0123456789ab.partial").exists()
+    assert (out / "checkpoint.pth.tar.mine").read_bytes() == b"user"
+
+
+def _crash_after(monkeypatch, steps):
+    real, calls = loop.train_step, []
+
+    def crash(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > steps:
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", crash)
+    return real
+
+
+def _interrupted_run(output, out, monkeypatch, *extra):
+    real = _crash_after(monkeypatch, 4)  # epoch 0 (4 batches of 6) done and saved
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(output, out, *extra)
+    monkeypatch.setattr(loop, "train_step", real)
+
+
+def _flip_tensor_byte(path):
+    with zipfile.ZipFile(path) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)
+        with open(path, "rb") as f:
+            f.seek(info.header_offset + 26)
+            name_len, extra_len = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+        start = info.header_offset + 30 + name_len + extra_len
+    data = bytearray(open(path, "rb").read())
+    data[start + info.file_size // 2] ^= 0x10
+    open(path, "wb").write(bytes(data))
+
+
+def test_a_checkpoint_with_a_flipped_byte_is_refused(converted, tmp_path, monkeypatch, capsys):
+    output, _, _ = converted()
+    out = tmp_path / "run"
+    _interrupted_run(output, out, monkeypatch)
+    _flip_tensor_byte(out / "checkpoint.pth.tar")
+    err = _run(output, out, "--resume", "auto", code=1, capsys=capsys)
+    assert "checkpoint.pth.tar: integrity hash mismatch (the file changed or is corrupt); refused" in err
+
+
+def test_nan_weights_are_refused_on_resume_and_as_init_weights(converted, tmp_path, monkeypatch, capsys):
+    output, _, _ = converted()
+    out = tmp_path / "run"
+    _interrupted_run(output, out, monkeypatch)
+    path = out / "checkpoint.pth.tar"
+    state = torch.load(path, weights_only=True)
+    state.pop("integrity")
+    state["state_dict"]["fc.bias"][0] = float("nan")
+    state["integrity"] = {"algorithm": checkpoint.INTEGRITY, "sha256": checkpoint.digest(state)}
+    torch.save(state, path)
+    err = _run(output, out, "--resume", "auto", code=1, capsys=capsys)
+    assert "fc.bias holds NaN or inf values; refused" in err
+    torch.save(state["state_dict"], tmp_path / "nan.pt")
+    err = _run(output, tmp_path / "other", "--init-weights", str(tmp_path / "nan.pt"), code=1, capsys=capsys)
+    assert "nan.pt: fc.bias holds NaN or inf values; refused" in err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--sgd"], "--sgd True differs from the checkpoint's False"),
+    (["--model", "resnet34"], "--model 'resnet34' differs from the checkpoint's 'resnet18'"),
+    (["--seed", "3"], "--seed 3 differs from the checkpoint's 0"),
+    (["-T", "4"], "--temperature 4.0 differs from the checkpoint's 3.0"),
+    (["--gradient-accumulation-steps", "2"], "the micro-batch, B / (ranks x --gradient-accumulation-steps) rows: 3 "
+                                            "differs from the checkpoint's 6"),
+])
+def test_resume_with_other_run_defining_flags_says_what_differs(converted, tmp_path, monkeypatch, capsys, flags,
+                                                                  message):
+    output, _, _ = converted()
+    out = tmp_path / "run"
+    _interrupted_run(output, out, monkeypatch)
+    err = _run(output, out, "--resume", "auto", *flags, code=1, capsys=capsys)
+    assert message in err
+
+
+def test_resume_on_another_set_of_the_same_shape_is_refused(converted, tmp_path, monkeypatch, capsys):
+    from tests.tamper import reseal
+
+    a, _, _ = converted(name="a")
+    b, samples, _ = converted(name="b")  # the same fixture: the same shape, bytes and hashes ...
+    reseal(b, image_bytes={0: open(samples[1][0], "rb").read()})  # ... until one image differs
+    out = tmp_path / "run"
+    _interrupted_run(a, out, monkeypatch)
+    err = _run(b, out, "--resume", "auto", code=1, capsys=capsys)
+    assert "written for another shard set (its shards' hashes differ" in err
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_the_run_resumes(converted, tmp_path, monkeypatch, capsys):
+    output, _, _ = converted()
+    _run(output, tmp_path / "straight", "--cos")
+    out = tmp_path / "run"
+    real_save, calls = torch.save, []
+
+    def save_until_the_disk_fills(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the checkpoint after epoch 1
+            f.write(b"x" * 1000)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
+    err = _run(output, out, "--cos", code=1, capsys=capsys)
+    assert "checkpoint.pth.tar: cannot write (disk full: No space left on device); the previous file there is " \
+           "intact" in err
+    monkeypatch.setattr(torch, "save", real_save)
+    assert not [n for n in os.listdir(out) if n.endswith(".partial")]
+    assert checkpoint.load_checkpoint(str(out / "checkpoint.pth.tar"))["epoch"] == 1
+    _run(output, out, "--cos", "--resume", "auto")
+    assert _same(_weights(out / "final_weights.pth"), _weights(tmp_path / "straight" / "final_weights.pth"))
+
+
+def test_a_loss_that_stops_being_finite_stops_the_run_before_its_checkpoint(converted, tmp_path, capsys):
+    output, _, _ = converted()
+    err = _run(output, tmp_path / "run", "--adamw-lr", "1e30", code=1, capsys=capsys)
+    assert "the loss stopped being finite (NaN or inf) at epoch 0 batch" in err
+    assert not (tmp_path / "run" / "checkpoint.pth.tar").exists()
+
+
+def test_an_unreadable_validation_image_is_named_after_the_epoch_is_saved(converted, tmp_path, capsys):
+    import shutil
+
+    output, samples, _ = converted()
+    val = tmp_path / "val"
+    shutil.copytree(os.path.dirname(os.path.dirname(samples[0][0])), val)
+    broken = val / "new002" / sorted(os.listdir(val / "new002"))[1]
+    broken.write_bytes(b"\xff\xd8\xff broken")
+    err = _run(output, tmp_path / "run", "--epochs", "1", "--val-dir", str(val), code=1, capsys=capsys)
+    assert f"{broken}: unreadable image" in err
+    assert checkpoint.load_checkpoint(str(tmp_path / "run" / "checkpoint.pth.tar"))["epoch"] == 1
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"RANK": "x"}, "environment variable RANK='x' is not an integer"),
+    ({"RANK": "3", "WORLD_SIZE": "2"}, "RANK=3 is not below WORLD_SIZE=2"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0 must be at least 1"),
+])
+def test_bad_torchrun_variables_are_one_line_errors(converted, tmp_path, monkeypatch, capsys, env, message):
+    output, _, _ = converted()
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert message in _run(output, tmp_path / "run", code=1, capsys=capsys)
+
+
+def test_ctrl_c_says_what_is_on_disk(converted, tmp_path, monkeypatch, capsys):
+    output, _, _ = converted()
+    real = loop.train_step
+
+    def interrupt_at(step):
+        calls = []
+
+        def stepper(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == step:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+        return stepper
+
+    monkeypatch.setattr(loop, "train_step", interrupt_at(2))
+    assert train_main(["--shards", output, "--output-dir", str(tmp_path / "a"), "-j", "0"]) == 130
+    assert "interrupted before the first checkpoint was written; nothing to resume" in capsys.readouterr().err
+    monkeypatch.setattr(loop, "train_step", interrupt_at(6))
+    assert train_main(["--shards", output, "--output-dir", str(tmp_path / "b"), "-j", "0"]) == 130
+    assert "checkpoint.pth.tar holds epochs 0..0: continue with --resume auto" in capsys.readouterr().err
+
+
+def test_seeds_reproduce_and_differ_and_are_recorded(converted, tmp_path):
+    output, _, _ = converted()
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        _run(output, tmp_path / name, "--epochs", "1", "--seed", seed)
+    a, b, c = (_weights(tmp_path / n / "final_weights.pth") for n in "abc")
+    assert _same(a, b) and not _same(a, c)
+    assert torch.load(tmp_path / "c" / "checkpoint.pth.tar", weights_only=True)["seed"] == 2
+    assert json.loads((tmp_path / "c" / "metrics.jsonl").read_text().splitlines()[0])["seed"] == 2
+
+
+def test_final_weights_load_into_the_model_and_export_matches(converted, tmp_path, capsys):
+    output, _, _ = converted()
+    out = tmp_path / "run"
+    _run(output, out, "--epochs", "1")
+    printed = capsys.readouterr().out
+    assert f"final weights (state dict): {out / 'final_weights.pth'}" in printed and "done: resnet18" in printed
+    model = torchvision.models.resnet18(num_classes=4)
+    model.load_state_dict(torch.load(out / "final_weights.pth", weights_only=True))
+    assert train_main(["export", str(out / "checkpoint.pth.tar"), str(tmp_path / "w.pth")]) == 0
+    assert _same(_weights(tmp_path / "w.pth"), _weights(out / "final_weights.pth"))
+    assert train_main(["export", str(out / "checkpoint.pth.tar"), str(tmp_path / "w.pth")]) == 1
+    assert "w.pth: exists; choose another name" in capsys.readouterr().err
+
+
+def test_report_groups_seeds_with_mean_and_std(converted, tmp_path, capsys):
+    output, samples, _ = converted()
+    val = os.path.dirname(os.path.dirname(samples[0][0]))
+    runs = []
+    for seed in ("0", "1", "2"):
+        runs.append(str(tmp_path / f"s{seed}"))
+        _run(output, runs[-1], "--epochs", "1", "--seed", seed, "--val-dir", val)
+    _run(output, tmp_path / "sgd", "--epochs", "1", "--sgd", "--val-dir", val)
+    capsys.readouterr()
+    assert train_main(["report", *runs, str(tmp_path / "sgd")]) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    assert len(table) == 4 and "0,1,2 (n=3)" in table[2] and "0 (n=1)" in table[3]
+    finals = [json.load(open(os.path.join(r, "summary.json")))["final_top1"] for r in runs]
+    mean = sum(finals) / 3
+    std = (sum((f - mean) ** 2 for f in finals) / 2) ** 0.5
+    assert f"{mean:.2f} ± {std:.2f}" in table[2]
+    assert train_main(["report", str(tmp_path)]) == 1
+    assert "no summary.json (not a finished fkd-train run)" in capsys.readouterr().err
+
+
+def test_help_answers_without_importing_torch(tmp_path):
+    for module in ("fkd_shards.train.cli", "fkd_shards.convert.cli"):
+        code = (f"import sys\nfrom {module} import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+                f"print('TORCH' if 'torch' in sys.modules else 'NO TORCH')\n")
+        done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert done.stdout.strip().splitlines()[-1] == "NO TORCH", (module, done.stderr[-500:])
+        assert "(default:" in done.stdout
+
+
+def test_no_generic_import_name_is_installed(tmp_path):
+    (tmp_path / "train.py").write_text("raise SystemExit('the user file ran')\n")
+    code = ("import importlib.util\n"
+            "print([n for n in ('train', 'convert', 'shards', 'demo', 'common', 'relabel') "
+            "if importlib.util.find_spec(n) is not None and 'fkd' in str(importlib.util.find_spec(n).origin)])\n"
+            "import fkd_shards.train.cli, fkd_shards.convert.cli\nprint('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["[]", "ok"], done.stderr[-1000:]
+    done = subprocess.run([sys.executable, "-m", "fkd_shards.train", "--help"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and "usage: fkd-train" in done.stdout  # not the user's train.py
