@@ -1,5 +1,6 @@
-"""The teacher side of SRe2L, small: writes a relabel output in the ORIGINAL layout
-(``epoch_{e}/batch_{b}.tar``, a torch.save'd list of six items per batch; SRE2L-FACTS sections 2-5)."""
+"""The teacher side of SRe2L as its own relabel script does it, small: a relabel output in the
+ORIGINAL layout (``epoch_{e}/batch_{b}.tar``, a torch.save'd list of six items per batch), for
+``fkd-demo --via-convert``, which shows fkd-convert on it (the default run uses fkd-relabel)."""
 
 from __future__ import annotations
 

@@ -1,17 +1,22 @@
-"""``fkd-demo [OUT]``: teacher, relabel (original layout), fkd-convert, fkd-train, and a comparison
-with the same student trained on hard labels, on scikit-learn's bundled digits."""
+"""``fkd-demo [OUT]``: a resnet18 teacher, fkd-relabel, fkd-train, and a comparison with the same
+student trained on hard labels, on scikit-learn's bundled digits (``--via-convert``: the relabel
+output in SRe2L's own layout, packed by fkd-convert)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
+from fkd_shards.common.text import error_line
 from fkd_shards.convert.cli import main as convert_main
+from fkd_shards.relabel.cli import main as relabel_main
 from fkd_shards.shards import ShardSet
 from fkd_shards.train.checkpoint import build_scheduler
 from fkd_shards.train.cli import main as train_main
@@ -25,7 +30,7 @@ from fkd_shards.train.validate import evaluate, val_loader
 
 from .data import load_splits, write_image_folder
 from .relabel import write_relabel
-from .teacher import train_teacher
+from .teacher import MODEL, train_teacher
 
 
 def _step(message: str, started: float) -> None:
@@ -46,7 +51,7 @@ def train_hard_labels(shard_dir: str, val_dir: str, model_name: str, epochs: int
     scheduler = build_scheduler(cfg, optimizer, 0)
     size = m.input_size
     batches = iter(BatchStream(shard_set, end_epoch=epochs, workers=0))
-    for _ in range(epochs):
+    for _ in tqdm(range(epochs), desc="hard-label student", unit="epoch", file=sys.stderr):
         model.train()
         for _ in range(m.batches_per_epoch):
             b = next(batches)
@@ -64,61 +69,80 @@ def train_hard_labels(shard_dir: str, val_dir: str, model_name: str, epochs: int
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fkd-demo", description=__doc__)
-    p.add_argument("out", nargs="?", default="fkd-demo-out",
-                   help="working directory (default: ./fkd-demo-out)")
-    p.add_argument("--per-class", type=int, default=10, help="distilled images per digit")
-    p.add_argument("--epochs", type=int, default=30, help="relabel and training epochs")
-    p.add_argument("--teacher-epochs", type=int, default=12)
-    p.add_argument("--batch-size", type=int, default=25)
-    p.add_argument("--input-size", type=int, default=24, help="crop size S (px)")
-    p.add_argument("--model", default="resnet18", help="student, any torchvision.models name")
-    p.add_argument("--temperature", type=float, default=4.0)
+    p.add_argument("out", nargs="?", default="fkd-demo-out", help="working directory (default: ./fkd-demo-out)")
+    p.add_argument("--per-class", type=int, default=10, help="distilled images per digit (default: 10)")
+    p.add_argument("--epochs", type=int, default=30, help="relabel and training epochs (default: 30)")
+    p.add_argument("--teacher-epochs", type=int, default=12, help="teacher training epochs (default: 12)")
+    p.add_argument("--batch-size", type=int, default=25, help="relabel batch size (default: 25)")
+    p.add_argument("--input-size", type=int, default=24, help="crop size S in px (default: 24)")
+    p.add_argument("--model", default="resnet18", help="student, a torchvision.models name (default: resnet18)")
+    p.add_argument("--temperature", type=float, default=4.0, help="KD temperature (default: 4)")
     p.add_argument("--codecs", nargs="*", default=[], metavar="CODEC",
                    help="also train on labels stored with these codecs (e.g. int8 topk:3)")
+    p.add_argument("--via-convert", action="store_true", help="write the relabel output in SRe2L's own pickle "
+                   "layout and pack it with fkd-convert, instead of fkd-relabel writing the shards")
     return p
 
 
 def run(a: argparse.Namespace) -> dict[str, float]:
-    """Every stage in order; returns the held-out top-1 (percent) of teacher and both students."""
+    """Every stage in order; returns the held-out top-1 (percent) of teacher and students."""
     started = time.perf_counter()
     train_dir, val_dir = os.path.join(a.out, "train"), os.path.join(a.out, "val")
-    fkd_path, shard_dir = os.path.join(a.out, "fkd"), os.path.join(a.out, "shards")
     splits = load_splits(a.per_class, held_out=500)
     write_image_folder(train_dir, *splits.distilled)
     write_image_folder(val_dir, *splits.held_out)
     _step(f"digits: {len(splits.teacher[1])} teacher images, {len(splits.distilled[1])} distilled "
-          f"({a.per_class} per class) in {train_dir}, {len(splits.held_out[1])} held out in {val_dir}",
-          started)
+          f"({a.per_class} per class) in {train_dir}, {len(splits.held_out[1])} held out in {val_dir}", started)
     teacher = train_teacher(*splits.teacher, size=a.input_size, epochs=a.teacher_epochs)
+    teacher_path = os.path.join(a.out, "teacher.pth")
+    torch.save(teacher.state_dict(), teacher_path)
     classes = sorted(os.listdir(val_dir))
     teacher_acc = evaluate(teacher, val_loader(val_dir, classes, a.input_size, 256, 0, DistEnv()), "cpu",
                            DistEnv())["val/top1"]
-    _step(f"teacher trained: {teacher_acc:.1f}% on the held-out set", started)
-    write_relabel(train_dir, fkd_path, teacher, epochs=a.epochs, batch_size=a.batch_size,
-                  input_size=a.input_size)
-    _step(f"relabel output written in the original SRe2L layout: {fkd_path}/epoch_*/batch_*.tar", started)
-    soft_acc = _soft_student(a, train_dir, fkd_path, val_dir, "raw", shard_dir)
-    _step("student on soft labels done", started)
+    _step(f"teacher ({MODEL}) trained: {teacher_acc:.1f}% on the held-out set; weights in {teacher_path}", started)
     by_codec = {}
-    for codec in a.codecs:
-        directory = os.path.join(a.out, "shards-" + codec.replace(":", ""))
-        by_codec[codec] = _soft_student(a, train_dir, fkd_path, val_dir, codec, directory)
-        _step(f"student on {codec} soft labels done", started)
-    hard_acc = train_hard_labels(shard_dir, val_dir, a.model, a.epochs)
-    _step("done", started)
-    return {"teacher": teacher_acc, "soft": soft_acc, "hard": hard_acc, "codecs": by_codec,
+    for codec in ["raw", *a.codecs]:
+        suffix = "" if codec == "raw" else "-" + codec.replace(":", "")
+        shard_dir = os.path.join(a.out, "shards" + suffix)
+        if a.via_convert:
+            _relabel_via_convert(a, train_dir, teacher, codec, shard_dir, started)
+        else:
+            _relabel(a, train_dir, teacher_path, codec, shard_dir)
+        _step(f"{shard_dir}: soft labels ({codec}) written by {'fkd-convert' if a.via_convert else 'fkd-relabel'}",
+              started)
+        by_codec[codec] = _soft_student(a, shard_dir, val_dir, os.path.join(a.out, "student-soft" + suffix))
+        _step(f"student on {codec} soft labels: {by_codec[codec]:.1f}%", started)
+    hard_acc = train_hard_labels(os.path.join(a.out, "shards"), val_dir, a.model, a.epochs)
+    _step(f"student on hard labels: {hard_acc:.1f}%; done", started)
+    return {"teacher": teacher_acc, "soft": by_codec.pop("raw"), "hard": hard_acc, "codecs": by_codec,
             "teacher_images": len(splits.teacher[1]), "train_images": len(splits.distilled[1]),
             "held_out": len(splits.held_out[1])}
 
 
-def _soft_student(a: argparse.Namespace, train_dir: str, fkd_path: str, val_dir: str, codec: str,
-                  shard_dir: str) -> float:
-    """fkd-convert with ``codec``, then fkd-train on it (both through their CLIs); held-out top-1."""
-    if convert_main(["--train-dir", train_dir, "--fkd-path", fkd_path, "--output", shard_dir,
-                     "--input-size", str(a.input_size), "--no-progress", "--label-codec", codec,
-                     "--codec-temperature", str(a.temperature)]) != 0:
+def _relabel(a: argparse.Namespace, train_dir: str, teacher_path: str, codec: str, shard_dir: str) -> None:
+    """fkd-relabel through its CLI: the teacher labels every batch and the shards are written directly."""
+    if relabel_main(["--train-dir", train_dir, "--output", shard_dir, "--teacher", MODEL, teacher_path,
+                     "--batch-size", str(a.batch_size), "--epochs", str(a.epochs), "--input-size", str(a.input_size),
+                     "--crop-scale", "0.35", "1.0", "--label-codec", codec, "--codec-temperature", str(a.temperature),
+                     "--device", "cpu", "-j", "0"]) != 0:
+        raise RuntimeError("fkd-relabel failed")
+
+
+def _relabel_via_convert(a: argparse.Namespace, train_dir: str, teacher, codec: str, shard_dir: str,
+                         started: float) -> None:
+    """SRe2L's own layout (one pickle per batch), then fkd-convert through its CLI."""
+    fkd_path = os.path.join(a.out, "fkd")
+    if not os.path.exists(fkd_path):
+        write_relabel(train_dir, fkd_path, teacher, epochs=a.epochs, batch_size=a.batch_size,
+                      input_size=a.input_size)
+        _step(f"relabel output written in the original SRe2L layout: {fkd_path}/epoch_*/batch_*.tar", started)
+    if convert_main(["--train-dir", train_dir, "--fkd-path", fkd_path, "--output", shard_dir, "--input-size",
+                     str(a.input_size), "--label-codec", codec, "--codec-temperature", str(a.temperature)]) != 0:
         raise RuntimeError("fkd-convert failed")
-    out_dir = shard_dir.replace("shards", "student-soft")
+
+
+def _soft_student(a: argparse.Namespace, shard_dir: str, val_dir: str, out_dir: str) -> float:
+    """fkd-train through its CLI; the held-out top-1 of its last epoch."""
     if train_main(["--shards", shard_dir, "--output-dir", out_dir, "--model", a.model, "-j", "0",
                    "-T", str(a.temperature), "--val-dir", val_dir, "--val-every", str(a.epochs),
                    "--device", "cpu"]) != 0:
@@ -130,14 +154,14 @@ def _soft_student(a: argparse.Namespace, train_dir: str, fkd_path: str, val_dir:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if os.path.exists(a.out) and os.listdir(a.out):
-        print(f"fkd-demo: error: {a.out}: not empty; choose a new directory")
+        print(error_line("fkd-demo", f"{a.out}: not empty; choose a new directory"), file=sys.stderr)
         return 1
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     r = run(a)
     print(f"\nHeld-out accuracy ({r['held_out']} digits, chance 10%), {r['train_images']} training images, "
           f"{a.epochs} epochs, {a.model}:")
     print("| model | top-1 % |\n|---|---|")
-    print(f"| teacher (trained on {r['teacher_images']} images) | {r['teacher']:.1f} |")
+    print(f"| teacher ({MODEL}, trained on {r['teacher_images']} images) | {r['teacher']:.1f} |")
     print(f"| student, soft labels (fkd-train, T={a.temperature:g}) | {r['soft']:.1f} |")
     for codec, acc in r["codecs"].items():
         print(f"| student, soft labels stored as {codec} | {acc:.1f} |")

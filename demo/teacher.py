@@ -1,27 +1,20 @@
-"""A small CNN teacher for the digits, trained on CPU in seconds."""
+"""The demo's teacher: torchvision's resnet18 (as SRe2L's ImageNet teacher), trained from scratch on
+the digits on the CPU with the views the relabel step will show it: random resized crops and flips."""
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
+import torchvision
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
-from torch import nn
+from tqdm import tqdm
 
 from fkd_shards.train.mix import MEAN, STD
 
-
-class DigitTeacher(nn.Module):
-    def __init__(self, classes: int = 10):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
-        )
-        self.head = nn.Linear(64 * 16, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).flatten(1))
+MODEL = "resnet18"
 
 
 def to_model_input(gray_u8: torch.Tensor, size: int) -> torch.Tensor:
@@ -43,14 +36,15 @@ def _augment(x: torch.Tensor, size: int, scale: tuple[float, float]) -> torch.Te
     return torch.stack(out)
 
 
-def train_teacher(images, labels, size: int, epochs: int = 20, seed: int = 0,
-                  scale: tuple[float, float] = (0.35, 1.0)) -> DigitTeacher:
+def train_teacher(images, labels, size: int, epochs: int, seed: int = 0,
+                  scale: tuple[float, float] = (0.35, 1.0), progress: bool = True) -> torch.nn.Module:
+    """A resnet18 for the 10 digits, trained ``epochs`` epochs; returned in eval mode."""
     torch.manual_seed(seed)
-    model = DigitTeacher()
+    model = torchvision.models.get_model(MODEL, num_classes=10)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     x = to_model_input(torch.from_numpy(images), images.shape[1])
     y = torch.from_numpy(labels)
-    for _ in range(epochs):
+    for _ in tqdm(range(epochs), desc="teacher", unit="epoch", disable=not progress, file=sys.stderr):
         model.train()
         for idx in torch.randperm(len(y)).split(64):
             loss = F.cross_entropy(model(_augment(x[idx], size, scale)), y[idx])
@@ -58,5 +52,3 @@ def train_teacher(images, labels, size: int, epochs: int = 20, seed: int = 0,
             loss.backward()
             optimizer.step()
     return model.eval()
-
-

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     teach.add_argument("--bn-mode", default="eval", choices=["eval", "train"], help="train: batch norm on the "
                        "statistics of the forwarded chunk, running statistics untouched (default: eval)")
     teach.add_argument("--teacher-chunks", type=int, default=1, metavar="K", help="forward each batch in K "
-                       "consecutive chunks (2: the half-batches of CV-DD and EDC; default: 1)")
+                       "consecutive chunks (2: half-batches, as CV-DD, FADRM, HALD with --bn-mode train; default: 1)")
     teach.add_argument("--amp", default="off", choices=["off", "bf16"], help="teacher forward in bf16 autocast "
                        "(default: off)")
     drawn = p.add_argument_group("draws (not with --replay)")
