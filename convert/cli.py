@@ -10,7 +10,7 @@ import argparse
 import re
 import sys
 
-from fkd_shards.common.text import error_line
+from fkd_shards.common.cli import run_command
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 PROG = "fkd-convert"
@@ -125,23 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     flags (argparse's usage message), 130 when interrupted."""
     argv = sys.argv[1:] if argv is None else list(argv)
     command = {"verify": _verify, "inspect": _inspect}.get(argv[0] if argv else "", None)
-    try:
-        return command(argv[1:]) if command else _convert(argv)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; no manifest written, so nothing is taken for a complete set",
-              file=sys.stderr)
-        return 130
-    except Exception as exc:
-        if not _is_user_error(exc):
-            raise
-        print(error_line(PROG, exc), file=sys.stderr)
-        return 1
+    return run_command(PROG, lambda: command(argv[1:]) if command else _convert(argv), _user_errors,
+                       "interrupted; no manifest written, so nothing is taken for a complete set")
 
 
-def _is_user_error(exc: Exception) -> bool:
+def _user_errors() -> tuple[type, ...]:
     """Errors about the input, the output or the machine, as opposed to bugs (which keep their traceback)."""
     from fkd_shards import shards
 
     from .errors import ConvertError
 
-    return isinstance(exc, (ConvertError, shards.ManifestError, shards.ShardError, shards.ResumeError, OSError))
+    return ConvertError, shards.ManifestError, shards.ShardError, shards.ResumeError, OSError

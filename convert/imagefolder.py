@@ -65,32 +65,39 @@ def _open_checked(path: str, data: bytes) -> Image.Image:
     return img
 
 
+class _ImageErrors:
+    """Turns what reading or decoding an image raises into one :class:`ConvertError` naming it."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is None or isinstance(exc, ConvertError):
+            return False
+        if isinstance(exc, FileReadError):
+            raise ConvertError(str(exc)) from None
+        if isinstance(exc, (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError)):
+            raise ConvertError(f"{self.path}: unreadable image ({first_line(exc, 150)})") from None
+        return False
+
+
 def read_checked_image(path: str) -> tuple[bytes, int, int]:
     """(bytes, height, width) of an image file, after checking that PIL decodes it completely."""
-    try:
+    with _ImageErrors(path):
         data = read_bounded(path, MAX_IMAGE_FILE_BYTES)
         with _open_checked(path, data) as img:
             img.load()
             width, height = img.size
-    except ConvertError:
-        raise
-    except FileReadError as exc:
-        raise ConvertError(str(exc)) from None
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError) as exc:
-        raise ConvertError(f"{path}: unreadable image ({first_line(exc, 150)})") from None
     return data, height, width
 
 
 def image_size(path: str) -> tuple[int, int]:
     """(height, width) from the image's header (nothing is decoded)."""
-    try:
+    with _ImageErrors(path):
         fd, _ = open_regular(path)
         with os.fdopen(fd, "rb") as f, _open_checked(path, f.read(1 << 20)) as img:
             width, height = img.size
-    except ConvertError:
-        raise
-    except FileReadError as exc:
-        raise ConvertError(str(exc)) from None
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError) as exc:
-        raise ConvertError(f"{path}: unreadable image ({first_line(exc, 150)})") from None
     return height, width

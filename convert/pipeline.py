@@ -54,12 +54,18 @@ def check_options(o: ConvertOptions) -> shards.codecs.Codec:
         raise ConvertError(f"--epochs must be positive, got {o.epochs}")
     if o.workers < 1:
         raise ConvertError(f"--workers must be at least 1, got {o.workers}")
-    if o.min_alignment is not None and not 0.0 <= o.min_alignment <= 1.0:  # NaN fails too
-        raise ConvertError(f"--min-alignment must be in [0, 1], got {o.min_alignment}")
-    if not (math.isfinite(o.codec_temperature) and o.codec_temperature > 0):
-        raise ConvertError(f"--codec-temperature must be finite and positive, got {o.codec_temperature}")
+    return label_storage(o.label_codec, o.codec_temperature, o.min_alignment)
+
+
+def label_storage(label_codec: str, codec_temperature: float, min_alignment: float | None) -> shards.codecs.Codec:
+    """The label codec of ``--label-codec``/``--codec-temperature``, and ``--min-alignment`` checked
+    (fkd-convert's and fkd-relabel's flags alike)."""
+    if min_alignment is not None and not 0.0 <= min_alignment <= 1.0:  # NaN fails too
+        raise ConvertError(f"--min-alignment must be in [0, 1], got {min_alignment}")
+    if not (math.isfinite(codec_temperature) and codec_temperature > 0):
+        raise ConvertError(f"--codec-temperature must be finite and positive, got {codec_temperature}")
     try:
-        return shards.codecs.parse(o.label_codec, o.codec_temperature)
+        return shards.codecs.parse(label_codec, codec_temperature)
     except shards.CodecError as exc:
         raise ConvertError(f"--label-codec: {exc}") from None
 

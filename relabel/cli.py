@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fkd_shards.common.text import error_line
+from fkd_shards.common.cli import run_command
 from fkd_shards.convert.cli import parse_size
 
 PROG = "fkd-relabel"
@@ -84,17 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: 0, 1 for bad input (one line on stderr), 2 for bad flags, 130 when interrupted."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; no manifest written; finished shards are kept: continue with --resume",
-              file=sys.stderr)
-        return 130
-    except Exception as exc:
-        if not _is_user_error(exc):
-            raise
-        print(error_line(PROG, exc), file=sys.stderr)
-        return 1
+    return run_command(PROG, lambda: _run(args), _user_errors,
+                       "interrupted; no manifest written; finished shards are kept: continue with --resume")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -126,7 +117,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_user_error(exc: Exception) -> bool:
+def _user_errors() -> tuple[type, ...]:
     from fkd_shards import shards
     from fkd_shards.convert.errors import ConvertError
     from fkd_shards.train.distributed import DistError
@@ -135,5 +126,5 @@ def _is_user_error(exc: Exception) -> bool:
     from .pipeline import RelabelError
     from .teachers import TeacherError
 
-    return isinstance(exc, (RelabelError, TeacherError, ConvertError, DistError, StreamError, shards.ManifestError,
-                            shards.ShardError, shards.ResumeError, shards.OutputExistsError, OSError))
+    return (RelabelError, TeacherError, ConvertError, DistError, StreamError, shards.ManifestError, shards.ShardError,
+            shards.ResumeError, shards.OutputExistsError, OSError)

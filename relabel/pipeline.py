@@ -22,13 +22,13 @@ from tqdm import tqdm
 
 from fkd_shards import shards
 from fkd_shards.convert.imagefolder import ImageFolderListing, list_image_folder, read_checked_image
-from fkd_shards.convert.pipeline import VERSION, infer_input_size
+from fkd_shards.convert.pipeline import VERSION, infer_input_size, label_storage
 from fkd_shards.convert.replay import epoch_orders
 from fkd_shards.convert.sre2l import RelabelLayout, infer_sizes, load_batch, scan_layout
 from fkd_shards.shards import format as fmt
 from fkd_shards.shards.alignment import batch_hits, default_threshold
 from fkd_shards.train.distributed import DistEnv
-from fkd_shards.train.images import ImageTable
+from fkd_shards.train.images import ImageTable, decode_cache_choice
 from fkd_shards.train.plan import plan_task
 from fkd_shards.train.stream import BatchMaker, make_batches
 
@@ -115,14 +115,7 @@ def check_options(o: RelabelOptions) -> shards.codecs.Codec:
         raise RelabelError(f"--fkd-seed must be in [0, 2**64), got {o.fkd_seed}")
     if o.workers < 0:
         raise RelabelError(f"--workers must be >= 0, got {o.workers}")
-    if o.min_alignment is not None and not 0.0 <= o.min_alignment <= 1.0:
-        raise RelabelError(f"--min-alignment must be in [0, 1], got {o.min_alignment}")
-    if not (np.isfinite(o.codec_temperature) and o.codec_temperature > 0):
-        raise RelabelError(f"--codec-temperature must be finite and positive, got {o.codec_temperature}")
-    try:
-        return shards.codecs.parse(o.label_codec, o.codec_temperature)
-    except shards.CodecError as exc:
-        raise RelabelError(f"--label-codec: {exc}") from None
+    return label_storage(o.label_codec, o.codec_temperature, o.min_alignment)
 
 
 def make_plan(o: RelabelOptions, folder: ImageFolderListing, log) -> Plan:
@@ -302,7 +295,9 @@ def relabel(o: RelabelOptions, env: DistEnv | None = None, log=print) -> shards.
             + (f"; resuming at epoch {start // plan.batches_per_epoch} batch {start % plan.batches_per_epoch}"
                if start else ""))
         mine = list(positions(plan, start, env.rank, env.world_size))
-        maker = BatchMaker(table, plan.input_size, plan.mix_type, decode_cache=True)
+        cache, note = decode_cache_choice("auto", table, env.local_world_size, shared=o.workers > 0)
+        say(note)
+        maker = BatchMaker(table, plan.input_size, plan.mix_type, cache, shared=o.workers > 0)
         timing = Timing()
         records = label(skeletons(plan, table, iter(mine), o.fkd_seed), iter(mine), maker, ensemble, o, plan, timing)
         began = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Shared fixtures: a small ImageFolder plus relabel output, written by tests/relabel_fixture.py."""
+"""Shared fixtures: a small ImageFolder plus relabel output, written by fkd_shards.demo.example."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from tests.relabel_fixture import make_image_folder, make_relabel
+from fkd_shards.demo.example import make_image_folder, make_relabel
 
 torch.set_num_threads(1)
 

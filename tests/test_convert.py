@@ -19,8 +19,8 @@ from fkd_shards import shards
 from fkd_shards.convert.cli import main as convert_main
 from fkd_shards.convert.imagefolder import list_image_folder
 from fkd_shards.convert.replay import epoch_orders
+from fkd_shards.demo.example import replay_orders
 from tests.conftest import INPUT_SIZE, listing
-from tests.relabel_fixture import replay_orders
 
 
 @pytest.mark.parametrize("mix_type,dtype", [("cutmix", torch.float16), ("mixup", torch.float32),
@@ -363,7 +363,7 @@ def test_a_wrong_seed_is_refused_unless_accepted_explicitly(relabel_case, tmp_pa
 
 
 def test_input_size_is_inferred_from_square_images_or_asked_for(relabel_case, tmp_path, capsys):
-    from tests.relabel_fixture import make_image_folder, make_relabel
+    from fkd_shards.demo.example import make_image_folder, make_relabel
 
     train_dir, fkd_path = str(tmp_path / "train"), str(tmp_path / "fkd")
     samples = make_image_folder(train_dir, 3, 4, kinds=[(32, 32, "RGB", "png")])

@@ -40,8 +40,8 @@ def consume(location: str) -> str:
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
     from fkd_shards.convert import ConvertOptions, convert
+    from fkd_shards.demo.example import make_image_folder, make_relabel
     from tests.conftest import INPUT_SIZE
-    from tests.relabel_fixture import make_image_folder, make_relabel
 
     root = tmp_path_factory.mktemp("fuzz")
     samples = make_image_folder(str(root / "train"), 3, 4)

@@ -19,11 +19,11 @@ import torchvision.transforms as T
 from PIL import Image
 
 from fkd_shards import shards
+from fkd_shards.demo.example import make_image_folder
 from fkd_shards.relabel import draws
 from fkd_shards.relabel.cli import main as relabel_main
 from fkd_shards.train.stream import BatchStream
 from tests.reference_relabel import write_sre2l_relabel
-from tests.relabel_fixture import make_image_folder
 
 SIZE = 16
 

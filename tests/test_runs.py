@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -16,7 +17,6 @@ import torchvision
 
 from fkd_shards.train import checkpoint, loop
 from fkd_shards.train.cli import main as train_main
-from fkd_shards.train.rundir import RunLock
 
 
 def _run(output, out_dir, *extra, code=0, capsys=None):
@@ -56,10 +56,16 @@ def test_a_second_process_is_refused_while_the_first_trains(converted, tmp_path,
     output, _, _ = converted()
     out = tmp_path / "run"
     os.makedirs(out)
-    held = RunLock(str(out))
-    err = _run(output, out, "--epochs", "1", code=1, capsys=capsys)
-    assert f"another fkd-train (pid {os.getpid()}) is training into this directory" in err
-    held.release()  # as the kernel does when a process dies, however it dies
+    code = ("import sys, time\nfrom fkd_shards.train.rundir import RunLock\nlock = RunLock(sys.argv[1])\n"
+            "print('locked', flush=True)\ntime.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        err = _run(output, out, "--epochs", "1", code=1, capsys=capsys)
+        assert f"another fkd-train (pid {holder.pid}) is training into this directory" in err
+    finally:
+        holder.kill()  # however the first process ends, the kernel releases its lock
+        holder.wait(30)
     _run(output, out, "--epochs", "1")
 
 
@@ -303,3 +309,51 @@ def test_no_generic_import_name_is_installed(tmp_path):
     done = subprocess.run([sys.executable, "-m", "fkd_shards.train", "--help"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0 and "usage: fkd-train" in done.stdout  # not the user's train.py
+
+
+def test_timm_students_train_and_a_model_that_cannot_take_the_crops_is_one_line(converted, tmp_path, capsys):
+    timm = pytest.importorskip("timm")
+    output, _, _ = converted()
+    out = tmp_path / "run"
+    _run(output, out, "--epochs", "1", "--model", "timm:resnet10t")
+    student = timm.create_model("resnet10t", pretrained=False, num_classes=4)
+    student.load_state_dict(torch.load(out / "final_weights.pth", weights_only=True))
+    _run(output, tmp_path / "deit", "--epochs", "1", "--model", "timm:deit_tiny_patch16_224")  # built for 16 px
+    err = _run(output, tmp_path / "vit", "--model", "timm:vit_small_patch32_224", code=1, capsys=capsys)
+    assert "--model timm:vit_small_patch32_224 cannot take this set's 16x16 crops" in err
+    assert not (tmp_path / "vit" / "checkpoint.pth.tar").exists()
+
+
+def test_a_near_chance_set_is_refused_unless_accepted_at_conversion_or_allowed(relabel_case, tmp_path, capsys):
+    from fkd_shards.convert import ConvertOptions, convert
+    from tests.conftest import INPUT_SIZE
+
+    train_dir, fkd_path, _, _ = relabel_case(num_classes=10, per_class=4, mix_type="none", batch_size=8, epochs=1)
+    accepted = str(tmp_path / "accepted")  # a wrong seed, accepted explicitly
+    convert(ConvertOptions(train_dir, fkd_path, accepted, input_size=INPUT_SIZE, fkd_seed=7, min_alignment=0,
+                           progress=False), log=lambda *_: None)
+    _run(accepted, tmp_path / "a", "--fkd-seed", "7")
+    older = str(tmp_path / "older")  # a set written before the threshold was recorded
+    shutil.copytree(accepted, older)
+    path = os.path.join(older, "manifest.json")
+    body = json.load(open(path))
+    body.pop("checksum")
+    body["min_alignment"] = None
+    json.dump(body, open(path, "w"))
+    err = _run(older, tmp_path / "b", code=1, capsys=capsys)
+    assert "epoch 0's replay alignment is" in err and "--allow-misaligned trains on it anyway" in err
+    _run(older, tmp_path / "c", "--allow-misaligned")
+
+
+@pytest.mark.parametrize("flag", ["--output-dir", "--shards", "--val-dir", "--init-weights"])
+def test_very_long_paths_are_one_line_errors(converted, tmp_path, capsys, flag):
+    output, _, _ = converted()
+    long = str(tmp_path / ("x" * 300) / ("y" * 300))
+    argv = {"--output-dir": [], "--shards": [], "--val-dir": ["--val-dir", long],
+            "--init-weights": ["--init-weights", long]}[flag]
+    shards_dir = long if flag == "--shards" else output
+    out = long if flag == "--output-dir" else str(tmp_path / "run")
+    assert train_main(["--shards", shards_dir, "--output-dir", out, "-j", "0", "--device", "cpu", *argv]) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fkd-train: ")]
+    assert len(lines) == 1 and ("File name too long" in lines[0] or "no such file" in lines[0]
+                                or "not a usable image folder" in lines[0]), lines

@@ -74,6 +74,20 @@ def test_decoded_cache_by_default_when_it_fits_the_memory_budget(converted, monk
         assert torch.equal(a.model_input(), b.model_input())
 
 
+def test_a_small_dev_shm_turns_the_shared_cache_off_or_is_an_error(converted, monkeypatch):
+    from fkd_shards.train.images import ImageError
+
+    output, _, _ = converted()
+    monkeypatch.setattr("fkd_shards.train.images.shared_memory_free", lambda: 1000)  # a container's tiny /dev/shm
+    auto = _stream(output, workers=2)
+    assert not auto.maker.cropper.source.cache and "the free space of /dev/shm" in auto.decode_cache_note
+    with pytest.raises(ImageError, match="do not fit the 0.00 GB free in /dev/shm; make it larger"):
+        _stream(output, workers=2, decode_cache=True)
+    inline = _stream(output, workers=0, decode_cache=True)  # no worker: ordinary memory, /dev/shm is not used
+    assert inline.maker.cropper.source.cache and not inline.maker.cropper.source.buffer.is_shared()
+    assert all(torch.equal(a.model_input(), b.model_input()) for a, b in zip(auto, inline))
+
+
 def test_the_cache_decodes_each_image_on_first_use_only(converted):
     output, _, _ = converted(batch_size=8)
     stream = _stream(output, workers=0, decode_cache=True)

@@ -24,7 +24,7 @@ from fkd_shards.common.files import FileWriteError, write_atomically
 from fkd_shards.common.text import escape, first_line
 from fkd_shards.common.torchfiles import TorchFileError, load_weights_only
 
-from .config import TRAJECTORY_FIELDS, TrainConfig
+from .config import TRAJECTORY_FIELDS, ConfigError, TrainConfig
 from .rundir import BEST_NAME, CHECKPOINT_NAME
 
 INTEGRITY = "sha256-tensors-v1"
@@ -127,6 +127,18 @@ def write_weights(model: nn.Module, path: str) -> None:
 
 
 # ---- save and restore --------------------------------------------------------------------------
+
+def resume_path(flag: str | None, output_dir: str) -> str | None:
+    """``--resume auto``: OUTPUT_DIR's checkpoint if there is one (else a fresh run); a file must exist."""
+    if flag is None:
+        return None
+    if flag == "auto":
+        path = os.path.join(output_dir, CHECKPOINT_NAME)
+        return path if os.path.exists(path) else None
+    if not os.path.isfile(flag):
+        raise ConfigError(f"--resume {flag}: no such file")
+    return flag
+
 
 def save(s: TrainState, epoch: int, cfg: TrainConfig, manifest: shards.Manifest, is_best: bool) -> str:
     """Write ``OUTPUT_DIR/checkpoint.pth.tar`` after ``epoch``, and ``model_best.pth.tar`` when best."""

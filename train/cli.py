@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from fkd_shards.common.text import error_line
+from fkd_shards.common.cli import run_command
 
 from .config import build_parser
 
@@ -25,16 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     commands = {"inspect": _inspect, "report": _report, "export": _export}
     command = commands.get(argv[0] if argv else "")
-    try:
-        return command(argv[1:]) if command else _train(argv)
-    except KeyboardInterrupt as exc:
-        print(f"{PROG}: {exc or 'interrupted'}", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        if not _is_user_error(exc):
-            raise
-        print(error_line(PROG, exc), file=sys.stderr)
-        return 1
+    return run_command(PROG, lambda: command(argv[1:]) if command else _train(argv), _user_errors, "interrupted")
 
 
 def _train(argv: list[str]) -> int:
@@ -129,7 +120,7 @@ def _config_error(message: str) -> Exception:
     return ConfigError(message)
 
 
-def _is_user_error(exc: Exception) -> bool:
+def _user_errors() -> tuple[type, ...]:
     """Errors about the input, the flags, the environment or the machine, as opposed to bugs (which
     keep their traceback)."""
     from fkd_shards import shards
@@ -145,6 +136,5 @@ def _is_user_error(exc: Exception) -> bool:
     from .stream import StreamError
     from .validate import ValidationError
 
-    return isinstance(exc, (ConfigError, CheckpointError, DistError, ImageError, TrainingError, MetricsError,
-                            ReportError, RunDirError, StreamError, ValidationError, shards.ManifestError,
-                            shards.ShardError, OSError))
+    return (ConfigError, CheckpointError, DistError, ImageError, TrainingError, MetricsError, ReportError, RunDirError,
+            StreamError, ValidationError, shards.ManifestError, shards.ShardError, OSError)

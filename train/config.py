@@ -13,7 +13,6 @@ import os
 from dataclasses import asdict, dataclass
 
 from .distributed import DistEnv
-from .rundir import CHECKPOINT_NAME
 
 # What defines a run's trajectory: a resumed run must agree with its checkpoint on all of them.
 TRAJECTORY_FIELDS = ("model", "seed", "sgd", "learning_rate", "momentum", "weight_decay", "adamw_lr",
@@ -182,6 +181,8 @@ def resolve(args: argparse.Namespace, manifest, env: DistEnv) -> TrainConfig:
     """Check the flags against each other, the manifest and the environment; derive the rest."""
     import torch
 
+    from .checkpoint import resume_path
+
     m = manifest
     if args.batch_size is not None and args.batch_size != m.batch_size:
         raise ConfigError(f"--batch-size {args.batch_size} contradicts the shard set's B={m.batch_size}; "
@@ -231,7 +232,7 @@ def resolve(args: argparse.Namespace, manifest, env: DistEnv) -> TrainConfig:
         learning_rate=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay,
         adamw_lr=args.adamw_lr, adamw_weight_decay=args.adamw_weight_decay, temperature=args.temperature,
         last_batch_loss=args.last_batch_loss, amp=args.amp, channels_last=args.channels_last,
-        sync_bn=args.sync_bn, init_weights=args.init_weights, resume=_resume_path(args.resume, args.output_dir),
+        sync_bn=args.sync_bn, init_weights=args.init_weights, resume=resume_path(args.resume, args.output_dir),
         restart=args.restart, allow_misaligned=args.allow_misaligned, decode_cache=args.decode_cache,
         device_crops=args.device_crops, cache_dir=args.cache_dir, cache_labels=args.cache_labels,
         wandb_project=args.wandb_project, wandb_mode=args.wandb_mode or ("online" if api_key else "disabled"),
@@ -255,15 +256,3 @@ def _device(flag: str | None, env: DistEnv, torch) -> str:
     if device.type != "cpu":
         raise ConfigError(f"--device {name}: only cpu and cuda devices are supported")
     return "cpu"
-
-
-def _resume_path(flag: str | None, output_dir: str) -> str | None:
-    """``--resume auto``: OUTPUT_DIR's checkpoint if there is one (else a fresh run); a file must exist."""
-    if flag is None:
-        return None
-    if flag == "auto":
-        path = os.path.join(output_dir, CHECKPOINT_NAME)
-        return path if os.path.exists(path) else None
-    if not os.path.isfile(flag):
-        raise ConfigError(f"--resume {flag}: no such file")
-    return flag

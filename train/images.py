@@ -103,16 +103,31 @@ def shared_bytes(nbytes: int) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(new_shared(max(1, nbytes)))
 
 
+def shared_memory_free() -> int | None:
+    """Bytes free in /dev/shm, where shared tensors live on Linux (a container's is often 64 MB), or
+    None where there is none to ask."""
+    try:
+        info = os.statvfs("/dev/shm")
+    except (OSError, AttributeError):
+        return None
+    return info.f_bavail * info.f_frsize
+
+
 class ImageSource:
     """RGB pixels of images ``0..N-1`` by sample index, decoded on demand; see the module docstring."""
 
-    def __init__(self, table: ImageTable, cache: bool):
+    def __init__(self, table: ImageTable, cache: bool, shared: bool = True):
+        """``shared``: the cache lives in shared memory, for worker processes; without workers it is
+        ordinary memory (which /dev/shm's size does not limit)."""
         self.table = table
         self.cache = cache
         sizes = table.shapes[:, 0] * table.shapes[:, 1] * 3
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        self.buffer = shared_bytes(int(self.offsets[-1])) if cache else None
-        self.ready = shared_bytes(len(table)) if cache else None  # 1 once image k's pixels are in place
+        self.buffer = self.ready = None
+        if cache:
+            allocate = shared_bytes if shared else (lambda n: torch.zeros(max(1, n), dtype=torch.uint8))
+            self.buffer = allocate(int(self.offsets[-1]))
+            self.ready = allocate(len(table))  # 1 once image k's pixels are in place
 
     def __len__(self) -> int:
         return len(self.table)
@@ -162,16 +177,25 @@ def available_memory() -> int | None:
     return None
 
 
-def decode_cache_choice(mode: str, table: ImageTable, local_ranks: int) -> tuple[bool, str]:
+def decode_cache_choice(mode: str, table: ImageTable, local_ranks: int, shared: bool = True) -> tuple[bool, str]:
     """Whether to keep decoded pixels (``mode`` on, off, or auto: when they fit half the available
-    memory, shared by the ``local_ranks`` processes on this node, each holding its own copy), and a
-    line that says which and why."""
-    pixel_bytes = table.pixel_bytes
+    memory, shared by the ``local_ranks`` processes on this node, each holding its own copy, and,
+    for worker processes (``shared``), the free space of /dev/shm), and a line that says which and why.
+    ``on`` with pixels that /dev/shm cannot hold is an :class:`ImageError`: writing past a full
+    /dev/shm would crash the workers."""
+    pixel_bytes, ranks = table.pixel_bytes, max(1, local_ranks)
     if mode == "off":
         return False, "decoded cache off: every crop decodes its image"
-    budget = (available_memory() or 0) // (2 * max(1, local_ranks))
+    budget, limit = (available_memory() or 0) // (2 * ranks), "half the available memory, per local rank"
+    shm = shared_memory_free() if shared else None
+    if shm is not None and shm // ranks < pixel_bytes:
+        if mode == "on":
+            raise ImageError(f"--decode-cache on: {pixel_bytes / 1e9:.2f} GB of pixels per rank do not fit the "
+                             f"{shm / 1e9:.2f} GB free in /dev/shm; make it larger (docker: --shm-size), or use "
+                             f"--decode-cache off")
+        budget, limit = shm // ranks, "the free space of /dev/shm, per local rank"
     if mode == "auto" and pixel_bytes > budget:
         return False, (f"decoded cache off: {pixel_bytes / 1e9:.2f} GB of pixels would exceed {budget / 1e9:.2f} GB "
-                       f"(half the available memory, per local rank); every crop decodes its image")
+                       f"({limit}); every crop decodes its image")
     return True, (f"decoded cache: {len(table)} images, {pixel_bytes / 1e6:.1f} MB of pixels, each decoded on first "
                   f"use into memory the crop workers share")

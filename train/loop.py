@@ -47,7 +47,7 @@ def train(cfg: TrainConfig, shard_set: shards.ShardSet, api_key: str | None = No
     say = log if env.is_main else (lambda *_: None)
     lock = claim(cfg.output_dir, continuing=cfg.resume is not None, restart=cfg.restart) if env.is_main else None
     started = time.perf_counter()
-    last_saved = None
+    last_saved = None  # the last epoch whose checkpoint is on disk, for the Ctrl-C message
     try:
         val = val_loader(cfg.val_dir, m.classes, m.input_size, m.batch_size, min(cfg.workers, 4), env) \
             if cfg.val_dir else None
@@ -59,74 +59,53 @@ def train(cfg: TrainConfig, shard_set: shards.ShardSet, api_key: str | None = No
         if s.first_epoch >= cfg.epochs:
             say(f"fkd-train: already trained {s.first_epoch} of {cfg.epochs} epochs; nothing to do")
             return None
-        images = load_images(shard_set)
-        decode_cache, note = decode_cache_choice(cfg.decode_cache, images, env.local_world_size)
-        stream = BatchStream(shard_set, s.first_epoch, cfg.epochs, cfg.workers, env.rank, env.world_size,
-                             images=images, decode_cache=decode_cache, pin_memory=cfg.device.startswith("cuda"),
-                             crop_device=cfg.device if cfg.device_crops else None, local_ranks=env.local_world_size)
-        say(stream.decode_cache_note if cfg.device_crops else note)
-        say(f"fkd-train: {cfg.model} (seed {cfg.seed}) on {cfg.device}, N={m.num_images}, C={m.soft_label_width}, "
-            f"S={m.input_size}, B={m.batch_size} = {env.world_size} rank(s) x {cfg.gradient_accumulation_steps} "
-            f"micro-batches x {cfg.micro_batch_rows} rows, epochs {s.first_epoch}..{cfg.epochs - 1}, mix={m.mix_type}, "
-            f"T={cfg.temperature}, {'SGD' if cfg.sgd else 'AdamW'}, amp={cfg.amp}")
-        metrics_log = None
-        if env.is_main:
-            run = start_wandb(cfg.wandb_project, os.path.basename(os.path.normpath(cfg.output_dir)), cfg.wandb_mode,
-                              cfg.as_dict(), api_key, cfg.output_dir)
-            metrics_log = MetricsLog(cfg.output_dir, s.first_epoch, run)
-        batches = iter(stream)
+        stream = _stream(cfg, shard_set, s.first_epoch, say)
+        metrics_log = _metrics_log(cfg, s.first_epoch, api_key) if env.is_main else None
         try:
+            batches = iter(stream)
             for epoch in range(s.first_epoch, cfg.epochs):
-                totals, seconds = train_epoch(s, batches, epoch, cfg, m)
-                metrics = _train_metrics(totals, cfg, epoch, s.scheduler.get_last_lr()[0], seconds)
+                run_epoch(s, batches, epoch, cfg, m, val, metrics_log, say)
+                last_saved = epoch
                 if env.is_main and env.active:
                     say(f"rank 0 cropped {stream.cropped_fraction:.1%} of the rows of the batches it trained on "
                         f"(its rows plus their mix partners; 1/K = {1 / env.world_size:.1%})")
-                say(f"TRAIN Iter {epoch}: lr = {metrics['train/lr']:.6f},\tloss = {metrics['train/loss']:.6f},\t"
-                    f"Top-1 err = {100 - metrics['train/Top1']:.6f},\tTop-5 err = {100 - metrics['train/Top5']:.6f},"
-                    f"\ttrain_time = {seconds:.6f}")
-                s.scheduler.step()
-                failed = None
-                if val is not None and (epoch % cfg.val_every == 0 or epoch == cfg.epochs - 1):
-                    try:
-                        metrics.update(evaluate(s.model, val, cfg.device, env), **{"val/epoch": epoch})
-                    except ValidationError as exc:
-                        failed = exc  # raised once the epoch's training is saved
-                    else:
-                        say(f"TEST Iter {epoch}: loss = {metrics['val/loss']:.6f},\tTop-1 err = "
-                            f"{100 - metrics['val/top1']:.6f},\tTop-5 err = {100 - metrics['val/top5']:.6f}")
-                is_best = metrics.get("val/top1", -1.0) > s.best_acc1
-                s.best_acc1 = max(s.best_acc1, metrics.get("val/top1", 0.0))
-                if env.is_main:
-                    checkpoint.save(s, epoch, cfg, m, is_best)
-                    metrics_log.log(metrics)
-                last_saved = epoch
-                if failed is not None:
-                    raise failed
-        except KeyboardInterrupt:
-            raise Interrupted(_interrupted(cfg, last_saved)) from None
         finally:
             if metrics_log is not None:
                 metrics_log.close()
-        summary = summarize(cfg, m, time.perf_counter() - started)
-        if env.is_main:
-            checkpoint.write_weights(s.plain, os.path.join(cfg.output_dir, FINAL_WEIGHTS_NAME))
-            files = {"final weights (state dict)": FINAL_WEIGHTS_NAME, "checkpoint": CHECKPOINT_NAME,
-                     "best": BEST_NAME if val is not None else None, "metrics": METRICS_NAME, "summary": SUMMARY_NAME}
-            try:
-                write_summary(summary, cfg.output_dir)
-            except FileWriteError as exc:
-                files["summary"] = None
-                say(f"fkd-train: warning: {exc}; the run itself is complete")
-            say(summary.describe(files, cfg.output_dir))
-        return summary
-    except KeyboardInterrupt as exc:
-        if isinstance(exc, Interrupted):
-            raise
+        return _finish(cfg, m, s, val is not None, time.perf_counter() - started, say)
+    except KeyboardInterrupt:
         raise Interrupted(_interrupted(cfg, last_saved)) from None
     finally:
         if lock is not None:
             lock.release()
+
+
+def run_epoch(s: TrainState, batches, epoch: int, cfg: TrainConfig, m: shards.Manifest, val, metrics_log,
+              say) -> None:
+    """Train one epoch, validate when due, then save the checkpoint and the metrics line; an
+    unreadable validation image is raised after the epoch's training is saved."""
+    totals, seconds = train_epoch(s, batches, epoch, cfg, m)
+    metrics = _train_metrics(totals, cfg, epoch, s.scheduler.get_last_lr()[0], seconds)
+    say(f"TRAIN Iter {epoch}: lr = {metrics['train/lr']:.6f},\tloss = {metrics['train/loss']:.6f},\t"
+        f"Top-1 err = {100 - metrics['train/Top1']:.6f},\tTop-5 err = {100 - metrics['train/Top5']:.6f},"
+        f"\ttrain_time = {seconds:.6f}")
+    s.scheduler.step()
+    failed = None
+    if val is not None and (epoch % cfg.val_every == 0 or epoch == cfg.epochs - 1):
+        try:
+            metrics.update(evaluate(s.model, val, cfg.device, cfg.dist), **{"val/epoch": epoch})
+        except ValidationError as exc:
+            failed = exc
+        else:
+            say(f"TEST Iter {epoch}: loss = {metrics['val/loss']:.6f},\tTop-1 err = "
+                f"{100 - metrics['val/top1']:.6f},\tTop-5 err = {100 - metrics['val/top5']:.6f}")
+    is_best = metrics.get("val/top1", -1.0) > s.best_acc1
+    s.best_acc1 = max(s.best_acc1, metrics.get("val/top1", 0.0))
+    if cfg.dist.is_main:
+        checkpoint.save(s, epoch, cfg, m, is_best)
+        metrics_log.log(metrics)
+    if failed is not None:
+        raise failed
 
 
 def train_epoch(s: TrainState, batches, epoch: int, cfg: TrainConfig, m: shards.Manifest) -> tuple[EpochTotals, float]:
@@ -267,3 +246,45 @@ def _interrupted(cfg: TrainConfig, last_saved: int | None) -> str:
         return "interrupted before the first checkpoint was written; nothing to resume"
     return (f"interrupted; {os.path.join(cfg.output_dir, CHECKPOINT_NAME)} holds epochs 0..{last_saved}: "
             f"continue with --resume auto")
+
+
+def _stream(cfg: TrainConfig, shard_set: shards.ShardSet, first_epoch: int, say) -> BatchStream:
+    """The batch stream of epochs [first_epoch, E), with the decoded-cache choice made (and said) once."""
+    env = cfg.dist
+    images = load_images(shard_set)
+    shared = cfg.workers > 0 and not cfg.device_crops  # worker processes read the cache
+    decode_cache, note = decode_cache_choice(cfg.decode_cache, images, env.local_world_size, shared)
+    stream = BatchStream(shard_set, first_epoch, cfg.epochs, cfg.workers, env.rank, env.world_size, images=images,
+                         decode_cache=decode_cache, pin_memory=cfg.device.startswith("cuda"),
+                         crop_device=cfg.device if cfg.device_crops else None, local_ranks=env.local_world_size)
+    m = shard_set.manifest
+    say(stream.decode_cache_note if cfg.device_crops else note)
+    say(f"fkd-train: {cfg.model} (seed {cfg.seed}) on {cfg.device}, N={m.num_images}, C={m.soft_label_width}, "
+        f"S={m.input_size}, B={m.batch_size} = {env.world_size} rank(s) x {cfg.gradient_accumulation_steps} "
+        f"micro-batches x {cfg.micro_batch_rows} rows, epochs {first_epoch}..{cfg.epochs - 1}, mix={m.mix_type}, "
+        f"T={cfg.temperature}, {'SGD' if cfg.sgd else 'AdamW'}, amp={cfg.amp}")
+    return stream
+
+
+def _metrics_log(cfg: TrainConfig, first_epoch: int, api_key: str | None) -> MetricsLog:
+    run = start_wandb(cfg.wandb_project, os.path.basename(os.path.normpath(cfg.output_dir)), cfg.wandb_mode,
+                      cfg.as_dict(), api_key, cfg.output_dir)
+    return MetricsLog(cfg.output_dir, first_epoch, run)
+
+
+def _finish(cfg: TrainConfig, m: shards.Manifest, s: TrainState, validated: bool, wall_s: float,
+            say) -> RunSummary:
+    """The final weights file, summary.json and the closing lines (rank 0)."""
+    summary = summarize(cfg, m, wall_s)
+    if not cfg.dist.is_main:
+        return summary
+    checkpoint.write_weights(s.plain, os.path.join(cfg.output_dir, FINAL_WEIGHTS_NAME))
+    files = {"final weights (state dict)": FINAL_WEIGHTS_NAME, "checkpoint": CHECKPOINT_NAME,
+             "best": BEST_NAME if validated else None, "metrics": METRICS_NAME, "summary": SUMMARY_NAME}
+    try:
+        write_summary(summary, cfg.output_dir)
+    except FileWriteError as exc:
+        files["summary"] = None
+        say(f"fkd-train: warning: {exc}; the run itself is complete")
+    say(summary.describe(files, cfg.output_dir))
+    return summary

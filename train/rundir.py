@@ -2,13 +2,16 @@
 
 A directory holding a run is refused unless the run is continued (``--resume``) or explicitly
 started over (``--restart``, which first moves the old run's files to ``previous-N/``). A lock held
-for the whole run (``flock``, released by the kernel when the process ends, however it ends) keeps
-a second process from training into the same directory. Temporary files an interrupted write left
-behind are removed, ours only: they match the names our writers use.
+for the whole run keeps a second process from training into the same directory: a POSIX record lock
+(``lockf``), which the kernel releases when the process ends, however it ends, and which the
+DataLoader's forked workers do not inherit (an ``flock`` would stay held while they linger).
+Temporary files an interrupted write left behind are removed, ours only: they match the names our
+writers use.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -38,8 +41,10 @@ class RunLock:
         self.path = os.path.join(directory, LOCK_NAME)
         self._file = open(self.path, "a+")
         try:
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
             self._file.seek(0)
             owner = self._file.read(32).strip() or "?"
             self._file.close()
@@ -51,7 +56,7 @@ class RunLock:
 
     def release(self) -> None:
         if not self._file.closed:
-            self._file.close()  # closing the descriptor releases the flock
+            self._file.close()  # closing the descriptor releases the lock
 
 
 def claim(directory: str, continuing: bool, restart: bool) -> RunLock:

@@ -56,8 +56,8 @@ class BatchMaker:
     crops from the worker, everything else from the task, in the main process."""
 
     def __init__(self, images: ImageTable, input_size: int, mix_type: str, decode_cache: bool,
-                 crop_device: str | None = None):
-        source = ImageSource(images, decode_cache or bool(crop_device))
+                 crop_device: str | None = None, shared: bool = True):
+        source = ImageSource(images, decode_cache or bool(crop_device), shared=shared and not crop_device)
         self.cropper = DeviceCropper(source, input_size, crop_device) if crop_device else \
             CpuCropper(source, input_size)
         self.labels = torch.from_numpy(images.labels)
@@ -156,13 +156,13 @@ class BatchStream:
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.prefetch_factor = prefetch_factor
         self.images = images if images is not None else load_images(shard_set)
+        shared = workers > 0 and not crop_device  # worker processes read the cache
         if crop_device:
             decode_cache, self.decode_cache_note = True, f"decoded cache on {crop_device}: every image decoded once"
-        elif decode_cache is None:
-            decode_cache, self.decode_cache_note = decode_cache_choice("auto", self.images, local_ranks)
         else:
-            self.decode_cache_note = decode_cache_choice("on" if decode_cache else "off", self.images, local_ranks)[1]
-        self.maker = BatchMaker(self.images, m.input_size, m.mix_type, decode_cache, crop_device)
+            mode = "auto" if decode_cache is None else "on" if decode_cache else "off"
+            decode_cache, self.decode_cache_note = decode_cache_choice(mode, self.images, local_ranks, shared)
+        self.maker = BatchMaker(self.images, m.input_size, m.mix_type, decode_cache, crop_device, shared)
         self.cropped_fraction = 1.0  # share of the batches' rows this rank cropped, measured while iterating
 
     def __len__(self) -> int:

@@ -7,7 +7,9 @@
    versus the real data path (BatchStream, normalise and mix on the GPU), in fp32 and in
    ``--amp bf16 --channels-last``. If the data path's images/s is below the synthetic one, the GPU waits.
    Also BatchStream with ``crop_device`` (``--device-crops``): crops made on the GPU.
-2. ``torchrun --nproc-per-node=<GPUs> -m fkd_shards.train ... --device cuda`` for one epoch (NCCL).
+2. fkd-relabel with a resnet50 teacher: images/s of the whole run against the teacher forward alone on
+   the same model inputs (how close to teacher-bound), fp32 and bf16.
+3. ``torchrun --nproc-per-node=<GPUs> -m fkd_shards.train ... --device cuda`` for one epoch (NCCL).
 (The second command line is a smoke run of this script on the CPU, with gloo.)
 Prints a table last. Not a test: nothing about time is asserted.
 """
@@ -64,6 +66,46 @@ class _Synthetic:
         return self.x
 
 
+def _relabel(train_dir: str, root: str, a, device: str) -> list[list]:
+    """fkd-relabel end to end against the teacher alone on the same model inputs."""
+    import shutil
+
+    import torchvision
+
+    from fkd_shards.relabel.cli import main as relabel_main
+    from fkd_shards.shards import ShardSet
+    from fkd_shards.train.stream import BatchStream
+
+    classes = len(os.listdir(train_dir))
+    torch.manual_seed(0)
+    teacher = torchvision.models.get_model(a.teacher, num_classes=classes).eval()
+    weights = os.path.join(root, "teacher.pth")
+    torch.save(teacher.state_dict(), weights)
+    teacher.to(device)
+    rows = []
+    for amp in ("off", "bf16"):
+        out = os.path.join(root, f"relabel-{amp}")
+        shutil.rmtree(out, ignore_errors=True)
+        start = now()
+        assert relabel_main(["--train-dir", train_dir, "--output", out, "--teacher", a.teacher, weights,
+                             "--batch-size", str(a.batch_size), "--epochs", "1", "--input-size", "224",
+                             "--min-alignment", "0", "-j", str(a.workers), "--device", device, "--amp", amp,
+                             "--no-progress"]) == 0
+        whole = now() - start
+        inputs = [b.model_input(device) for b in BatchStream(ShardSet(out), workers=0)]
+        autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp == "bf16")
+        with torch.no_grad(), autocast:
+            teacher(inputs[0])
+            _sync(device)
+            start = now()
+            for x in inputs:
+                teacher(x)
+            _sync(device)
+        alone = now() - start
+        rows.append([amp, f"{a.images / whole:.0f}", f"{a.images / alone:.0f}", f"{alone / whole:.2f}"])
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda")
@@ -72,6 +114,7 @@ def main() -> int:
     p.add_argument("--images", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
+    p.add_argument("--teacher", default="resnet50", help="fkd-relabel's teacher")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "fkd-bench"))
     a = p.parse_args()
     if a.device.startswith("cuda") and not torch.cuda.is_available():
@@ -115,6 +158,7 @@ def main() -> int:
                 rates.append(_steps(cfg, manifest, batches, a.steps, batch))
             rows.append([name, "bf16+channels_last" if amp == "bf16" else "fp32", f"{rates[0]:.0f}",
                          f"{rates[1]:.0f}", "yes" if rates[1] < 0.95 * rates[0] else "no", f"{rates[2]:.0f}"])
+    relabel_rows = _relabel(train_dir, root, a, device)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -129,6 +173,8 @@ def main() -> int:
                 f"{a.workers} workers, {os.cpu_count()} CPUs",
                 ["model", "precision", "synthetic img/s", "data path img/s", "GPU waits",
                  "device crops img/s"], rows)
+    print_table(f"fkd-relabel, {a.teacher} teacher, {a.images} images, batch {batch}, 224 px",
+                ["amp", "relabel img/s", "teacher alone img/s", "teacher share"], relabel_rows)
     print(f"\ntorchrun --nproc-per-node={gpus} ({'NCCL' if device.startswith('cuda') else 'gloo'}), 1 epoch: "
           f"{'OK' if ddp.returncode == 0 else 'FAILED: ' + ddp.stderr[-1500:]}")
     return 0 if ddp.returncode == 0 else 1

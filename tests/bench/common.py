@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
-
-from tests.relabel_fixture import make_image_folder, make_relabel  # noqa: E402
+from fkd_shards.demo.example import make_image_folder, make_relabel
 
 
 def make_fixture(root: str, *, images: int, classes: int, size: int, batch_size: int, epochs: int,

@@ -1,4 +1,8 @@
-"""An independent writer of SRe2L-layout test data, following SRE2L-FACTS.md (not the converter's code).
+"""An example relabel output to try the tools on, and the tests' fixture: an independent writer of
+SRe2L-layout data, following the semantics in docs/semantics.md (not the converter's code).
+
+    python -m fkd_shards.demo.example OUT [--classes 10] [--per-class 10] [--epochs 4] [--input-size 32]
+
 
 ``make_image_folder`` writes an ImageFolder of small images of several sizes and modes;
 ``make_relabel`` writes ``epoch_{e}/batch_{b}.tar`` files as the original relabel step does and
@@ -116,10 +120,10 @@ def make_relabel(fkd_path: str, samples: list[tuple[str, int]], *, epochs: int, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tests.relabel_fixture OUT``: a small example relabel output for trying the tools."""
+    """``python -m fkd_shards.demo.example OUT``: a small example relabel output for trying the tools."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m tests.relabel_fixture",
+    p = argparse.ArgumentParser(prog="python -m fkd_shards.demo.example",
                                 description="Write OUT/train (ImageFolder) and OUT/fkd (relabel output, "
                                             "original SRe2L layout) with random images and logits.")
     p.add_argument("out")
@@ -134,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     samples = make_image_folder(os.path.join(a.out, "train"), a.classes, a.per_class, kinds=kinds)
     make_relabel(os.path.join(a.out, "fkd"), samples, epochs=a.epochs, batch_size=a.batch_size,
                  width=a.classes, input_size=a.input_size, mix_type=a.mix_type)
-    print(f"wrote {len(samples)} images to {a.out}/train and {a.epochs} epochs of relabel output "
-          f"to {a.out}/fkd")
+    print(f"wrote {len(samples)} images to {a.out}/train and {a.epochs} epochs of relabel output to {a.out}/fkd "
+          f"(random logits that favour each image's class; crops of {a.input_size} px: --input-size "
+          f"{a.input_size})")
     return 0
 
 
