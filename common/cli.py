@@ -3,6 +3,8 @@ when interrupted. Bugs keep their traceback."""
 
 from __future__ import annotations
 
+import argparse
+import re
 import sys
 from collections.abc import Callable
 
@@ -23,3 +25,17 @@ def run_command(prog: str, command: Callable[[], int], user_errors: Callable[[],
             raise
         print(error_line(prog, exc), file=sys.stderr)
         return 1
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """``512MB`` -> 512000000; decimal (KB, MB, GB) and binary (KiB, MiB, GiB) units."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if match is None or match.group(2).upper() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 64MB, 1GiB, 100000)")
+    value = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return value

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 
-# C0 and C1 control characters, DEL, and the Unicode line and paragraph separators: anything that
-# could move the cursor, change the terminal's colours or start a new line.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# C0 and C1 control characters, DEL, the Unicode line and paragraph separators and the
+# bidirectional-text controls: anything that could move the cursor, change the terminal's colours,
+# start a new line or make a message read in another order than its bytes.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 MAX_MESSAGE = 300
 
 
@@ -16,6 +17,11 @@ def escape(text: object) -> str:
     value = str(text)
     value = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), value)
     return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """A value from data as a message shows it: its repr, escaped and shortened."""
+    return shorten(escape(repr(value)), limit)
 
 
 def first_line(exc: BaseException, limit: int = MAX_MESSAGE) -> str:

@@ -10,8 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fkd_shards.common.cli import run_command
-from fkd_shards.convert.cli import parse_size
+from fkd_shards.common.cli import parse_size, run_command
 
 PROG = "fkd-relabel"
 
@@ -90,21 +89,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from fkd_shards.train import distributed
+    from fkd_shards.train.config import resolve_device
 
     from .pipeline import RelabelOptions, relabel
 
+    env = distributed.from_environment()
+    device = resolve_device(args.device, env)
     options = RelabelOptions(
         train_dir=args.train_dir, output=args.output, teachers=tuple(tuple(t) for t in args.teacher),
         teacher_mix=args.teacher_mix, batch_size=args.batch_size, epochs=args.epochs, input_size=args.input_size,
         mix_type=args.mix_type, crop_scale=tuple(args.crop_scale) if args.crop_scale else None, bn_mode=args.bn_mode,
         teacher_chunks=args.teacher_chunks, seed=args.seed, fkd_seed=args.fkd_seed, label_dtype=args.label_dtype,
-        label_codec=args.label_codec, codec_temperature=args.codec_temperature, device=args.device,
+        label_codec=args.label_codec, codec_temperature=args.codec_temperature, device=device,
         workers=args.workers, amp=args.amp, resume=args.resume, replay=args.replay, shard_bytes=args.shard_size,
         overwrite=args.overwrite, min_alignment=args.min_alignment, progress=not args.no_progress,
     )
-    env = distributed.from_environment()
-    device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
-    distributed.init(env, f"cuda:{env.local_rank}" if device.startswith("cuda") and env.active else device)
+    distributed.init(env, device)
     try:
         manifest = relabel(options, env)
     finally:
@@ -120,11 +120,12 @@ def _run(args: argparse.Namespace) -> int:
 def _user_errors() -> tuple[type, ...]:
     from fkd_shards import shards
     from fkd_shards.convert.errors import ConvertError
+    from fkd_shards.train.config import ConfigError
     from fkd_shards.train.distributed import DistError
     from fkd_shards.train.stream import StreamError
 
     from .pipeline import RelabelError
     from .teachers import TeacherError
 
-    return (RelabelError, TeacherError, ConvertError, DistError, StreamError, shards.ManifestError, shards.ShardError,
-            shards.ResumeError, shards.OutputExistsError, OSError)
+    return (RelabelError, TeacherError, ConvertError, ConfigError, DistError, StreamError, shards.ManifestError,
+            shards.ShardError, shards.ResumeError, shards.OutputExistsError, OSError)

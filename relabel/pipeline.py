@@ -26,13 +26,15 @@ from fkd_shards.convert.pipeline import VERSION, infer_input_size, label_storage
 from fkd_shards.convert.replay import epoch_orders
 from fkd_shards.convert.sre2l import RelabelLayout, infer_sizes, load_batch, scan_layout
 from fkd_shards.shards import format as fmt
-from fkd_shards.shards.alignment import batch_hits, default_threshold
+from fkd_shards.shards.alignment import default_threshold
+from fkd_shards.train.config import resolve_device
 from fkd_shards.train.distributed import DistEnv
 from fkd_shards.train.images import ImageTable, decode_cache_choice
 from fkd_shards.train.plan import plan_task
 from fkd_shards.train.stream import BatchMaker, make_batches
 
 from . import draws
+from .output import LabelWriter, broadcast_start, gathered
 from .teachers import Ensemble, Teacher, load_teacher, parse_mix
 
 
@@ -80,8 +82,8 @@ class Plan:
     epochs: int
     input_size: int
     mix_type: str
-    crop_scale: tuple[float, float]
-    seed: int
+    crop_scale: tuple[float, float] | None  # None with --replay: the draws are the replayed files'
+    seed: int | None
     layout: RelabelLayout | None  # the replayed relabel output, if any
 
     @property
@@ -135,7 +137,7 @@ def make_plan(o: RelabelOptions, folder: ImageFolderListing, log) -> Plan:
     for flag, given, found in (("--batch-size", o.batch_size, batch_size), ("--epochs", o.epochs, layout.epochs)):
         if given is not None and given != found:
             raise RelabelError(f"{flag} {given} contradicts {o.replay}, which has {found}")
-    return Plan(num_images, batch_size, layout.epochs, input_size, first.mix_type, (0.0, 0.0), 0, layout)
+    return Plan(num_images, batch_size, layout.epochs, input_size, first.mix_type, None, None, layout)
 
 
 def read_images(folder: ImageFolderListing, progress: bool) -> tuple[ImageTable, str]:
@@ -226,21 +228,28 @@ def label(records: Iterator[shards.BatchRecord], expected: Iterator[tuple[int, i
         started = time.perf_counter()
 
 
-def settings_of(o: RelabelOptions, plan: Plan, teachers: list[Teacher], weights: list[float],
-                images_digest: str, codec) -> dict:
+def device_name(device: str) -> str:
+    """The device kind that computed the logits (recorded: CPU and GPU logits differ in the last bits)."""
+    if device.startswith("cuda"):
+        return f"cuda ({torch.cuda.get_device_name(torch.device(device))})"
+    return "cpu"
+
+
+def settings_of(o: RelabelOptions, plan: Plan, teachers: list[Teacher], weights: list[float], images_digest: str,
+                codec, device: str) -> dict:
     """Everything that decides the bytes written: a resumed run must agree on all of it."""
     return {
         "teachers": [{"model": t.name, "weights_sha256": t.sha256} for t in teachers], "teacher_mix": weights,
         "bn_mode": o.bn_mode, "teacher_chunks": o.teacher_chunks, "amp": o.amp, "label_dtype": o.label_dtype,
         "label_codec": codec.spec, "codec_temperature": o.codec_temperature, "batch_size": plan.batch_size,
         "epochs": plan.epochs, "input_size": plan.input_size, "mix_type": plan.mix_type,
-        "crop_scale": list(plan.crop_scale), "seed": plan.seed, "fkd_seed": o.fkd_seed, "replay": o.replay,
-        "images": images_digest, "shard_bytes": o.shard_bytes,
+        "crop_scale": plan.crop_scale and list(plan.crop_scale), "seed": plan.seed, "fkd_seed": o.fkd_seed,
+        "replay": o.replay, "images": images_digest, "shard_bytes": o.shard_bytes, "device": device_name(device),
     }
 
 
-def provenance(o: RelabelOptions, plan: Plan, teachers: list[Teacher], weights: list[float]) -> dict:
-    """The manifest's ``relabel`` object: who labelled this set, how, with which versions."""
+def provenance(o: RelabelOptions, plan: Plan, teachers: list[Teacher], weights: list[float], device: str) -> dict:
+    """The manifest's ``relabel`` object: who labelled this set, how, on what, with which versions."""
     import PIL
     import torchvision
 
@@ -248,10 +257,11 @@ def provenance(o: RelabelOptions, plan: Plan, teachers: list[Teacher], weights: 
         "teachers": [{"model": t.name, "weights": t.weights, "weights_sha256": t.sha256, "classes": t.classes,
                       "mix_weight": w} for t, w in zip(teachers, weights)],
         "teacher_mix": o.teacher_mix, "bn_mode": o.bn_mode, "teacher_chunks": o.teacher_chunks, "amp": o.amp,
-        "crop_scale": None if plan.layout else list(plan.crop_scale), "mix_type": plan.mix_type,
-        "seed": None if plan.layout else plan.seed, "fkd_seed": o.fkd_seed, "label_dtype": o.label_dtype,
-        "replay": o.replay, "draws": "numpy SeedSequence([seed, epoch, batch]).spawn(3): torch crops+flips, "
-                                     "torch permutation, numpy PCG64 lambda+box",
+        "crop_scale": plan.crop_scale and list(plan.crop_scale), "mix_type": plan.mix_type,
+        "seed": plan.seed, "fkd_seed": o.fkd_seed, "label_dtype": o.label_dtype,
+        "replay": o.replay, "device": device_name(device),
+        "draws": "numpy SeedSequence([seed, epoch, batch]).spawn(3): torch crops+flips, torch permutation, "
+                 "numpy PCG64 lambda+box",
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__,
                      "fkd-shards": VERSION},
     }
@@ -273,20 +283,14 @@ def relabel(o: RelabelOptions, env: DistEnv | None = None, log=print) -> shards.
                                f"{len(folder.classes)} class folders")
     weights = parse_mix(o.teacher_mix, len(teachers))
     table, digest = read_images(folder, o.progress and env.is_main)
-    device = o.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and env.active:
-        device = f"cuda:{env.local_rank}"
+    device = resolve_device(o.device, env)
     ensemble = Ensemble(teachers, weights, device, o.bn_mode, o.teacher_chunks, o.amp)
     threshold = default_threshold(len(folder.classes), plan.mix_type != fmt.MIX_NONE) \
         if o.min_alignment is None else o.min_alignment
-    settings = settings_of(o, plan, teachers, weights, digest, codec)
-    writer = None
-    if env.is_main:
-        writer = shards.ShardSetWriter(o.output, o.shard_bytes, o.overwrite, codec, resumable=True, resume=o.resume,
-                                       settings=settings)
+    out = LabelWriter(o, plan, codec, settings_of(o, plan, teachers, weights, digest, codec, device), threshold) \
+        if env.is_main else None
     try:
-        start = _start(writer, plan, table, say) if writer else 0
-        start = _broadcast(start, env)
+        start = broadcast_start(out.start(table, say) if out else 0, env, device)
         say(f"fkd-relabel: N={plan.num_images} images, {len(folder.classes)} classes, S={plan.input_size}, "
             f"B={plan.batch_size}, {plan.batches_per_epoch} batches x {plan.epochs} epochs, mix={plan.mix_type}, "
             f"{len(teachers)} teacher(s) ({', '.join(t.name for t in teachers)}) on {device}, bn={o.bn_mode}, "
@@ -294,122 +298,28 @@ def relabel(o: RelabelOptions, env: DistEnv | None = None, log=print) -> shards.
                                              f"seed {plan.seed}, crop scale {list(plan.crop_scale)}")
             + (f"; resuming at epoch {start // plan.batches_per_epoch} batch {start % plan.batches_per_epoch}"
                if start else ""))
-        mine = list(positions(plan, start, env.rank, env.world_size))
         cache, note = decode_cache_choice("auto", table, env.local_world_size, shared=o.workers > 0)
         say(note)
         maker = BatchMaker(table, plan.input_size, plan.mix_type, cache, shared=o.workers > 0)
         timing = Timing()
-        records = label(skeletons(plan, table, iter(mine), o.fkd_seed), iter(mine), maker, ensemble, o, plan, timing)
+        mine = list(positions(plan, start, env.rank, env.world_size))
+        labelled = label(skeletons(plan, table, iter(mine), o.fkd_seed), iter(mine), maker, ensemble, o, plan, timing)
         began = time.perf_counter()
-        total = plan.epochs * plan.batches_per_epoch - start
-        with tqdm(total=total, desc="batches", unit="batch", disable=not (o.progress and env.is_main),
-                  file=sys.stderr) as bar:
-            for record in _gathered(records, plan, start, env):
-                written = time.perf_counter()
-                if writer is not None:
-                    _write(writer, record, table.labels, o)
-                    _check_epoch(writer, record, plan, threshold, o)
-                timing.writing += time.perf_counter() - written
+        with tqdm(total=plan.epochs * plan.batches_per_epoch - start, desc="batches", unit="batch",
+                  disable=not (o.progress and env.is_main), file=sys.stderr) as bar:
+            written = gathered(labelled, plan, start, env, device, teachers[0].classes, o.label_dtype,
+                               skeletons(plan, table, positions(plan, start), o.fkd_seed) if out else None)
+            for record in written:
+                writing = time.perf_counter()
+                out.write(record, table.labels)
+                timing.writing += time.perf_counter() - writing
                 bar.update(1)
                 bar.set_postfix(img_s=f"{bar.n * plan.batch_size / max(time.perf_counter() - began, 1e-9):.0f}")
-        if writer is None:
+        if out is None:
             return None
-        alignment = [writer.notes["hits"].get(str(e), 0) / plan.num_images for e in range(plan.epochs)]
         say(timing.describe(time.perf_counter() - began))
-        say(f"alignment (teacher argmax = image class or mix partner's): mean {sum(alignment) / len(alignment):.3f}, "
-            f"min {min(alignment):.3f}, accepted at >= {threshold:.3f}")
-        return writer.finish(shards.Manifest(
-            num_images=plan.num_images, batch_size=plan.batch_size, num_classes=len(folder.classes),
-            soft_label_width=teachers[0].classes, epochs=plan.epochs, input_size=plan.input_size,
-            mix_type=plan.mix_type, fkd_seed=o.fkd_seed, classes=list(folder.classes), soft_label_dtype=o.label_dtype,
-            shards=[], alignment=[round(a, 6) for a in alignment], created_by=f"fkd-relabel {VERSION}",
-            label_codec=codec.spec,
-            label_codec_temperature=None if codec.spec == fmt.CODEC_RAW else o.codec_temperature,
-            min_alignment=round(threshold, 6), relabel=provenance(o, plan, teachers, weights),
-        ))
+        return out.finish(folder, teachers[0].classes, provenance(o, plan, teachers, weights, device), say)
     except BaseException:
-        if writer is not None:
-            writer.abort()
+        if out is not None:
+            out.abort()
         raise
-
-
-def _start(writer: shards.ShardSetWriter, plan: Plan, table: ImageTable, say) -> int:
-    """The first position to label: after the last label shard a resumed writer kept (the image
-    shards are written first, whole, unless they are complete already)."""
-    done = [s for s in writer.completed if s.kind == fmt.LABELS_KIND]
-    images_done = sum(s.count for s in writer.completed if s.kind == fmt.IMAGES_KIND)
-    if images_done and images_done != plan.num_images:
-        raise shards.ResumeError(f"{writer.output.where}: holds {images_done} of {plan.num_images} images; use "
-                                 f"--overwrite to start again")
-    if not images_done:
-        for index in range(len(table)):
-            writer.add_image(shards.ImageRecord(index=index, label=int(table.labels[index]), data=table.encoded[index],
-                                                path=table.paths[index], height=int(table.shapes[index][0]),
-                                                width=int(table.shapes[index][1])))
-        writer.end_images()
-    start = 0 if not done else done[-1].epoch * plan.batches_per_epoch + done[-1].last + 1
-    kept = {f"{s.epoch}:{b}" for s in done for b in range(s.first, s.last + 1)}
-    per_batch = {k: v for k, v in writer.notes.get("per_batch", {}).items() if k in kept}
-    writer.notes = {"per_batch": per_batch, "hits": _epoch_hits(per_batch)}
-    if start:
-        say(f"fkd-relabel: continuing after {len(done)} finished label shard(s)")
-    return start
-
-
-def _epoch_hits(per_batch: dict) -> dict:
-    hits: dict = {}
-    for key, value in per_batch.items():
-        epoch = key.split(":")[0]
-        hits[epoch] = hits.get(epoch, 0) + value
-    return hits
-
-
-def _write(writer: shards.ShardSetWriter, record: shards.BatchRecord, labels: np.ndarray, o: RelabelOptions) -> None:
-    try:
-        writer.add_batch(record)
-    except shards.CodecError as exc:
-        raise RelabelError(f"epoch {record.epoch} batch {record.batch}: --label-codec {o.label_codec}: {exc}") from None
-    # Noted after the record is in: a shard closed while adding it has saved the notes without it.
-    hits = batch_hits(labels, record.indices, record.soft_labels.astype(np.float32).argmax(axis=1), record.mix_index)
-    writer.notes["per_batch"][f"{record.epoch}:{record.batch}"] = hits
-    writer.notes["hits"][str(record.epoch)] = writer.notes["hits"].get(str(record.epoch), 0) + hits
-
-
-def _check_epoch(writer, record: shards.BatchRecord, plan: Plan, threshold: float, o: RelabelOptions) -> None:
-    """At an epoch's last batch: an alignment below the threshold stops the run (a teacher whose
-    classes are in another order than the class folders, say)."""
-    if record.batch != plan.batches_per_epoch - 1:
-        return
-    rate = writer.notes["hits"].get(str(record.epoch), 0) / plan.num_images
-    if rate < threshold:
-        raise RelabelError(f"epoch {record.epoch}: only {rate:.3f} of the rows' teacher argmax is the image's class "
-                           f"or its partner's (threshold {threshold:.3f}): do the teachers' classes follow the class "
-                           f"folders' sorted order? (--min-alignment 0 accepts any alignment)")
-
-
-def _broadcast(value: int, env: DistEnv) -> int:
-    if not env.active:
-        return value
-    import torch.distributed as dist
-
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _gathered(records: Iterator[shards.BatchRecord], plan: Plan, start: int, env: DistEnv
-              ) -> Iterator[shards.BatchRecord]:
-    """In one process, the records as they come. Under torchrun, each round of ``world_size``
-    consecutive batches (one per rank) is gathered, and rank 0 yields them in order."""
-    if not env.active:
-        yield from records
-        return
-    import torch.distributed as dist
-
-    total = plan.epochs * plan.batches_per_epoch
-    for round_start in range(start, total, env.world_size):
-        mine = next(records) if round_start + env.rank < total else None
-        everyone: list = [None] * env.world_size
-        dist.all_gather_object(everyone, mine)
-        if env.is_main:
-            yield from (record for record in everyone if record is not None)

@@ -21,8 +21,8 @@ from torch import nn
 from fkd_shards.common.files import FileReadError, open_regular
 from fkd_shards.common.text import escape, first_line
 from fkd_shards.train.checkpoint import CheckpointError, check_finite, load_file, model_state
-
-TIMM_PREFIX = "timm:"
+from fkd_shards.train.config import ConfigError
+from fkd_shards.train.model import TIMM_PREFIX, build_classifier
 
 
 class TeacherError(ValueError):
@@ -51,29 +51,21 @@ def _sha256(path: str) -> str:
 
 
 def _build(name: str, num_classes: int) -> nn.Module:
-    if name.startswith(TIMM_PREFIX):
-        try:
-            import timm
-        except ImportError:
-            raise TeacherError(f"--teacher {name} needs timm: pip install 'fkd-shards[timm]'") from None
-        if not timm.is_model(name.removeprefix(TIMM_PREFIX)):
-            raise TeacherError(f"--teacher {name}: not a timm model")
-        return timm.create_model(name.removeprefix(TIMM_PREFIX), pretrained=False, num_classes=num_classes)
-    import torchvision
-
-    if name not in torchvision.models.list_models(module=torchvision.models):
-        raise TeacherError(f"--teacher {name}: not a torchvision.models classification model (timm models as "
-                           f"timm:NAME)")
-    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    try:
+        return build_classifier(name, num_classes)
+    except ConfigError as exc:
+        raise TeacherError(f"--teacher {exc}") from None
 
 
 def _class_count(name: str, weights: dict, where: str) -> int:
-    """The output size the weights were trained for: build the model with one class and find the
-    tensors whose first dimension is the class count."""
-    probe = _build(name, 1).state_dict()
-    counts = {int(weights[key].shape[0]) for key, value in probe.items()
-              if key in weights and value.ndim >= 1 and value.shape[0] == 1 and weights[key].ndim == value.ndim
-              and weights[key].shape[1:] == value.shape[1:]}
+    """The output size the weights were trained for: the first dimension of the tensors whose
+    first dimension follows the class count (found by building the model for 1 and 2 classes, so
+    that a ViT's class token or position embedding, also of first dimension 1, is not taken)."""
+    one, two = _build(name, 1).state_dict(), _build(name, 2).state_dict()
+    head = [key for key, value in one.items() if value.ndim and value.shape[0] == 1 and key in two
+            and two[key].shape[0] == 2]
+    counts = {int(weights[key].shape[0]) for key in head if key in weights and weights[key].ndim == one[key].ndim
+              and weights[key].shape[1:] == one[key].shape[1:]}
     if len(counts) != 1:
         raise TeacherError(f"{where}: cannot tell the class count of --teacher {name} from these weights (do they "
                            f"belong to this model?)")

@@ -34,12 +34,9 @@ class Codec:
     def spec(self) -> str:
         return self.name
 
-    def members(self) -> tuple[str, ...]:
-        """The array names a record of this codec holds (without the ``.npy`` suffix)."""
-        return tuple(self.layout("float16", 1))
-
     def layout(self, stored_dtype: str, width: int) -> dict[str, tuple[np.dtype | tuple, tuple]]:
-        """Per member: its dtype (or the dtypes allowed) and its shape after the row count."""
+        """Per member (the array names a record of this codec holds, without ``.npy``): its dtype and
+        its shape after the row count."""
         raise NotImplementedError
 
     def encode(self, soft: np.ndarray) -> dict[str, np.ndarray]:

@@ -16,8 +16,10 @@ import tempfile
 import time
 from urllib.parse import urlparse
 
-from fkd_shards.common.files import FileMissingError, FileReadError, read_bounded, write_atomically
+from fkd_shards.common.files import FileMissingError, FileReadError, read_bounded, remove_quietly, write_atomically
 from fkd_shards.common.text import first_line
+
+from . import format as fmt
 
 
 class LocationError(OSError):
@@ -167,7 +169,7 @@ def cached_read(url: str, cache_dir: str, name: str, size: int, sha256: str, **o
         try:
             return read_verified(path, size, sha256)
         except LocationError:
-            os.remove(path)  # a corrupt copy: fetched again below
+            remove_quietly(path)  # a corrupt copy (another process may be replacing it too): fetched again
     data = read_verified(url, size, sha256, **options)
     try:
         write_atomically(path, data)
@@ -182,14 +184,26 @@ class LocalOutput:
     def __init__(self, directory: str):
         self.directory = directory
         self.where = directory
+        self._lock: int | None = None
 
     def ensure(self) -> None:
+        """Create the directory and lock it for this writer (released by :meth:`close` or when the
+        process ends): a second writer into the same directory is refused, not interleaved."""
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise LocationError(f"{self.directory}: exists and is not a directory")
         try:
             os.makedirs(self.directory, exist_ok=True)
+            self._lock = os.open(self.directory, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
             raise LocationError(f"{self.directory}: cannot create ({exc.strerror})") from None
+        import fcntl
+
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock)
+            self._lock = None
+            raise LocationError(f"{self.directory}: another fkd-convert or fkd-relabel writes this output") from None
 
     def names(self) -> list[str]:
         return sorted(os.listdir(self.directory))
@@ -198,7 +212,7 @@ class LocalOutput:
         return read_verified(os.path.join(self.directory, name), limit=limit)
 
     def staging_path(self, name: str) -> str:
-        return os.path.join(self.directory, name + ".partial")
+        return os.path.join(self.directory, name + fmt.TEMP_SUFFIX)
 
     def commit(self, name: str, staged: str) -> None:
         os.replace(staged, os.path.join(self.directory, name))
@@ -212,7 +226,9 @@ class LocalOutput:
         write_atomically(os.path.join(self.directory, name), data)
 
     def close(self) -> None:
-        pass
+        if self._lock is not None:
+            os.close(self._lock)  # releases the flock
+            self._lock = None
 
 
 class RemoteOutput:
@@ -226,7 +242,7 @@ class RemoteOutput:
             self.fs, self.root = fsspec_module().core.url_to_fs(self.url)
         except (ImportError, ValueError) as exc:
             raise LocationError(f"{self.url}: cannot use this location ({exc})") from None
-        self.staging = tempfile.mkdtemp(prefix="fkd-shards-")
+        self.staging: str | None = None  # a local directory, made when the first shard is staged
 
     def _call(self, what: str, fn, *args):
         try:
@@ -253,6 +269,8 @@ class RemoteOutput:
         return read_verified(f"{self.url}/{name}", limit=limit, retries=1, backoff_s=0.1)
 
     def staging_path(self, name: str) -> str:
+        if self.staging is None:
+            self.staging = tempfile.mkdtemp(prefix="fkd-shards-")
         return os.path.join(self.staging, name)
 
     def commit(self, name: str, staged: str) -> None:
@@ -269,7 +287,9 @@ class RemoteOutput:
         self._call(f"uploading {name}", self.fs.pipe_file, self._path(name), data)
 
     def close(self) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging = None
 
 
 def output_for(location: str) -> LocalOutput | RemoteOutput:

@@ -8,7 +8,9 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from fkd_shards.common.text import escape
+import numpy as np
+
+from fkd_shards.common.text import escape, shown
 
 from . import codecs
 from . import format as fmt
@@ -188,32 +190,33 @@ class Manifest:
 
         for name in ("num_images", "batch_size", "num_classes", "soft_label_width", "epochs", "input_size"):
             if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
-                fail(f"{name} must be a positive integer, found {_show(getattr(self, name))}")
+                fail(f"{name} must be a positive integer, found {shown(getattr(self, name))}")
         if self.input_size > fmt.MAX_INPUT_SIZE:
             fail(f"input_size {self.input_size} is above {fmt.MAX_INPUT_SIZE}")
         if not _is_int(self.fkd_seed) or not 0 <= self.fkd_seed < 2**64:
-            fail(f"fkd_seed must be an integer in [0, 2**64), found {_show(self.fkd_seed)}")
+            fail(f"fkd_seed must be an integer in [0, 2**64), found {shown(self.fkd_seed)}")
         if self.mix_type not in fmt.MIX_TYPES:
-            fail(f"mix_type {_show(self.mix_type)} is not one of {fmt.MIX_TYPES}")
+            fail(f"mix_type {shown(self.mix_type)} is not one of {fmt.MIX_TYPES}")
         try:
             codecs.parse(self.label_codec)
         except (codecs.CodecError, TypeError) as exc:
             fail(f"{escape(exc)}; this reader cannot decode this set's soft labels")
         if self.soft_label_dtype not in fmt.SOFT_LABEL_DTYPES:
-            fail(f"soft_label_dtype {_show(self.soft_label_dtype)} is not one of {fmt.SOFT_LABEL_DTYPES}")
+            fail(f"soft_label_dtype {shown(self.soft_label_dtype)} is not one of {fmt.SOFT_LABEL_DTYPES}")
         if not isinstance(self.classes, list) or not all(isinstance(c, str) for c in self.classes):
             fail("classes is not a list of strings")
         if len(self.classes) != self.num_classes or len(set(self.classes)) != len(self.classes):
             fail(f"{len(self.classes)} class names ({len(set(self.classes))} distinct) for "
                  f"num_classes={self.num_classes}")
-        if self.soft_label_width < self.num_classes:
-            fail(f"soft_label_width {self.soft_label_width} < num_classes {self.num_classes}")
+        if not self.num_classes <= self.soft_label_width <= fmt.MAX_SOFT_LABEL_WIDTH:
+            fail(f"soft_label_width {self.soft_label_width} outside [num_classes={self.num_classes}, "
+                 f"{fmt.MAX_SOFT_LABEL_WIDTH}]")
         if self.num_images < self.num_classes:
             fail(f"num_images {self.num_images} < num_classes {self.num_classes}")
         for name in ("label_codec_temperature", "min_alignment"):
             value = getattr(self, name)
             if value is not None and not (_is_number(value) and value >= 0):
-                fail(f"{name} must be a finite number >= 0 or null, found {_show(value)}")
+                fail(f"{name} must be a finite number >= 0 or null, found {shown(value)}")
         if not isinstance(self.alignment, list) or not all(_is_number(a) and 0 <= a <= 1 for a in self.alignment):
             fail("alignment is not a list of rates in [0, 1]")
         if self.alignment and len(self.alignment) != self.epochs:
@@ -237,13 +240,19 @@ class Manifest:
         if next_index != self.num_images:
             fail(f"image shards hold {next_index} images, expected {self.num_images}")
         cursor = (0, 0)  # the next (epoch, batch) a label shard must start at
+        # The bytes a row's soft labels take at the least: a manifest's sizes, which the shards' own
+        # sizes are checked against, bound the width before anything is made that large.
+        per_row = sum(np.dtype(dtype).itemsize * math.prod(tail) for dtype, tail in
+                      codecs.parse(self.label_codec).layout(self.soft_label_dtype, self.soft_label_width).values())
         for s in self.shards_of(fmt.LABELS_KIND):
             if (s.epoch, s.first) != cursor:
                 fail(f"label shard {s.name} starts at epoch {s.epoch} batch {s.first}, expected {cursor}")
             if not s.first <= s.last < self.batches_per_epoch or s.count != s.last - s.first + 1:
                 fail(f"label shard {s.name} holds batches [{s.first}, {s.last}] of {self.batches_per_epoch}")
-            if s.bytes < s.count * fmt.MIN_BATCH_RECORD_BYTES:
-                fail(f"label shard {s.name}: {s.bytes} bytes cannot hold {s.count} records")
+            rows = sum(self.batch_rows(b) for b in range(s.first, s.last + 1))
+            if s.bytes < s.count * fmt.MIN_BATCH_RECORD_BYTES + rows * per_row:
+                fail(f"label shard {s.name}: {s.bytes} bytes cannot hold {s.count} records of {self.soft_label_width} "
+                     f"classes")
             cursor = (s.epoch, s.last + 1) if s.last + 1 < self.batches_per_epoch else (s.epoch + 1, 0)
         if cursor != (self.epochs, 0):
             fail(f"label shards end at epoch {cursor[0]} batch {cursor[1]}, expected {self.epochs} epochs")
@@ -260,17 +269,17 @@ def validate_shard(s: ShardInfo, where: str = fmt.MANIFEST_NAME) -> None:
 
     match = fmt.SHARD_NAME.fullmatch(s.name) if isinstance(s.name, str) else None
     if match is None or match.group(1) != s.kind:
-        fail(f"bad shard entry {_show(s.name)} of kind {_show(s.kind)}")
+        fail(f"bad shard entry {shown(s.name)} of kind {shown(s.kind)}")
     for name in ("bytes", "count", "first", "last"):
         value = getattr(s, name)
         if not _is_int(value) or value < (1 if name in ("bytes", "count") else 0):
-            fail(f"shard {s.name}: {name} is {_show(value)}")
+            fail(f"shard {s.name}: {name} is {shown(value)}")
     if not (isinstance(s.sha256, str) and len(s.sha256) == 64 and all(c in "0123456789abcdef" for c in s.sha256)):
         fail(f"shard {s.name}: sha256 is not 64 lower-case hex digits")
     if s.kind == fmt.IMAGES_KIND and s.epoch is not None:
         fail(f"image shard {s.name} has an epoch")
     if s.kind == fmt.LABELS_KIND and not (_is_int(s.epoch) and s.epoch >= 0):
-        fail(f"label shard {s.name}: epoch is {_show(s.epoch)}")
+        fail(f"label shard {s.name}: epoch is {shown(s.epoch)}")
 
 
 def parse_json(text: str, where: str, error: type[Exception]) -> object:
@@ -305,7 +314,3 @@ def _is_int(value: object) -> bool:
 def _is_number(value: object) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
 
-
-def _show(value: object) -> str:
-    text = escape(repr(value))
-    return text if len(text) <= 60 else text[:56] + " ..."

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import msgpack
 import numpy as np
 
+from fkd_shards.common.text import shown
+
 from . import format as fmt
 from .codecs import Codec, CodecError
 
@@ -124,13 +126,9 @@ def _int(meta: dict, key: str, low: int, high: int) -> int:
     """An int (not a bool) in [low, high]."""
     value = meta[key]
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise RecordError(f"meta {key} is {_show(value)}, expected an integer in [{low}, {high}]")
+        raise RecordError(f"meta {key} is {shown(value)}, expected an integer in [{low}, {high}]")
     return value
 
-
-def _show(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:56] + " ..."
 
 
 # ---- image records ---------------------------------------------------------------------------------
@@ -245,14 +243,14 @@ def _mix_values(meta: dict, spec: BatchSpec) -> tuple[float | None, tuple[int, i
             raise RecordError("mix_lam/mix_bbox present in a set without mix")
         return None, None
     if not isinstance(lam, float) or not 0.0 <= lam <= 1.0:  # NaN fails the comparison too
-        raise RecordError(f"mix_lam is {_show(lam)}, expected a float in [0, 1]")
+        raise RecordError(f"mix_lam is {shown(lam)}, expected a float in [0, 1]")
     if spec.mix_type == fmt.MIX_MIXUP:
         if bbox is not None:
             raise RecordError("mix_bbox present in a Mixup set")
         return lam, None
     if not isinstance(bbox, list) or len(bbox) != 4 or not all(
             isinstance(v, int) and not isinstance(v, bool) for v in bbox):
-        raise RecordError(f"mix_bbox is {_show(bbox)}, expected 4 integers")
+        raise RecordError(f"mix_bbox is {shown(bbox)}, expected 4 integers")
     x1, y1, x2, y2 = bbox
     size = spec.input_size
     if not (0 <= x1 <= x2 <= size and 0 <= y1 <= y2 <= size):

@@ -50,9 +50,12 @@ class _HashingFile:
         return self._file.write(data)
 
     def close(self) -> None:
-        if not self._file.closed:
+        if self._file.closed:
+            return
+        try:
             self._file.flush()
             os.fsync(self._file.fileno())
+        finally:
             self._file.close()
 
 
@@ -70,11 +73,11 @@ class _OpenShard:
     tar_bytes: int = 0  # members written so far, headers and padding included (the file lags behind)
 
 
-def _names_in(text: bytes, key: str) -> set[str]:
+def _names_in(data: bytes, key: str) -> set[str]:
     """Shard names listed under ``key`` in a manifest or progress file (read loosely: it may be the
     corrupt file being replaced); only names that look like shards are returned."""
     try:
-        body = parse_json(text.decode("utf-8"), "", ValueError)
+        body = parse_json(data.decode("utf-8"), "", ValueError)
     except (ValueError, UnicodeDecodeError):
         return set()
     entries = body.get(key, []) if isinstance(body, dict) else []
@@ -112,11 +115,16 @@ class ShardSetWriter:
         self._written: list[str] = []  # files this writer created (for abort)
         self.notes: dict = {}  # the caller's own progress, kept in progress.json with the shards
         self.output.ensure()
-        self.completed: list[ShardInfo] = self._continue() if resume else []
-        if not self.completed:
-            self._prepare(overwrite)
-        self._numbers = {kind: sum(s.kind == kind for s in self.completed) for kind in fmt.SHARD_KINDS}
-        self._save_progress()
+        try:
+            self._continued = False  # a progress file of the same run was found (with or without shards)
+            self.completed: list[ShardInfo] = self._continue() if resume else []
+            if not self._continued:
+                self._prepare(overwrite)
+            self._numbers = {kind: sum(s.kind == kind for s in self.completed) for kind in fmt.SHARD_KINDS}
+            self._save_progress()
+        except BaseException:
+            self.output.close()  # the output's lock, and a remote output's staging directory
+            raise
 
     def __enter__(self) -> ShardSetWriter:
         return self
@@ -198,22 +206,26 @@ class ShardSetWriter:
                 validate_shard(s)
         except (TypeError, ManifestError) as exc:
             raise ResumeError(f"{where}/{fmt.PROGRESS_NAME}: malformed shard entries ({exc})") from None
+        _check_sequence(shards, f"{where}/{fmt.PROGRESS_NAME}")
         for s in shards:
             try:
                 read_verified(join(self.location, s.name), s.bytes, s.sha256)
             except LocationError as exc:
                 raise ResumeError(f"cannot continue: {exc}") from None
-        for name in body.get("open", []):
+        opened = body.get("open")
+        for name in opened if isinstance(opened, list) else []:
             if isinstance(name, str) and fmt.SHARD_NAME.fullmatch(name):
                 self.output.remove(name + fmt.TEMP_SUFFIX)
                 self.output.remove(name)  # a remote shard uploaded before its close was recorded
         notes = body.get("notes")
         self.notes = notes if isinstance(notes, dict) else {}
+        self._continued = True
         return shards
 
-    def _save_progress(self) -> None:
+    def _save_progress(self, opening: str | None = None) -> None:
+        opened = [s.name for s in self._open.values()] + ([opening] if opening else [])
         body = {"format": PROGRESS_FORMAT, "settings": self.settings, "notes": self.notes,
-                "shards": [asdict(s) for s in self.completed], "open": [s.name for s in self._open.values()]}
+                "shards": [asdict(s) for s in self.completed], "open": opened}
         self.output.write_small(fmt.PROGRESS_NAME, (json.dumps(body, indent=1, sort_keys=True) + "\n").encode())
         if fmt.PROGRESS_NAME not in self._written:
             self._written.append(fmt.PROGRESS_NAME)
@@ -247,10 +259,8 @@ class ShardSetWriter:
         images = [s for s in self.completed if s.kind == fmt.IMAGES_KIND]
         labels = [s for s in self.completed if s.kind == fmt.LABELS_KIND]
         complete = manifest.with_shards(images + labels)
-        try:
-            complete.validate(f"{self.output.where}/{fmt.MANIFEST_NAME}")
-        except ManifestError as exc:
-            raise ValueError(f"internal error: the written set is inconsistent ({exc})") from None
+        # Only a progress.json changed by hand between a run and its resume can make this fail.
+        complete.validate(f"{self.output.where}/{fmt.MANIFEST_NAME} (not written: the shards do not form a set)")
         self.output.write_small(fmt.MANIFEST_NAME, complete.to_json().encode())
         self.output.remove(fmt.PROGRESS_NAME)
         self.output.close()
@@ -297,13 +307,13 @@ class ShardSetWriter:
 
             name = fmt.shard_name(kind, self._numbers[kind])
             self._numbers[kind] += 1
+            self._save_progress(opening=name)  # names the shard before its file exists
             temp_path = self.output.staging_path(name)
             file = _HashingFile(temp_path)
             tar = webdataset.TarWriter(file, user=fmt.TAR_USER, group=fmt.TAR_USER, encoder=False,
                                        mtime=fmt.TAR_MTIME)
             shard = _OpenShard(kind, name, temp_path, file, tar, first=position, last=position - 1, epoch=epoch)
             self._open[kind] = shard
-            self._save_progress()  # names the shard before its first byte exists
         return shard
 
     def _advance(self, shard: _OpenShard, position: int, members: dict[str, bytes]) -> None:
@@ -315,16 +325,36 @@ class ShardSetWriter:
                                for data in members.values())
 
     def _close_shard(self, kind: str) -> None:
-        shard = self._open.pop(kind)
+        shard = self._open[kind]
         shard.tar.close()
         shard.file.close()
         self.output.commit(shard.name, shard.temp_path)
+        del self._open[kind]  # only once committed: until then abort() removes its temporary file
         self._written.append(shard.name)
         self.completed.append(ShardInfo(
             name=shard.name, kind=kind, bytes=shard.file.size, sha256=shard.file.sha256.hexdigest(),
             count=shard.count, first=shard.first, last=shard.last, epoch=shard.epoch,
         ))
         self._save_progress()
+
+
+def _check_sequence(shards: list[ShardInfo], where: str) -> None:
+    """The shards a writer closed come in the order it writes them: image shards covering images
+    0, 1, ... then label shards covering (epoch, batch) in order, each named by its number."""
+    next_image, next_label, numbers = 0, (0, 0), {kind: 0 for kind in fmt.SHARD_KINDS}
+    for s in shards:
+        if s.name != fmt.shard_name(s.kind, numbers[s.kind]):
+            raise ResumeError(f"{where}: shard {escape(s.name)} is out of sequence")
+        numbers[s.kind] += 1
+        if s.kind == fmt.IMAGES_KIND:
+            if numbers[fmt.LABELS_KIND] or s.first != next_image or s.count != s.last - s.first + 1:
+                raise ResumeError(f"{where}: image shard {s.name} does not continue at image {next_image}")
+            next_image = s.last + 1
+        else:
+            if (s.epoch, s.first) != next_label and (s.epoch, s.first) != (next_label[0] + 1, 0):
+                raise ResumeError(f"{where}: label shard {s.name} does not continue at epoch {next_label[0]} "
+                                  f"batch {next_label[1]}")
+            next_label = (s.epoch, s.last + 1)
 
 
 def _difference(before: object, now: dict) -> str:

@@ -11,7 +11,6 @@ import os
 import tarfile
 from collections.abc import Callable
 
-from fkd_shards import shards
 from fkd_shards.shards import format as fmt
 
 
@@ -39,12 +38,21 @@ def reseal(set_dir: str, image_bytes: dict[int, bytes] | None = None,
              for k, new in (image_bytes or {}).items()}
     edits |= members or {}
     manifest_path = os.path.join(set_dir, fmt.MANIFEST_NAME)
-    body = json.load(open(manifest_path))
+    with open(manifest_path) as f:
+        body = json.load(f)
     for entry in body["shards"]:
         rewrite(set_dir, entry["name"], lambda name, data: edits[name](data) if name in edits else data)
-        data = open(os.path.join(set_dir, entry["name"]), "rb").read()
+        with open(os.path.join(set_dir, entry["name"]), "rb") as f:
+            data = f.read()
         entry["bytes"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
-    body.pop("checksum", None)
-    body.pop("batches_per_epoch", None)
-    manifest = shards.Manifest.from_json(json.dumps(body))
-    open(manifest_path, "w").write(manifest.to_json())
+    write_sealed(manifest_path, body)
+
+
+def write_sealed(path: str, body: dict) -> None:
+    """A manifest body written with the checksum the library computes for it, whatever it holds."""
+    from fkd_shards.shards.manifest import _checksum
+
+    body = {k: v for k, v in body.items() if k != "checksum"}
+    body["checksum"] = _checksum(body)
+    with open(path, "w") as f:
+        json.dump(body, f)

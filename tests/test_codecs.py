@@ -11,7 +11,7 @@ import pytest
 
 from fkd_shards import shards
 from fkd_shards.convert.cli import main as convert_main
-from fkd_shards.convert.codec_error import kl_rows, measure
+from fkd_shards.convert.codec_cost import kl_rows, measure
 from fkd_shards.shards import codecs
 from tests.conftest import INPUT_SIZE
 

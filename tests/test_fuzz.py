@@ -19,20 +19,26 @@ import torch
 
 from fkd_shards import shards
 from fkd_shards.train.stream import BatchStream, StreamError
-from tests.tamper import reseal
+from tests.tamper import reseal, write_sealed
 
 CLEAN_ERRORS = (shards.ManifestError, shards.ShardError, StreamError)
 CASES = 300
 
 
 def consume(location: str) -> str:
-    """Digest of everything training takes from a set: model inputs, targets, soft labels, order."""
+    """Digest of everything training takes from a set: model inputs, targets, soft labels, order;
+    and whatever was accepted holds what training relies on."""
     h = hashlib.sha256()
     shard_set = shards.ShardSet(location, retries=0)
-    h.update(json.dumps([shard_set.manifest.epochs, shard_set.manifest.classes]).encode())
+    m = shard_set.manifest
+    h.update(json.dumps([m.epochs, m.classes]).encode())
     for b in BatchStream(shard_set, workers=0):
         h.update(f"{b.epoch},{b.batch},{b.batch_rows};".encode())
-        for t in (b.model_input(), b.targets, b.soft_labels):
+        x = b.model_input()
+        assert x.shape == (len(b.rows), 3, m.input_size, m.input_size) and torch.isfinite(x).all()
+        assert b.soft_labels.shape == (len(b.rows), m.soft_label_width) and torch.isfinite(b.soft_labels).all()
+        assert ((b.targets >= 0) & (b.targets < m.num_classes)).all()
+        for t in (x, b.targets, b.soft_labels):
             h.update(t.contiguous().numpy().tobytes())
     return h.hexdigest()
 
@@ -118,10 +124,7 @@ def _mutate_manifest_sealed(rng: random.Random, location: str) -> str:
         key = f"shards.{field}"
     else:
         body[key] = value
-    body.pop("checksum", None)
-    body["checksum"] = hashlib.sha256(json.dumps({k: v for k, v in body.items() if k != "checksum"},
-                                                 sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-    open(path, "w").write(json.dumps(body))
+    write_sealed(path, body)
     return f"manifest {key}={value!r}"
 
 

@@ -115,20 +115,20 @@ def test_workers_and_resume_give_the_same_bytes(case, monkeypatch):
     _relabel(train, tmp / "j2", *flags, "-j", "2", teachers=t)
     straight = _label_hashes(tmp / "j0")
     assert len([n for n in straight if n.startswith("labels-")]) > 3 and _label_hashes(tmp / "j2") == straight
-    import fkd_shards.relabel.pipeline as pipeline
+    from fkd_shards.relabel.output import LabelWriter
 
-    real, calls = pipeline._write, []
+    real, calls = LabelWriter.write, []
 
-    def crash(writer, record, *args):
+    def crash(self, record, *args):
         calls.append(1)
         if len(calls) == 7:
             raise RuntimeError("killed")
-        return real(writer, record, *args)
+        return real(self, record, *args)
 
-    monkeypatch.setattr(pipeline, "_write", crash)
+    monkeypatch.setattr(LabelWriter, "write", crash)
     with pytest.raises(RuntimeError, match="killed"):
         _relabel(train, tmp / "resumed", *flags, teachers=t)
-    monkeypatch.setattr(pipeline, "_write", real)
+    monkeypatch.setattr(LabelWriter, "write", real)
     assert "progress.json" in os.listdir(tmp / "resumed") and "manifest.json" not in os.listdir(tmp / "resumed")
     _relabel(train, tmp / "resumed", *flags, "--resume", teachers=t)
     assert _label_hashes(tmp / "resumed") == straight
@@ -140,17 +140,20 @@ def test_resume_refuses_other_flags_and_a_changed_image_folder(case, monkeypatch
     tmp, train, samples, teachers = case
     flags = ("--batch-size", "6", "--epochs", "2", "--shard-size", "3000")
     t = [("resnet18", teachers["resnet18"][0])]
-    import fkd_shards.relabel.pipeline as pipeline
+    from fkd_shards.relabel.output import LabelWriter
 
-    real = pipeline._write
-    monkeypatch.setattr(pipeline, "_write", lambda *a: (_ for _ in ()).throw(RuntimeError("killed")))
-    with pytest.raises(RuntimeError):
-        _relabel(train, tmp / "cut", *flags, teachers=t)
-    monkeypatch.setattr(pipeline, "_write", real)
-    err = _relabel(train, tmp / "cut", *flags, "--resume", "--seed", "5", teachers=t, code=1, capsys=capsys)
+    real = LabelWriter.write
+    monkeypatch.setattr(LabelWriter, "write", lambda *a: (_ for _ in ()).throw(RuntimeError("killed")))
+    for name in ("early", "other-flags", "other-images"):  # each killed before any label shard closed
+        with pytest.raises(RuntimeError):
+            _relabel(train, tmp / name, *flags, teachers=t)
+    monkeypatch.setattr(LabelWriter, "write", real)
+    _relabel(train, tmp / "early", *flags, "--resume", teachers=t)  # the images are kept; the labels continue
+    assert shards.ShardSet(str(tmp / "early")).manifest.epochs == 2
+    err = _relabel(train, tmp / "other-flags", *flags, "--resume", "--seed", "5", teachers=t, code=1, capsys=capsys)
     assert "was written with other settings (seed: 0 then, 5 now)" in err
     Image.new("RGB", (20, 20), "red").save(samples[3][0])
-    err = _relabel(train, tmp / "cut", *flags, "--resume", teachers=t, code=1, capsys=capsys)
+    err = _relabel(train, tmp / "other-images", *flags, "--resume", teachers=t, code=1, capsys=capsys)
     assert "other settings (images:" in err
 
 
@@ -255,7 +258,8 @@ def test_fkd_train_trains_on_a_relabelled_set(case, tmp_path):
     ("replay_seed", "--seed do(es) not apply with --replay"),
     ("replay_batch", "--batch-size 4 contradicts"),
     ("mix_count", "--teacher-mix has 1 weights for 2 teachers"),
-    ("no_such_model", "--teacher no_such_net: not a torchvision.models classification model"),
+    ("no_such_model", "--teacher no_such_net is not a torchvision.models classification model"),
+    ("bad_device", "--device 'tpu:0' is not a device"),
     ("missing_weights", "neither a file nor a torchvision weights name"),
     ("no_batch_size", "--batch-size and --epochs are required"),
     ("chunks", "--teacher-chunks must be at least 1, got 0"),
@@ -289,6 +293,8 @@ def test_bad_input_is_one_line_and_leaves_nothing_complete(case, capsys, setup, 
         flags += ["--teacher-mix", "1.0"]
     elif setup == "no_such_model":
         t = [("no_such_net", path)]
+    elif setup == "bad_device":
+        flags += ["--device", "tpu:0"]
     elif setup == "missing_weights":
         t = [("resnet18", "nowhere")]
     elif setup == "no_batch_size":
@@ -296,8 +302,9 @@ def test_bad_input_is_one_line_and_leaves_nothing_complete(case, capsys, setup, 
     elif setup == "chunks":
         flags += ["--teacher-chunks", "0"]
     out = tmp / "out"
-    argv = ["--train-dir", train, "--output", str(out), "--input-size", str(SIZE), "-j", "0", "--device", "cpu",
-            "--no-progress", *flags, *(["--min-alignment", "0"] if setup != "misaligned" else [])]
+    argv = ["--train-dir", train, "--output", str(out), "--input-size", str(SIZE), "-j", "0",
+            *([] if setup == "bad_device" else ["--device", "cpu"]), "--no-progress", *flags,
+            *(["--min-alignment", "0"] if setup != "misaligned" else [])]
     for name, p in t:
         argv += ["--teacher", name, p]
     assert relabel_main(argv) == 1

@@ -357,3 +357,23 @@ def test_very_long_paths_are_one_line_errors(converted, tmp_path, capsys, flag):
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fkd-train: ")]
     assert len(lines) == 1 and ("File name too long" in lines[0] or "no such file" in lines[0]
                                 or "not a usable image folder" in lines[0]), lines
+
+
+def test_resume_auto_where_no_epoch_finished_starts_the_run(converted, tmp_path):
+    output, _, _ = converted()
+    out = tmp_path / "run"
+    os.makedirs(out / "wandb")  # what a run interrupted in its first epoch leaves, with wandb on
+    (out / "metrics.jsonl").write_text("")
+    _run(output, out, "--epochs", "1", "--resume", "auto")
+    assert checkpoint.load_checkpoint(str(out / "checkpoint.pth.tar"))["epoch"] == 1
+
+
+def test_another_directorys_checkpoint_is_not_resumed_into_a_run(converted, tmp_path, monkeypatch, capsys):
+    output, _, _ = converted()
+    _interrupted_run(output, tmp_path / "a", monkeypatch)
+    _run(output, tmp_path / "b", "--epochs", "1")
+    before = (tmp_path / "b" / "checkpoint.pth.tar").read_bytes()
+    err = _run(output, tmp_path / "b", "--resume", str(tmp_path / "a" / "checkpoint.pth.tar"), code=1, capsys=capsys)
+    assert "--resume of another directory's checkpoint needs an empty output directory" in err
+    assert (tmp_path / "b" / "checkpoint.pth.tar").read_bytes() == before
+    _run(output, tmp_path / "c", "--resume", str(tmp_path / "a" / "checkpoint.pth.tar"))  # into an empty one: fine

@@ -323,3 +323,28 @@ def test_a_resumed_writer_gives_the_same_bytes(tmp_path):
         writer.add_batch(record)
     assert writer.finish(_manifest()) == whole
     assert sorted(os.listdir(tmp_path / "cut")) == sorted(os.listdir(tmp_path / "whole"))
+
+
+def test_a_shard_that_fails_to_close_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    real = os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        with shards.ShardSetWriter(str(tmp_path / "set"), 1) as writer:
+            writer.add_image(shards.ImageRecord(0, 0, b"x"))
+            monkeypatch.setattr(os, "fsync", full)
+            writer.add_image(shards.ImageRecord(1, 0, b"y"))  # closes shard 0: its fsync fails
+    monkeypatch.setattr(os, "fsync", real)
+    assert os.listdir(tmp_path / "set") == []
+
+
+def test_a_second_writer_into_the_same_directory_is_refused(tmp_path):
+    first = shards.ShardSetWriter(str(tmp_path / "set"))
+    with pytest.raises(shards.LocationError, match="another fkd-convert or fkd-relabel writes this output"):
+        shards.ShardSetWriter(str(tmp_path / "set"), overwrite=True)
+    first.abort()  # releases the directory
+    shards.ShardSetWriter(str(tmp_path / "set"), overwrite=True).abort()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -49,9 +49,3 @@ class Batch:
         if self.partners is not None and len(self.rows):
             x = apply_mix(x, normalized[self.partners.to(device)], self.mix_type, self.mix_lam, self.mix_bbox)
         return x.contiguous(memory_format=memory_format)  # indexing may pick another layout
-
-    def pin_memory(self) -> Batch:
-        """Called by the DataLoader's pin-memory thread (``pin_memory=True``)."""
-        # Pin the crops' own memory order: (u, S, S, 3) for CPU crops, seen as (u, 3, S, S) again.
-        hwc = self.crops.permute(0, 2, 3, 1).pin_memory()
-        return replace(self, crops=hwc.permute(0, 3, 1, 2), soft_labels=self.soft_labels.pin_memory())

@@ -52,6 +52,7 @@ class TrainConfig:
     sync_bn: bool
     init_weights: str | None
     resume: str | None  # the checkpoint to continue from (resolved), or None for a fresh run
+    resume_asked: bool  # --resume was given (auto finds nothing in a directory where no epoch finished)
     restart: bool
     allow_misaligned: bool
     decode_cache: str  # auto, on, off: decided once the images' size is known (images.decode_cache_choice)
@@ -179,7 +180,6 @@ def _check_number(flag: str, value: float, low: float = 0.0, high: float = math.
 
 def resolve(args: argparse.Namespace, manifest, env: DistEnv) -> TrainConfig:
     """Check the flags against each other, the manifest and the environment; derive the rest."""
-    import torch
 
     from .checkpoint import resume_path
 
@@ -220,7 +220,7 @@ def resolve(args: argparse.Namespace, manifest, env: DistEnv) -> TrainConfig:
         raise ConfigError("--restart and --resume contradict each other")
     if m.misalignment() and not args.allow_misaligned:
         raise ConfigError(f"{args.shards}: {m.misalignment()}; --allow-misaligned trains on it anyway")
-    device = _device(args.device, env, torch)
+    device = resolve_device(args.device, env)
     if args.amp == "fp16" and not device.startswith("cuda"):
         raise ConfigError("--amp fp16 needs a CUDA device; use --amp bf16 on CPU")
     api_key = os.environ.get("WANDB_API_KEY") or args.wandb_api_key
@@ -233,14 +233,18 @@ def resolve(args: argparse.Namespace, manifest, env: DistEnv) -> TrainConfig:
         adamw_lr=args.adamw_lr, adamw_weight_decay=args.adamw_weight_decay, temperature=args.temperature,
         last_batch_loss=args.last_batch_loss, amp=args.amp, channels_last=args.channels_last,
         sync_bn=args.sync_bn, init_weights=args.init_weights, resume=resume_path(args.resume, args.output_dir),
-        restart=args.restart, allow_misaligned=args.allow_misaligned, decode_cache=args.decode_cache,
-        device_crops=args.device_crops, cache_dir=args.cache_dir, cache_labels=args.cache_labels,
-        wandb_project=args.wandb_project, wandb_mode=args.wandb_mode or ("online" if api_key else "disabled"),
+        resume_asked=args.resume is not None, restart=args.restart, allow_misaligned=args.allow_misaligned,
+        decode_cache=args.decode_cache, device_crops=args.device_crops, cache_dir=args.cache_dir,
+        cache_labels=args.cache_labels, wandb_project=args.wandb_project,
+        wandb_mode=args.wandb_mode or ("online" if api_key else "disabled"),
     )
 
 
-def _device(flag: str | None, env: DistEnv, torch) -> str:
-    """This rank's device: the flag's, else CUDA when available; under torchrun, GPU LOCAL_RANK."""
+def resolve_device(flag: str | None, env: DistEnv) -> str:
+    """This rank's device, always with an index for CUDA: the flag's, else CUDA when available;
+    under torchrun, GPU LOCAL_RANK. A device that does not exist is a :class:`ConfigError`."""
+    import torch
+
     name = flag or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import platform
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -113,6 +114,11 @@ def shared_memory_free() -> int | None:
     return info.f_bavail * info.f_frsize
 
 
+# x86 keeps stores in program order as other cores see them (TSO), and loads too: a worker that
+# sees image k's ready flag also sees its pixels, written before the flag.
+_ORDERED_STORES = ("x86_64", "amd64", "i386", "i686", "x86")
+
+
 class ImageSource:
     """RGB pixels of images ``0..N-1`` by sample index, decoded on demand; see the module docstring."""
 
@@ -128,6 +134,10 @@ class ImageSource:
             allocate = shared_bytes if shared else (lambda n: torch.zeros(max(1, n), dtype=torch.uint8))
             self.buffer = allocate(int(self.offsets[-1]))
             self.ready = allocate(len(table))  # 1 once image k's pixels are in place
+            if shared and platform.machine().lower() not in _ORDERED_STORES:
+                # Another process may see the flag before the pixels where stores are not kept in
+                # order (Arm, POWER): decode everything now, before any worker starts.
+                self.decode_all()
 
     def __len__(self) -> int:
         return len(self.table)

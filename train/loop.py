@@ -45,7 +45,7 @@ def train(cfg: TrainConfig, shard_set: shards.ShardSet, api_key: str | None = No
     completed. Rank 0 prints, writes and logs; every rank trains its slice of each batch."""
     m, env = shard_set.manifest, cfg.dist
     say = log if env.is_main else (lambda *_: None)
-    lock = claim(cfg.output_dir, continuing=cfg.resume is not None, restart=cfg.restart) if env.is_main else None
+    lock = claim(cfg.output_dir, cfg.resume_asked, cfg.resume, cfg.restart) if env.is_main else None
     started = time.perf_counter()
     last_saved = None  # the last epoch whose checkpoint is on disk, for the Ctrl-C message
     try:

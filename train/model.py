@@ -15,35 +15,46 @@ from .config import ConfigError
 TIMM_PREFIX = "timm:"
 
 
-def build_model(name: str, num_classes: int, input_size: int) -> nn.Module:
-    """A fresh model (its init draws from torch's global generator: seed it first)."""
+def build_classifier(name: str, num_classes: int, input_size: int | None = None) -> nn.Module:
+    """A randomly initialised classifier (nothing is downloaded): a torchvision.models name, or
+    ``timm:NAME`` with the timm extra, which models with a fixed grid (ViT, DeiT, Swin) build for
+    ``input_size``. An unknown name is a :class:`ConfigError`."""
     if name.startswith(TIMM_PREFIX):
-        model = _timm_model(name.removeprefix(TIMM_PREFIX), num_classes, input_size)
-    else:
-        import torchvision
+        return _timm_model(name.removeprefix(TIMM_PREFIX), num_classes, input_size)
+    import torchvision
 
-        if name not in torchvision.models.list_models(module=torchvision.models):
-            raise ConfigError(f"--model {name} is not a torchvision.models classification model (e.g. resnet18, "
-                              f"mobilenet_v2, efficientnet_b0; timm models as timm:NAME)")
-        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise ConfigError(f"{name} is not a torchvision.models classification model (e.g. resnet18, mobilenet_v2, "
+                          f"efficientnet_b0; timm models as timm:NAME)")
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+
+
+def build_model(name: str, num_classes: int, input_size: int) -> nn.Module:
+    """The student, checked to take the set's crops (its init draws from torch's global
+    generator: seed it first)."""
+    try:
+        model = build_classifier(name, num_classes, input_size)
+    except ConfigError as exc:
+        raise ConfigError(f"--model {exc}") from None
     check_input_size(model, name, input_size)
     return model
 
 
-def _timm_model(name: str, num_classes: int, input_size: int) -> nn.Module:
+def _timm_model(name: str, num_classes: int, input_size: int | None) -> nn.Module:
     try:
         import timm
     except ImportError:
-        raise ConfigError(f"--model timm:{name} needs timm: pip install 'fkd-shards[timm]'") from None
+        raise ConfigError(f"timm:{name} needs timm: pip install 'fkd-shards[timm]'") from None
     if not timm.is_model(name):
-        raise ConfigError(f"--model timm:{name} is not a timm model (see timm.list_models())")
+        raise ConfigError(f"timm:{name} is not a timm model (see timm.list_models())")
+    if input_size is None:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes)
     try:
-        # Models with a fixed grid (ViT, DeiT, Swin) are built for the set's crop size.
         return timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=input_size)
     except TypeError:  # the model takes any size and has no img_size argument
         return timm.create_model(name, pretrained=False, num_classes=num_classes)
     except Exception as exc:  # timm raises assorted errors for sizes a model cannot be built for
-        raise ConfigError(f"--model timm:{name} cannot be built for {input_size}x{input_size} crops "
+        raise ConfigError(f"timm:{name} cannot be built for {input_size}x{input_size} crops "
                           f"({first_line(exc, 150)})") from None
 
 

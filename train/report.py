@@ -64,8 +64,8 @@ def report(runs: list[str], csv: bool = False) -> str:
         finals = [m["final_top1"] for m in members if isinstance(m.get("final_top1"), (int, float))]
         bests = [m["best_top1"] for m in members if isinstance(m.get("best_top1"), (int, float))]
         rates = [m["images_per_s"] for m in members if isinstance(m.get("images_per_s"), (int, float))]
-        rows.append([escape(first.get("model")), escape(first.get("shards")), str(first.get("epochs_done")),
-                     ",".join(str(m.get("seed")) for m in members) + f" (n={len(members)})",
+        rows.append([escape(first.get("model")), escape(first.get("shards")), escape(first.get("epochs_done")),
+                     ",".join(escape(m.get("seed")) for m in members) + f" (n={len(members)})",
                      _mean_std(finals), _mean_std(bests), f"{sum(rates) / len(rates):.0f}" if rates else "-"])
     if csv:
         return "\n".join(",".join(f'"{cell}"' if "," in cell else cell for cell in row) for row in [header, *rows])

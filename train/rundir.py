@@ -16,6 +16,8 @@ import os
 import re
 import shutil
 
+from fkd_shards.common.files import TEMP_SUFFIX
+
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 BEST_NAME = "model_best.pth.tar"
 FINAL_WEIGHTS_NAME = "final_weights.pth"
@@ -25,7 +27,8 @@ WANDB_DIR = "wandb"
 LOCK_NAME = ".fkd-train.lock"
 RUN_FILES = (CHECKPOINT_NAME, BEST_NAME, FINAL_WEIGHTS_NAME, METRICS_NAME, SUMMARY_NAME, WANDB_DIR)
 # common.files.temp_name's pattern (and the older NAME.PID.partial) for each file a run writes.
-_TEMP = re.compile("({})".format("|".join(re.escape(n) for n in RUN_FILES)) + r"\.\d+(\.[0-9a-f]{12})?\.partial")
+_TEMP = re.compile("({})".format("|".join(re.escape(n) for n in RUN_FILES)) + r"\.\d+(\.[0-9a-f]{12})?"
+                   + re.escape(TEMP_SUFFIX))
 
 
 class RunDirError(ValueError):
@@ -44,7 +47,8 @@ class RunLock:
             fcntl.lockf(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno not in (errno.EACCES, errno.EAGAIN):
-                raise
+                self._file.close()
+                raise RunDirError(f"{directory}: cannot lock the output directory ({exc.strerror})") from None
             self._file.seek(0)
             owner = self._file.read(32).strip() or "?"
             self._file.close()
@@ -59,9 +63,11 @@ class RunLock:
             self._file.close()  # closing the descriptor releases the lock
 
 
-def claim(directory: str, continuing: bool, restart: bool) -> RunLock:
-    """Create ``directory`` if needed, lock it, remove stale temporary files, and check that this run
-    may write there: a run it holds is continued (``continuing``), moved aside (``restart``) or refused."""
+def claim(directory: str, resume_asked: bool, resume: str | None, restart: bool) -> RunLock:
+    """Create ``directory`` if needed, lock it, remove stale temporary files, and check that this
+    run may write there. A run the directory holds is continued (``--resume`` of its own checkpoint,
+    or ``--resume auto`` when it has none yet: nothing is lost then), moved aside (``restart``), or
+    refused; so is resuming another directory's checkpoint into one that holds a run."""
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as exc:
@@ -74,11 +80,15 @@ def claim(directory: str, continuing: bool, restart: bool) -> RunLock:
             if _TEMP.fullmatch(name):
                 os.remove(os.path.join(directory, name))
         existing = [name for name in RUN_FILES if os.path.lexists(os.path.join(directory, name))]
+        own = os.path.join(directory, CHECKPOINT_NAME)
+        continuing = resume_asked and (resume is None or (os.path.exists(own) and os.path.samefile(resume, own)))
         if existing and not continuing:
             if not restart:
-                raise RunDirError(f"{directory}: holds a run ({', '.join(existing)}); continue it with --resume "
-                                  f"auto, or start over with --restart (its files are moved to "
-                                  f"{directory}/previous-N/ first)")
+                what = "continue it with --resume auto" if not resume_asked else \
+                    "--resume of another directory's checkpoint needs an empty output directory; continue this one's " \
+                    "with --resume auto"
+                raise RunDirError(f"{directory}: holds a run ({', '.join(existing)}); {what}, or start over with "
+                                  f"--restart (its files are moved to {directory}/previous-N/ first)")
             _move_aside(directory, existing)
     except BaseException:
         lock.release()

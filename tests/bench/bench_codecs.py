@@ -15,7 +15,7 @@ import tempfile
 
 import numpy as np
 
-from fkd_shards.convert.codec_error import measure
+from fkd_shards.convert.codec_cost import measure
 from fkd_shards.convert.sre2l import load_batch, scan_layout
 
 from common import make_fixture, print_table

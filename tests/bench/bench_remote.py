@@ -14,8 +14,8 @@ import tempfile
 import tracemalloc
 
 from fkd_shards import shards
+from fkd_shards.common.cli import parse_size
 from fkd_shards.convert import ConvertOptions, convert
-from fkd_shards.convert.cli import parse_size
 from tests.servers import StaticServer
 
 from common import make_fixture, now, print_table

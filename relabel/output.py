@@ -1,0 +1,144 @@
+"""Where labelled batches go: the shard writer of rank 0, with the replay check kept per batch in
+``progress.json`` so that a resumed run's alignment covers every epoch; and, under torchrun, the
+gathering of every rank's logits to rank 0 (tensors only: nothing is unpickled between ranks)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from fkd_shards import shards
+from fkd_shards.convert.imagefolder import ImageFolderListing
+from fkd_shards.shards import format as fmt
+from fkd_shards.shards.alignment import batch_hits
+from fkd_shards.train.distributed import DistEnv
+from fkd_shards.train.images import ImageTable
+
+if TYPE_CHECKING:
+    from .pipeline import Plan, RelabelOptions
+
+
+class LabelWriter:
+    """Rank 0's output: image shards first, then one batch record after another; an epoch whose
+    replay check falls below the threshold stops the run."""
+
+    def __init__(self, o: RelabelOptions, plan: Plan, codec, settings: dict, threshold: float):
+        from .pipeline import RelabelError
+
+        self.o, self.plan, self.threshold, self._error = o, plan, threshold, RelabelError
+        self.writer = shards.ShardSetWriter(o.output, o.shard_bytes, o.overwrite, codec, resumable=True,
+                                            resume=o.resume, settings=settings)
+
+    def start(self, table: ImageTable, say) -> int:
+        """The first position (epoch * batches + batch) to label: after the last label shard a resumed
+        writer kept. The image shards are written first, whole, unless they are complete already."""
+        plan, writer = self.plan, self.writer
+        done = [s for s in writer.completed if s.kind == fmt.LABELS_KIND]
+        images_done = sum(s.count for s in writer.completed if s.kind == fmt.IMAGES_KIND)
+        if images_done and images_done != plan.num_images:
+            raise shards.ResumeError(f"{writer.output.where}: holds {images_done} of {plan.num_images} images; use "
+                                     f"--overwrite to start again")
+        if not images_done:
+            for index in range(len(table)):
+                writer.add_image(shards.ImageRecord(
+                    index=index, label=int(table.labels[index]), data=table.encoded[index], path=table.paths[index],
+                    height=int(table.shapes[index][0]), width=int(table.shapes[index][1])))
+            writer.end_images()
+        kept = {f"{s.epoch}:{b}" for s in done for b in range(s.first, s.last + 1)}
+        per_batch = writer.notes.get("per_batch")
+        per_batch = {k: v for k, v in per_batch.items() if k in kept} if isinstance(per_batch, dict) else {}
+        writer.notes = {"per_batch": per_batch}
+        if done:
+            say(f"fkd-relabel: continuing after {len(done)} finished label shard(s)")
+        return 0 if not done else done[-1].epoch * plan.batches_per_epoch + done[-1].last + 1
+
+    def write(self, record: shards.BatchRecord, labels: np.ndarray) -> None:
+        try:
+            self.writer.add_batch(record)
+        except shards.CodecError as exc:
+            raise self._error(f"epoch {record.epoch} batch {record.batch}: --label-codec {self.o.label_codec}: "
+                              f"{exc}") from None
+        # Noted after the record is in: a shard closed while adding it has saved the notes without it.
+        argmax = record.soft_labels.astype(np.float32).argmax(axis=1)
+        self.writer.notes["per_batch"][f"{record.epoch}:{record.batch}"] = batch_hits(
+            labels, record.indices, argmax, record.mix_index)
+        if record.batch == self.plan.batches_per_epoch - 1:
+            rate = self.alignment()[record.epoch]
+            if rate < self.threshold:
+                raise self._error(
+                    f"epoch {record.epoch}: only {rate:.3f} of the rows' teacher argmax is the image's class or its "
+                    f"partner's (threshold {self.threshold:.3f}): do the teachers' classes follow the class folders' "
+                    f"sorted order? (--min-alignment 0 accepts any alignment)")
+
+    def alignment(self) -> list[float]:
+        hits = [0] * self.plan.epochs
+        for key, value in self.writer.notes["per_batch"].items():
+            hits[int(key.split(":")[0])] += value
+        return [h / self.plan.num_images for h in hits]
+
+    def finish(self, folder: ImageFolderListing, width: int, relabel: dict, say) -> shards.Manifest:
+        from .pipeline import VERSION
+
+        plan, o, alignment = self.plan, self.o, self.alignment()
+        say(f"alignment (teacher argmax = image class or mix partner's): mean {sum(alignment) / len(alignment):.3f}, "
+            f"min {min(alignment):.3f}, accepted at >= {self.threshold:.3f}")
+        codec = self.writer.codec
+        return self.writer.finish(shards.Manifest(
+            num_images=plan.num_images, batch_size=plan.batch_size, num_classes=len(folder.classes),
+            soft_label_width=width, epochs=plan.epochs, input_size=plan.input_size, mix_type=plan.mix_type,
+            fkd_seed=o.fkd_seed, classes=list(folder.classes), soft_label_dtype=o.label_dtype, shards=[],
+            alignment=[round(a, 6) for a in alignment], created_by=f"fkd-relabel {VERSION}", label_codec=codec.spec,
+            label_codec_temperature=None if codec.spec == fmt.CODEC_RAW else o.codec_temperature,
+            min_alignment=round(self.threshold, 6), relabel=relabel,
+        ))
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+def _collective_device(device: str) -> str:
+    """NCCL moves CUDA tensors only; gloo, CPU ones."""
+    return device if device.startswith("cuda") else "cpu"
+
+
+def broadcast_start(start: int, env: DistEnv, device: str) -> int:
+    """Rank 0's first position, to every rank."""
+    if not env.active:
+        return start
+    import torch.distributed as dist
+
+    value = torch.tensor([start], dtype=torch.int64, device=_collective_device(device))
+    dist.broadcast(value, src=0)
+    return int(value.item())
+
+
+def gathered(records: Iterator[shards.BatchRecord], plan: Plan, start: int, env: DistEnv, device: str, width: int,
+             label_dtype: str, every: Iterator[shards.BatchRecord] | None) -> Iterator[shards.BatchRecord]:
+    """The labelled records in order, on rank 0. In one process, ``records`` as they come. Under
+    torchrun every rank labels one batch of each round of ``world_size`` consecutive batches; their
+    logits are gathered as tensors (padded to B rows) and rank 0 puts each into its own copy of the
+    record (``every``: rank 0's skeletons of every position, the draws being the same on every rank)."""
+    if not env.active:
+        yield from records
+        return
+    import torch.distributed as dist
+
+    total = plan.epochs * plan.batches_per_epoch
+    dtype = torch.float16 if label_dtype == "float16" else torch.float32
+    on = _collective_device(device)
+    for round_start in range(start, total, env.world_size):
+        padded = torch.zeros((plan.batch_size, width), dtype=dtype, device=on)
+        if round_start + env.rank < total:
+            soft = torch.from_numpy(next(records).soft_labels)
+            padded[: len(soft)] = soft.to(on)
+        everyone = [torch.empty_like(padded) for _ in range(env.world_size)]
+        dist.all_gather(everyone, padded)
+        if every is None:
+            continue
+        for r in range(min(env.world_size, total - round_start)):
+            skeleton = next(every)
+            yield replace(skeleton, soft_labels=everyone[r][: skeleton.size].cpu().numpy())
