@@ -18,8 +18,11 @@ def run_command(prog: str, command: Callable[[], int], user_errors: Callable[[],
     try:
         return command()
     except KeyboardInterrupt as exc:
-        print(f"{prog}: {exc or interrupted}", file=sys.stderr)
+        print(f"{prog}: {str(exc) or interrupted}", file=sys.stderr)  # an exception is always truthy
         return 130
+    except MemoryError:
+        print(error_line(prog, "out of memory"), file=sys.stderr)
+        return 1
     except Exception as exc:
         if not isinstance(exc, user_errors()):
             raise

@@ -9,9 +9,12 @@ file is removed and the old file is left as it was.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import signal
 import stat
+import threading
 import uuid
 from collections.abc import Callable
 from typing import IO
@@ -95,9 +98,30 @@ def temp_name(path: str) -> str:
     return f"{path}.{os.getpid()}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
 
 
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Ctrl-C (SIGINT) waits until the block is done: a write is then complete or not started, never
+    half done by a KeyboardInterrupt raised inside a library's writer. Only in the main thread (the
+    one Python delivers signals to); elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a pending SIGINT is delivered here
+
+
 def write_atomically(path: str, content: bytes | Callable[[IO[bytes]], None]) -> None:
     """Write ``content`` (bytes, or a function writing to a binary file) to ``path`` through a
-    temporary file, fsync and a rename; :class:`FileWriteError` names the path and the problem."""
+    temporary file, fsync and a rename (Ctrl-C waits for it); :class:`FileWriteError` names the
+    path and the problem."""
+    with interrupts_deferred():
+        _write_atomically(path, content)
+
+
+def _write_atomically(path: str, content: bytes | Callable[[IO[bytes]], None]) -> None:
     temp = temp_name(path)
     try:
         with open(temp, "wb") as f:
@@ -127,3 +151,23 @@ def remove_quietly(path: str) -> None:
         os.remove(path)
     except OSError:
         pass
+
+
+def make_directory(path: str) -> None:
+    """``os.makedirs(path, exist_ok=True)`` whose failures, a path too long to walk included, are a
+    :class:`FileWriteError` naming ``path``."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except RecursionError:
+        raise FileWriteError(f"{path[:200]}...: cannot create (the path is too long)") from None
+    except OSError as exc:
+        raise FileWriteError(f"{path}: cannot create ({exc.strerror or exc})") from None
+
+
+def within(path: str, other: str) -> bool:
+    """Whether local ``path`` is ``other`` or lies inside it (symlinks resolved)."""
+    try:
+        a, b = os.path.realpath(path), os.path.realpath(other)
+    except (OSError, ValueError, RecursionError):
+        return False
+    return a == b or a.startswith(b.rstrip(os.sep) + os.sep)

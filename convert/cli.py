@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from fkd_shards.common.cli import parse_size, run_command
+from fkd_shards.common.text import escape
 
 PROG = "fkd-convert"
 
@@ -69,7 +70,7 @@ def _verify(argv: list[str]) -> int:
     s = shards.ShardSet(args.location)
     s.verify()
     total = sum(x.bytes for x in s.manifest.shards)
-    print(f"{args.location}: OK, {len(s.manifest.shards)} shards, {total / 1e6:.1f} MB verified")
+    print(f"{escape(args.location)}: OK, {len(s.manifest.shards)} shards, {total / 1e6:.1f} MB verified")
     return 0
 
 
@@ -81,7 +82,7 @@ def _inspect(argv: list[str]) -> int:
     from fkd_shards import shards
 
     manifest = shards.ShardSet(args.location).manifest
-    print(f"location        {args.location}")
+    print(f"location        {escape(args.location)}")
     print(manifest.describe())
     return 0
 
@@ -101,7 +102,7 @@ def _convert(argv: list[str]) -> int:
     manifest = convert(options)
     n = len(manifest.shards)
     total = sum(s.bytes for s in manifest.shards)
-    print(f"wrote {n} shards ({total / 1e6:.1f} MB) and {shards.MANIFEST_NAME} to {options.output}: "
+    print(f"wrote {n} shards ({total / 1e6:.1f} MB) and {shards.MANIFEST_NAME} to {escape(options.output)}: "
           f"N={manifest.num_images}, S={manifest.input_size}, B={manifest.batch_size}, E={manifest.epochs}, "
           f"mix={manifest.mix_type}")
     return 0

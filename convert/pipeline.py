@@ -12,6 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fkd_shards import shards
+from fkd_shards.common.files import within
 from fkd_shards.common.prefetch import ordered_map
 from fkd_shards.shards import format as fmt
 from fkd_shards.shards.alignment import batch_hits, chance_rate, default_threshold
@@ -52,8 +53,8 @@ def check_options(o: ConvertOptions) -> shards.codecs.Codec:
         raise ConvertError(f"--fkd-seed must be in [0, 2**64), got {o.fkd_seed}")
     if o.epochs is not None and o.epochs <= 0:
         raise ConvertError(f"--epochs must be positive, got {o.epochs}")
-    if o.workers < 1:
-        raise ConvertError(f"--workers must be at least 1, got {o.workers}")
+    if not 1 <= o.workers <= 256:
+        raise ConvertError(f"--workers must be in [1, 256], got {o.workers}")
     return label_storage(o.label_codec, o.codec_temperature, o.min_alignment)
 
 
@@ -70,6 +71,16 @@ def label_storage(label_codec: str, codec_temperature: float, min_alignment: flo
         raise ConvertError(f"--label-codec: {exc}") from None
 
 
+def check_output_apart(output: str, inputs: dict[str, str | None]) -> None:
+    """A local output may not be an input or lie inside one (shards written into the image folder
+    would become a class; into the relabel directory, stray entries)."""
+    if not shards.io.is_local(output):
+        return
+    for flag, path in inputs.items():
+        if path and within(shards.io.local_path(output), path):
+            raise ConvertError(f"--output {output}: is, or is inside, {flag} {path}; choose another directory")
+
+
 def infer_input_size(folder: ImageFolderListing, log) -> int:
     """The crop size when every image is the same square size (SRe2L's 224, CIFAR's 32, ...)."""
     sizes = {image_size(path) for path, _ in folder.samples}
@@ -80,8 +91,8 @@ def infer_input_size(folder: ImageFolderListing, log) -> int:
                 f"--input-size sets it)")
             return height
     shown = ", ".join(f"{w}x{h}" for h, w in sorted(sizes)[:4]) + (" ..." if len(sizes) > 4 else "")
-    raise ConvertError(f"{folder.root}: images are not all one square size ({shown}): give the crop size the "
-                       f"relabel step used with --input-size")
+    raise ConvertError(f"{folder.root}: images are not all one square size ({shown}): give the crop size with "
+                       f"--input-size")
 
 
 def convert(options: ConvertOptions, log=print) -> shards.Manifest:
@@ -91,6 +102,7 @@ def convert(options: ConvertOptions, log=print) -> shards.Manifest:
     """
     o = options
     codec = check_options(o)
+    check_output_apart(o.output, {"--train-dir": o.train_dir, "--fkd-path": o.fkd_path})
     folder = list_image_folder(o.train_dir)
     layout = scan_layout(o.fkd_path)
     input_size = o.input_size or infer_input_size(folder, log)

@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from fkd_shards.common.cli import parse_size, run_command
+from fkd_shards.common.text import escape
 
 PROG = "fkd-relabel"
 
@@ -111,7 +112,7 @@ def _run(args: argparse.Namespace) -> int:
         distributed.shutdown(env)
     if manifest is not None:
         total = sum(s.bytes for s in manifest.shards)
-        print(f"wrote {len(manifest.shards)} shards ({total / 1e6:.1f} MB) and manifest.json to {args.output}: "
+        print(f"wrote {len(manifest.shards)} shards ({total / 1e6:.1f} MB) and manifest.json to {escape(args.output)}: "
               f"N={manifest.num_images}, S={manifest.input_size}, B={manifest.batch_size}, E={manifest.epochs}, "
               f"mix={manifest.mix_type}")
     return 0

@@ -1,6 +1,6 @@
-"""Where labelled batches go: the shard writer of rank 0, with the replay check kept per batch in
-``progress.json`` so that a resumed run's alignment covers every epoch; and, under torchrun, the
-gathering of every rank's logits to rank 0 (tensors only: nothing is unpickled between ranks)."""
+"""Where labelled batches go: the shard writer of rank 0, which also keeps the replay check (a
+resumed run reads it back from the label shards it kept); and, under torchrun, the gathering of
+every rank's logits to rank 0 (tensors only: nothing is unpickled between ranks)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ from fkd_shards import shards
 from fkd_shards.convert.imagefolder import ImageFolderListing
 from fkd_shards.shards import format as fmt
 from fkd_shards.shards.alignment import batch_hits
+from fkd_shards.shards.io import read_verified
+from fkd_shards.shards.records import decode_batch
+from fkd_shards.shards.tar import TarFormatError, records
 from fkd_shards.train.distributed import DistEnv
 from fkd_shards.train.images import ImageTable
 
@@ -26,10 +29,11 @@ class LabelWriter:
     """Rank 0's output: image shards first, then one batch record after another; an epoch whose
     replay check falls below the threshold stops the run."""
 
-    def __init__(self, o: RelabelOptions, plan: Plan, codec, settings: dict, threshold: float):
+    def __init__(self, o: RelabelOptions, plan: Plan, codec, settings: dict, threshold: float, width: int):
         from .pipeline import RelabelError
 
-        self.o, self.plan, self.threshold, self._error = o, plan, threshold, RelabelError
+        self.o, self.plan, self.threshold, self.width, self._error = o, plan, threshold, width, RelabelError
+        self.hits = [0] * plan.epochs  # per epoch: rows whose teacher argmax is their class or their partner's
         self.writer = shards.ShardSetWriter(o.output, o.shard_bytes, o.overwrite, codec, resumable=True,
                                             resume=o.resume, settings=settings)
 
@@ -48,13 +52,30 @@ class LabelWriter:
                     index=index, label=int(table.labels[index]), data=table.encoded[index], path=table.paths[index],
                     height=int(table.shapes[index][0]), width=int(table.shapes[index][1])))
             writer.end_images()
-        kept = {f"{s.epoch}:{b}" for s in done for b in range(s.first, s.last + 1)}
-        per_batch = writer.notes.get("per_batch")
-        per_batch = {k: v for k, v in per_batch.items() if k in kept} if isinstance(per_batch, dict) else {}
-        writer.notes = {"per_batch": per_batch}
+        self._count_kept(done, table.labels)
         if done:
             say(f"fkd-relabel: continuing after {len(done)} finished label shard(s)")
         return 0 if not done else done[-1].epoch * plan.batches_per_epoch + done[-1].last + 1
+
+    def _count_kept(self, done: list[shards.ShardInfo], labels: np.ndarray) -> None:
+        """The replay check of the label shards a resumed run kept, read back (verified) from them.
+        (Lossy codecs store labels whose argmax may differ on a near tie from the logits' that a
+        run counts as it goes; raw labels are the logits.)"""
+        plan, writer = self.plan, self.writer
+        spec = shards.BatchSpec(num_images=plan.num_images, width=self.width, input_size=plan.input_size,
+                                mix_type=plan.mix_type, codec=writer.codec, stored_dtype=self.o.label_dtype)
+        rows = lambda b: min(plan.batch_size, plan.num_images - b * plan.batch_size)  # noqa: E731
+        for shard in done:
+            data = read_verified(writer.location_of(shard), shard.bytes, shard.sha256)
+            try:
+                for b, (_, members) in zip(range(shard.first, shard.last + 1), records(data)):
+                    self._count(decode_batch(members, spec, shard.epoch, b, rows(b)), labels)
+            except (shards.RecordError, TarFormatError) as exc:
+                raise shards.ResumeError(f"cannot continue: {shard.name}: {exc}") from None
+
+    def _count(self, record: shards.BatchRecord, labels: np.ndarray) -> None:
+        argmax = record.soft_labels.astype(np.float32).argmax(axis=1)
+        self.hits[record.epoch] += batch_hits(labels, record.indices, argmax, record.mix_index)
 
     def write(self, record: shards.BatchRecord, labels: np.ndarray) -> None:
         try:
@@ -62,23 +83,18 @@ class LabelWriter:
         except shards.CodecError as exc:
             raise self._error(f"epoch {record.epoch} batch {record.batch}: --label-codec {self.o.label_codec}: "
                               f"{exc}") from None
-        # Noted after the record is in: a shard closed while adding it has saved the notes without it.
-        argmax = record.soft_labels.astype(np.float32).argmax(axis=1)
-        self.writer.notes["per_batch"][f"{record.epoch}:{record.batch}"] = batch_hits(
-            labels, record.indices, argmax, record.mix_index)
+        self._count(record, labels)
         if record.batch == self.plan.batches_per_epoch - 1:
             rate = self.alignment()[record.epoch]
             if rate < self.threshold:
                 raise self._error(
                     f"epoch {record.epoch}: only {rate:.3f} of the rows' teacher argmax is the image's class or its "
                     f"partner's (threshold {self.threshold:.3f}): do the teachers' classes follow the class folders' "
-                    f"sorted order? (--min-alignment 0 accepts any alignment)")
+                    f"sorted order? (--min-alignment 0 accepts any alignment; with --resume the finished shards "
+                    f"are kept)")
 
     def alignment(self) -> list[float]:
-        hits = [0] * self.plan.epochs
-        for key, value in self.writer.notes["per_batch"].items():
-            hits[int(key.split(":")[0])] += value
-        return [h / self.plan.num_images for h in hits]
+        return [h / self.plan.num_images for h in self.hits]
 
     def finish(self, folder: ImageFolderListing, width: int, relabel: dict, say) -> shards.Manifest:
         from .pipeline import VERSION

@@ -22,12 +22,12 @@ from tqdm import tqdm
 
 from fkd_shards import shards
 from fkd_shards.convert.imagefolder import ImageFolderListing, list_image_folder, read_checked_image
-from fkd_shards.convert.pipeline import VERSION, infer_input_size, label_storage
+from fkd_shards.convert.pipeline import VERSION, check_output_apart, infer_input_size, label_storage
 from fkd_shards.convert.replay import epoch_orders
 from fkd_shards.convert.sre2l import RelabelLayout, infer_sizes, load_batch, scan_layout
 from fkd_shards.shards import format as fmt
 from fkd_shards.shards.alignment import default_threshold
-from fkd_shards.train.config import resolve_device
+from fkd_shards.train.config import MAX_WORKERS, resolve_device
 from fkd_shards.train.distributed import DistEnv
 from fkd_shards.train.images import ImageTable, decode_cache_choice
 from fkd_shards.train.plan import plan_task
@@ -115,8 +115,8 @@ def check_options(o: RelabelOptions) -> shards.codecs.Codec:
         raise RelabelError(f"--seed must be in [0, 2**63), got {o.seed}")
     if not 0 <= o.fkd_seed < 2**64:
         raise RelabelError(f"--fkd-seed must be in [0, 2**64), got {o.fkd_seed}")
-    if o.workers < 0:
-        raise RelabelError(f"--workers must be >= 0, got {o.workers}")
+    if not 0 <= o.workers <= MAX_WORKERS:
+        raise RelabelError(f"--workers must be in [0, {MAX_WORKERS}], got {o.workers}")
     return label_storage(o.label_codec, o.codec_temperature, o.min_alignment)
 
 
@@ -274,6 +274,7 @@ def relabel(o: RelabelOptions, env: DistEnv | None = None, log=print) -> shards.
     env = env or DistEnv()
     say = log if env.is_main else (lambda *_: None)
     codec = check_options(o)
+    check_output_apart(o.output, {"--train-dir": o.train_dir, "--replay": o.replay})
     folder = list_image_folder(o.train_dir)
     plan = make_plan(o, folder, say)
     teachers = [load_teacher(name, weights) for name, weights in o.teachers]
@@ -287,8 +288,8 @@ def relabel(o: RelabelOptions, env: DistEnv | None = None, log=print) -> shards.
     ensemble = Ensemble(teachers, weights, device, o.bn_mode, o.teacher_chunks, o.amp)
     threshold = default_threshold(len(folder.classes), plan.mix_type != fmt.MIX_NONE) \
         if o.min_alignment is None else o.min_alignment
-    out = LabelWriter(o, plan, codec, settings_of(o, plan, teachers, weights, digest, codec, device), threshold) \
-        if env.is_main else None
+    settings = settings_of(o, plan, teachers, weights, digest, codec, device)
+    out = LabelWriter(o, plan, codec, settings, threshold, teachers[0].classes) if env.is_main else None
     try:
         start = broadcast_start(out.start(table, say) if out else 0, env, device)
         say(f"fkd-relabel: N={plan.num_images} images, {len(folder.classes)} classes, S={plan.input_size}, "
@@ -302,8 +303,8 @@ def relabel(o: RelabelOptions, env: DistEnv | None = None, log=print) -> shards.
         say(note)
         maker = BatchMaker(table, plan.input_size, plan.mix_type, cache, shared=o.workers > 0)
         timing = Timing()
-        mine = list(positions(plan, start, env.rank, env.world_size))
-        labelled = label(skeletons(plan, table, iter(mine), o.fkd_seed), iter(mine), maker, ensemble, o, plan, timing)
+        labelled = label(skeletons(plan, table, positions(plan, start, env.rank, env.world_size), o.fkd_seed),
+                         positions(plan, start, env.rank, env.world_size), maker, ensemble, o, plan, timing)
         began = time.perf_counter()
         with tqdm(total=plan.epochs * plan.batches_per_epoch - start, desc="batches", unit="batch",
                   disable=not (o.progress and env.is_main), file=sys.stderr) as bar:

@@ -65,7 +65,7 @@ TAR_BLOCK = 512
 # Bounds on what a reader accepts before it allocates anything for it.
 MAX_MANIFEST_BYTES = 64 * 2**20
 MAX_PROGRESS_BYTES = 64 * 2**20
-MAX_INPUT_SIZE = 8192
+MAX_INPUT_SIZE = 2048  # px; a crop this size already takes 12 MB per image
 MAX_SOFT_LABEL_WIDTH = 1 << 20  # classes; ImageNet-21k has 21,843
 MAX_IMAGE_SIDE = 65535
 MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold (about 0.25 GB of RGB)

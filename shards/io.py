@@ -16,7 +16,15 @@ import tempfile
 import time
 from urllib.parse import urlparse
 
-from fkd_shards.common.files import FileMissingError, FileReadError, read_bounded, remove_quietly, write_atomically
+from fkd_shards.common.files import (
+    FileMissingError,
+    FileReadError,
+    FileWriteError,
+    make_directory,
+    read_bounded,
+    remove_quietly,
+    write_atomically,
+)
 from fkd_shards.common.text import first_line
 
 from . import format as fmt
@@ -179,7 +187,10 @@ def cached_read(url: str, cache_dir: str, name: str, size: int, sha256: str, **o
 
 
 class LocalOutput:
-    """A shard set in a local directory: shards written under temporary names and renamed."""
+    """A shard set in a local directory: shards written under temporary names, renamed into place
+    when the whole set is written."""
+
+    defers_publishing = True
 
     def __init__(self, directory: str):
         self.directory = directory
@@ -192,10 +203,11 @@ class LocalOutput:
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise LocationError(f"{self.directory}: exists and is not a directory")
         try:
-            os.makedirs(self.directory, exist_ok=True)
+            make_directory(self.directory)
             self._lock = os.open(self.directory, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
-            raise LocationError(f"{self.directory}: cannot create ({exc.strerror})") from None
+            raise LocationError(str(exc) if isinstance(exc, FileWriteError) else
+                                f"{self.directory}: cannot open ({exc.strerror})") from None
         import fcntl
 
         try:
@@ -234,6 +246,8 @@ class LocalOutput:
 class RemoteOutput:
     """A shard set at an fsspec URL: shards staged in a local temporary directory and uploaded when
     closed; objects appear whole, and the manifest is uploaded last."""
+
+    defers_publishing = False
 
     def __init__(self, url: str):
         self.url = url.rstrip("/")

@@ -289,8 +289,14 @@ def parse_json(text: str, where: str, error: type[Exception]) -> object:
     def refuse(constant: str):
         raise ValueError(f"{constant} is not a valid number")
 
+    def finite(literal: str) -> float:
+        value = float(literal)
+        if not math.isfinite(value):  # 1e400 reads as inf
+            raise ValueError(f"{literal[:20]} is beyond a float's range")
+        return value
+
     try:
-        return json.loads(text, parse_constant=refuse)
+        return json.loads(text, parse_constant=refuse, parse_float=finite)
     except json.JSONDecodeError as exc:
         raise error(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     except RecursionError:

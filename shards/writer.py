@@ -1,8 +1,13 @@
-"""Writing a shard set: shards under temporary names, renamed when closed, ``manifest.json`` last.
+"""Writing a shard set: shards under temporary names, ``manifest.json`` last.
 
 While it runs, the writer keeps ``progress.json`` up to date: the shards it has closed (with their
 sizes and hashes) and the one it is writing. That file is what lets ``--overwrite`` remove exactly
 the files an earlier, interrupted run wrote, and what a resumable writer continues from.
+
+In a local directory the shards keep their temporary names (``NAME.tar.partial``) until the whole
+set is written: only then are they renamed into place and the manifest written, so a set being
+replaced with ``--overwrite`` stays whole and readable until its replacement is complete. On object
+storage each shard is uploaded when it closes (objects appear whole), after the old set was removed.
 """
 
 from __future__ import annotations
@@ -113,7 +118,7 @@ class ShardSetWriter:
         self.settings = settings or {}
         self._open: dict[str, _OpenShard] = {}
         self._written: list[str] = []  # files this writer created (for abort)
-        self.notes: dict = {}  # the caller's own progress, kept in progress.json with the shards
+        self._replaced: set[str] = set()  # the files of a set being replaced, removed when this one is complete
         self.output.ensure()
         try:
             self._continued = False  # a progress file of the same run was found (with or without shards)
@@ -136,33 +141,48 @@ class ShardSetWriter:
     # ---- starting ------------------------------------------------------------------------------------
 
     def _prepare(self, overwrite: bool) -> None:
-        """Refuse a non-empty output unless ``overwrite``; then remove exactly the files an earlier
-        run named in its manifest or progress file, manifest first (an interrupted clean-up leaves an
-        incomplete, rejected set). Files this project cannot show it wrote are never removed: a
-        shard-like one makes the whole call refuse, anything else is left where it is."""
+        """Refuse a non-empty output unless ``overwrite``; then clear out exactly the files an earlier
+        run named in its manifest or progress file. An interrupted run's files go now; a complete
+        set's stay until the new one is complete (where the output defers publishing) or go now,
+        manifest first (so that an interrupted clean-up leaves an incomplete, rejected set). Files this
+        project cannot show it wrote are never removed: a shard-like one makes the whole call refuse,
+        anything else is left where it is."""
         where, names = self.output.where, self.output.names()
         if not names:
             return
         if not overwrite:
             raise OutputExistsError(f"{where}: output is not empty (use --overwrite to replace a shard set "
                                     f"written before)")
-        ours: set[str] = set()
-        for listing, key in ((fmt.MANIFEST_NAME, "shards"), (fmt.PROGRESS_NAME, "shards"),
-                             (fmt.PROGRESS_NAME, "open")):
-            if listing in names:
-                ours |= _names_in(self._read_small(listing, fmt.MAX_MANIFEST_BYTES), key)
-        ours |= {n + fmt.TEMP_SUFFIX for n in ours}
         if fmt.MANIFEST_NAME in names and not self._is_manifest():
             raise OutputExistsError(f"{where}/{fmt.MANIFEST_NAME}: not a manifest of this project; "
                                     f"refusing to replace it")
-        stray = [n for n in names if _looks_like_ours(n) and n not in ours
+        complete = self._listed(names, fmt.MANIFEST_NAME, ("shards",))
+        interrupted = self._listed(names, fmt.PROGRESS_NAME, ("shards", "open")) - complete
+        stray = [n for n in names if _looks_like_ours(n) and n not in complete | interrupted
                  and n not in (fmt.MANIFEST_NAME, fmt.PROGRESS_NAME)]
         if stray:
             raise OutputExistsError(f"{where}/{escape(stray[0])}: looks like a shard, but no manifest or "
                                     f"progress file there names it; remove it yourself")
-        for name in (fmt.MANIFEST_NAME, *sorted(ours & set(names)), fmt.PROGRESS_NAME):
-            if name in names:
-                self.output.remove(name)
+        for name in sorted(interrupted & set(names)) + [fmt.PROGRESS_NAME] * (fmt.PROGRESS_NAME in names):
+            self.output.remove(name)
+        self._replace(complete & set(names) | ({fmt.MANIFEST_NAME} & set(names)))
+
+    def _replace(self, old: set[str]) -> None:
+        """The files of a complete earlier set: kept until this set is complete, or removed now."""
+        if self.output.defers_publishing:
+            self._replaced = old
+            return
+        for name in sorted(old, key=lambda n: n != fmt.MANIFEST_NAME):  # the manifest first
+            self.output.remove(name)
+
+    def _listed(self, names: list[str], listing: str, keys: tuple[str, ...]) -> set[str]:
+        """The shard-like names ``listing`` (a manifest or progress file) names under ``keys``, with
+        their temporary names."""
+        if listing not in names:
+            return set()
+        data = self._read_small(listing, fmt.MAX_MANIFEST_BYTES)
+        listed = set().union(*(_names_in(data, key) for key in keys))
+        return listed | {n + fmt.TEMP_SUFFIX for n in listed}
 
     def _is_manifest(self) -> bool:
         try:
@@ -182,9 +202,9 @@ class ShardSetWriter:
         """The shards an interrupted run closed, each checked, when it ran with the same settings."""
         where = self.output.where
         names = self.output.names()
-        if fmt.MANIFEST_NAME in names:
-            raise ResumeError(f"{where}: already holds a complete shard set (manifest.json); nothing to resume")
         if fmt.PROGRESS_NAME not in names:
+            if fmt.MANIFEST_NAME in names:
+                raise ResumeError(f"{where}: already holds a complete shard set (manifest.json); nothing to resume")
             if any(_looks_like_ours(n) for n in names):
                 raise ResumeError(f"{where}: holds shards but no {fmt.PROGRESS_NAME}; cannot tell what to "
                                   f"continue (use --overwrite to start again)")
@@ -200,8 +220,9 @@ class ShardSetWriter:
         if before != self.settings:
             raise ResumeError(f"{where}: was written with other settings ({_difference(before, self.settings)}); "
                               f"give the same flags, or use --overwrite to start again")
+        listed = body.get("shards")
         try:
-            shards = [ShardInfo(**s) for s in body.get("shards", [])]
+            shards = [ShardInfo(**s) for s in (listed if isinstance(listed, list) else [])]
             for s in shards:
                 validate_shard(s)
         except (TypeError, ManifestError) as exc:
@@ -209,22 +230,27 @@ class ShardSetWriter:
         _check_sequence(shards, f"{where}/{fmt.PROGRESS_NAME}")
         for s in shards:
             try:
-                read_verified(join(self.location, s.name), s.bytes, s.sha256)
+                read_verified(self.location_of(s), s.bytes, s.sha256)
             except LocationError as exc:
                 raise ResumeError(f"cannot continue: {exc}") from None
         opened = body.get("open")
         for name in opened if isinstance(opened, list) else []:
-            if isinstance(name, str) and fmt.SHARD_NAME.fullmatch(name):
+            if isinstance(name, str) and fmt.SHARD_NAME.fullmatch(name) and name not in {s.name for s in shards}:
                 self.output.remove(name + fmt.TEMP_SUFFIX)
-                self.output.remove(name)  # a remote shard uploaded before its close was recorded
-        notes = body.get("notes")
-        self.notes = notes if isinstance(notes, dict) else {}
+                if not self.output.defers_publishing:
+                    self.output.remove(name)  # a remote shard uploaded before its close was recorded
+        if fmt.MANIFEST_NAME in names:  # the set this run replaces, kept whole until it is complete
+            self._replaced = {fmt.MANIFEST_NAME} | (self._listed(names, fmt.MANIFEST_NAME, ("shards",)) & set(names))
         self._continued = True
         return shards
 
+    def location_of(self, shard: ShardInfo) -> str:
+        """Where a closed shard's bytes are: under its temporary name until the set is published."""
+        return join(self.location, shard.name + (fmt.TEMP_SUFFIX if self.output.defers_publishing else ""))
+
     def _save_progress(self, opening: str | None = None) -> None:
         opened = [s.name for s in self._open.values()] + ([opening] if opening else [])
-        body = {"format": PROGRESS_FORMAT, "settings": self.settings, "notes": self.notes,
+        body = {"format": PROGRESS_FORMAT, "settings": self.settings,
                 "shards": [asdict(s) for s in self.completed], "open": opened}
         self.output.write_small(fmt.PROGRESS_NAME, (json.dumps(body, indent=1, sort_keys=True) + "\n").encode())
         if fmt.PROGRESS_NAME not in self._written:
@@ -253,7 +279,9 @@ class ShardSetWriter:
         self._advance(shard, record.batch, members)
 
     def finish(self, manifest: Manifest) -> Manifest:
-        """Close all shards and write ``manifest`` (with the shard list filled in) last."""
+        """Close all shards, publish them (where deferred: the set being replaced goes, manifest first,
+        and the new shards are renamed into place), then write ``manifest`` (the shard list filled
+        in) last and remove ``progress.json``."""
         for kind in list(self._open):
             self._close_shard(kind)
         images = [s for s in self.completed if s.kind == fmt.IMAGES_KIND]
@@ -261,6 +289,13 @@ class ShardSetWriter:
         complete = manifest.with_shards(images + labels)
         # Only a progress.json changed by hand between a run and its resume can make this fail.
         complete.validate(f"{self.output.where}/{fmt.MANIFEST_NAME} (not written: the shards do not form a set)")
+        if self.output.defers_publishing:
+            if fmt.MANIFEST_NAME in self._replaced:
+                self.output.remove(fmt.MANIFEST_NAME)  # from here on the directory is no complete set
+            for shard in self.completed:
+                self.output.commit(shard.name, self.output.staging_path(shard.name))
+            for name in sorted(self._replaced - {s.name for s in self.completed} - {fmt.MANIFEST_NAME}):
+                self.output.remove(name)
         self.output.write_small(fmt.MANIFEST_NAME, complete.to_json().encode())
         self.output.remove(fmt.PROGRESS_NAME)
         self.output.close()
@@ -292,7 +327,7 @@ class ShardSetWriter:
                     self.output.remove(name)
                 except (OSError, LocationMissing):
                     pass
-        self.output.close()
+        self.output.close()  # a set being replaced is left as it was
 
     def _shard_for(self, kind: str, position: int, epoch: int | None) -> _OpenShard:
         shard = self._open.get(kind)
@@ -328,9 +363,12 @@ class ShardSetWriter:
         shard = self._open[kind]
         shard.tar.close()
         shard.file.close()
-        self.output.commit(shard.name, shard.temp_path)
-        del self._open[kind]  # only once committed: until then abort() removes its temporary file
-        self._written.append(shard.name)
+        if self.output.defers_publishing:
+            self._written.append(shard.name + fmt.TEMP_SUFFIX)  # renamed into place by finish()
+        else:
+            self.output.commit(shard.name, shard.temp_path)
+            self._written.append(shard.name)
+        del self._open[kind]  # only now: until then abort() removes its temporary file
         self.completed.append(ShardInfo(
             name=shard.name, kind=kind, bytes=shard.file.size, sha256=shard.file.sha256.hexdigest(),
             count=shard.count, first=shard.first, last=shard.last, epoch=shard.epoch,

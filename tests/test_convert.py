@@ -398,3 +398,16 @@ def test_parallel_workers_give_identical_shards(relabel_case, tmp_path):
                          "--input-size", str(INPUT_SIZE), "--workers", "2", "--no-progress"]) == 0
     for name in listing(one):
         assert open(os.path.join(one, name), "rb").read() == open(os.path.join(two, name), "rb").read()
+
+
+def test_a_failed_overwrite_leaves_the_old_set_whole(relabel_case, tmp_path, capsys):
+    train_dir, fkd_path, _, _ = relabel_case(num_classes=10, per_class=4, mix_type="none", batch_size=8)
+    output = str(tmp_path / "out")
+    assert _run_cli(train_dir, fkd_path, output, "--shard-size", "2000") == 0
+    before = {name: open(os.path.join(output, name), "rb").read() for name in listing(output)}
+    assert _run_cli(train_dir, fkd_path, output, "--overwrite", "--fkd-seed", "7") == 1  # refused: near chance
+    assert "replay alignment" in capsys.readouterr().err
+    assert {name: open(os.path.join(output, name), "rb").read() for name in listing(output)} == before
+    shards.ShardSet(output).verify()
+    assert _run_cli(train_dir, fkd_path, output, "--overwrite", "--epochs", "1") == 0  # a good one replaces it
+    assert shards.ShardSet(output).manifest.epochs == 1 and not any(n.endswith(".partial") for n in listing(output))

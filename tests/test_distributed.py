@@ -142,12 +142,26 @@ def _descendants(pid: int) -> list[int]:
 
 
 def _kill_tree(pid: int) -> None:
-    """SIGKILL the launcher and every worker (torchrun may start workers in sessions of their own)."""
-    for p in [pid, *_descendants(pid)]:
+    """SIGKILL the launcher and every worker (torchrun may start workers in sessions of their own), and
+    wait until each has exited: a dying worker still holds its run lock for a moment after the signal."""
+    tree = [pid, *_descendants(pid)]
+    for p in tree:
         try:
             os.kill(p, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    deadline = time.time() + 60
+    while any(_running(p) for p in tree) and time.time() < deadline:
+        time.sleep(0.01)
+
+
+def _running(pid: int) -> bool:
+    """Whether pid is alive; a zombie (exited, not yet reaped) has already released its files."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def _rank_pid(launcher: int, rank: int) -> int:

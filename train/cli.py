@@ -13,6 +13,7 @@ import os
 import sys
 
 from fkd_shards.common.cli import run_command
+from fkd_shards.common.text import escape
 
 from .config import build_parser
 
@@ -64,12 +65,14 @@ def _inspect(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if (args.batch is None) != (args.out is None):
         p.error("--batch and --out go together")
-    if args.columns < 1:
-        p.error(f"--columns must be at least 1, got {args.columns}")
+    if not 1 <= args.columns <= 1024:
+        p.error(f"--columns must be in [1, 1024], got {args.columns}")
+    if args.out is not None:
+        _check_picture_path(args.out)
     from fkd_shards import shards
 
     shard_set = shards.ShardSet(args.location)
-    print(f"location        {args.location}")
+    print(f"location        {escape(args.location)}")
     print(shard_set.manifest.describe())
     if args.batch:
         from .grid import render_batch, save_png
@@ -82,8 +85,22 @@ def _inspect(argv: list[str]) -> int:
                                 f"[0, {m.batches_per_epoch})")
         batch = batch_at(shard_set, epoch, number)
         save_png(render_batch(batch, columns=args.columns), args.out)
-        print(f"wrote {args.out}: epoch {epoch} batch {number}, {len(batch.rows)} images")
+        print(f"wrote {escape(args.out)}: epoch {epoch} batch {number}, {len(batch.rows)} images")
     return 0
+
+
+def _check_picture_path(path: str) -> None:
+    """``--out`` is a PNG: it may replace an earlier picture, never a file of another kind."""
+    if not path.lower().endswith(".png"):
+        raise _config_error(f"--out {path}: the picture is a PNG; name it *.png")
+    if os.path.lexists(path):
+        try:
+            with open(path, "rb") as f:
+                is_png = f.read(8) == b"\x89PNG\r\n\x1a\n"
+        except OSError:
+            is_png = False
+        if not is_png:
+            raise _config_error(f"--out {path}: exists and is not a PNG; choose another name")
 
 
 def _report(argv: list[str]) -> int:
@@ -110,7 +127,7 @@ def _export(argv: list[str]) -> int:
     from .checkpoint import export_weights
 
     count = export_weights(args.checkpoint, args.out)
-    print(f"wrote {args.out}: {count} tensors (model.load_state_dict(torch.load({args.out!r})))")
+    print(f"wrote {escape(args.out)}: {count} tensors (model.load_state_dict(torch.load(PATH)))")
     return 0
 
 

@@ -19,6 +19,9 @@ TRAJECTORY_FIELDS = ("model", "seed", "sgd", "learning_rate", "momentum", "weigh
                      "adamw_weight_decay", "cos", "epochs", "temperature", "micro_batch_rows", "last_batch_loss")
 
 
+MAX_WORKERS = 256  # crop worker processes; more only contend for the same cores
+
+
 class ConfigError(ValueError):
     """Flags that contradict each other, the shard set or the environment."""
 
@@ -206,8 +209,8 @@ def resolve(args: argparse.Namespace, manifest, env: DistEnv) -> TrainConfig:
         raise ConfigError(f"--seed must be in [0, 2**63), got {args.seed}")
     if args.val_every <= 0:
         raise ConfigError(f"--val-every must be positive, got {args.val_every}")
-    if args.workers < 0:
-        raise ConfigError(f"--workers must be >= 0, got {args.workers}")
+    if not 0 <= args.workers <= MAX_WORKERS:
+        raise ConfigError(f"--workers must be in [0, {MAX_WORKERS}], got {args.workers}")
     _check_number("--temperature", args.temperature, strict=True)
     _check_number("--learning-rate", args.learning_rate)
     _check_number("--adamw-lr", args.adamw_lr)
@@ -218,6 +221,12 @@ def resolve(args: argparse.Namespace, manifest, env: DistEnv) -> TrainConfig:
         raise ConfigError("--cache-labels needs --cache-dir")
     if args.restart and args.resume:
         raise ConfigError("--restart and --resume contradict each other")
+    from fkd_shards.common.files import within
+    from fkd_shards.shards.io import is_local, local_path
+
+    if is_local(args.shards) and within(args.output_dir, local_path(args.shards)):
+        raise ConfigError(f"--output-dir {args.output_dir} is, or is inside, the shard set {args.shards}; choose "
+                          f"another output directory")
     if m.misalignment() and not args.allow_misaligned:
         raise ConfigError(f"{args.shards}: {m.misalignment()}; --allow-misaligned trains on it anyway")
     device = resolve_device(args.device, env)
@@ -257,6 +266,6 @@ def resolve_device(flag: str | None, env: DistEnv) -> str:
         if index >= torch.cuda.device_count():
             raise ConfigError(f"--device {name}: GPU {index} asked, {torch.cuda.device_count()} visible")
         return f"cuda:{index}"
-    if device.type != "cpu":
+    if device.type != "cpu" or device.index not in (None, 0):
         raise ConfigError(f"--device {name}: only cpu and cuda devices are supported")
     return "cpu"

@@ -37,7 +37,7 @@ def check_boxes(boxes: np.ndarray, samples: np.ndarray) -> None:
     empty = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
     if empty.any():
         k = int(np.argmax(empty))
-        raise CropError(f"the crop box of image {int(samples[k])} rounds to {list(boxes[k])}: no pixels")
+        raise CropError(f"the crop box of image {int(samples[k])} rounds to {boxes[k].tolist()}: no pixels")
 
 
 def crop_resize_flip(rgb: np.ndarray, box: np.ndarray, flip: bool, size: int) -> np.ndarray:

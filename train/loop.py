@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from fkd_shards import shards
 from fkd_shards.common.files import FileWriteError
+from fkd_shards.common.text import escape
 
 from . import checkpoint
 from .batch import Batch
@@ -25,7 +26,8 @@ from .distributed import sum_across_ranks
 from .images import decode_cache_choice, load_images
 from .kd import kd_loss, parameter_groups, topk_correct
 from .metrics import MetricsLog, start_wandb
-from .model import build_model, load_init_weights
+from .model import build_model, check_micro_batches, load_init_weights
+from .plan import micro_batch_sizes
 from .rundir import BEST_NAME, CHECKPOINT_NAME, FINAL_WEIGHTS_NAME, METRICS_NAME, SUMMARY_NAME, claim
 from .stream import BatchStream
 from .summary import RunSummary, summarize, write_summary
@@ -54,8 +56,9 @@ def train(cfg: TrainConfig, shard_set: shards.ShardSet, api_key: str | None = No
         s = build_state(cfg, m)
         if cfg.resume:
             last_saved = s.first_epoch - 1
-            say(f"fkd-train: resumed from epoch {s.first_epoch} of {cfg.resume} (epochs 0..{s.first_epoch - 1} "
-                f"done, best top-1 so far {s.best_acc1:.2f}%)")
+            best = f", best top-1 so far {s.best_acc1:.2f}%" if s.best_acc1 > 0 else ""
+            say(f"fkd-train: resumed from epoch {s.first_epoch} of {escape(cfg.resume)} (epochs "
+                f"0..{s.first_epoch - 1} done{best})")
         if s.first_epoch >= cfg.epochs:
             say(f"fkd-train: already trained {s.first_epoch} of {cfg.epochs} epochs; nothing to do")
             return None
@@ -121,7 +124,14 @@ def train_epoch(s: TrainState, batches, epoch: int, cfg: TrainConfig, m: shards.
         for k in range(m.batches_per_epoch):
             batch = next(batches)
             assert (batch.epoch, batch.batch) == (epoch, k), (batch.epoch, batch.batch, epoch, k)
-            bad[k] = ~torch.isfinite(train_step(s, batch, cfg, totals))
+            try:
+                bad[k] = ~torch.isfinite(train_step(s, batch, cfg, totals))
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                # torch reports a CPU allocation failure as a plain RuntimeError; only its text tells.
+                if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
+                    raise
+                raise TrainingError(f"out of memory at epoch {epoch} batch {k}: a smaller micro-batch "
+                                    f"(--gradient-accumulation-steps) or --amp bf16 needs less") from None
             bar.update(1)
             if bar.n % 10 == 0 or bar.n == m.batches_per_epoch:  # .item() waits for the device
                 _check_finite_loss(bad, epoch, cfg)
@@ -198,6 +208,8 @@ def build_state(cfg: TrainConfig, m: shards.Manifest) -> TrainState:
     restored from ``--resume``'s checkpoint."""
     torch.manual_seed(cfg.seed)  # the student's init and every later draw (dropout) start here
     model = build_model(cfg.model, m.soft_label_width, m.input_size)
+    check_micro_batches(model, cfg.model, m.input_size,
+                        micro_batch_sizes(m.batch_size, m.num_images, cfg.dist.world_size, cfg.micro_batch_rows))
     if cfg.init_weights:
         load_init_weights(model, cfg.init_weights, cfg.model)
     model = model.to(cfg.device)
@@ -244,7 +256,7 @@ def _train_metrics(totals: EpochTotals, cfg: TrainConfig, epoch: int, lr: float,
 def _interrupted(cfg: TrainConfig, last_saved: int | None) -> str:
     if last_saved is None:
         return "interrupted before the first checkpoint was written; nothing to resume"
-    return (f"interrupted; {os.path.join(cfg.output_dir, CHECKPOINT_NAME)} holds epochs 0..{last_saved}: "
+    return (f"interrupted; {escape(os.path.join(cfg.output_dir, CHECKPOINT_NAME))} holds epochs 0..{last_saved}: "
             f"continue with --resume auto")
 
 
@@ -259,7 +271,7 @@ def _stream(cfg: TrainConfig, shard_set: shards.ShardSet, first_epoch: int, say)
                          crop_device=cfg.device if cfg.device_crops else None, local_ranks=env.local_world_size)
     m = shard_set.manifest
     say(stream.decode_cache_note if cfg.device_crops else note)
-    say(f"fkd-train: {cfg.model} (seed {cfg.seed}) on {cfg.device}, N={m.num_images}, C={m.soft_label_width}, "
+    say(f"fkd-train: {escape(cfg.model)} (seed {cfg.seed}) on {cfg.device}, N={m.num_images}, C={m.soft_label_width}, "
         f"S={m.input_size}, B={m.batch_size} = {env.world_size} rank(s) x {cfg.gradient_accumulation_steps} "
         f"micro-batches x {cfg.micro_batch_rows} rows, epochs {first_epoch}..{cfg.epochs - 1}, mix={m.mix_type}, "
         f"T={cfg.temperature}, {'SGD' if cfg.sgd else 'AdamW'}, amp={cfg.amp}")

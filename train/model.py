@@ -4,6 +4,8 @@ set's crop size before any training starts."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -72,6 +74,26 @@ def check_input_size(model: nn.Module, name: str, input_size: int) -> None:
         model.train()
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         raise ConfigError(f"--model {name} does not return (batch, classes) logits")
+
+
+def check_micro_batches(model: nn.Module, name: str, input_size: int, sizes: set[int]) -> None:
+    """Batch norm in train mode cannot normalise one value per channel: where a micro-batch of one
+    image occurs (a short last batch, or A = B) and the model's feature maps shrink to 1x1, say so
+    before training, not as a traceback in the last batch of the first epoch. Tried on a copy, with
+    the RNG put back, so that the check changes nothing."""
+    if 1 not in sizes or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    probe = copy.deepcopy(model).train()
+    rng = torch.get_rng_state()
+    try:
+        with torch.no_grad():
+            probe(torch.zeros(1, 3, input_size, input_size))
+    except (ValueError, RuntimeError) as exc:
+        raise ConfigError(f"--model {name}: a micro-batch of 1 image (the short last batch, or B / ranks / A = 1) "
+                          f"cannot be batch-normalised at {input_size}x{input_size} ({first_line(exc, 100)}); "
+                          f"choose --gradient-accumulation-steps so that no micro-batch has a single row") from None
+    finally:
+        torch.set_rng_state(rng)
 
 
 def load_init_weights(model: nn.Module, path: str, name: str) -> None:

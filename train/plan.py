@@ -17,6 +17,18 @@ def slice_rows(batch_size: int, batch_rows: int, rank: int, world_size: int) -> 
     return range(start, min(start + per_rank, batch_rows))
 
 
+def micro_batch_sizes(batch_size: int, num_images: int, world_size: int, micro_rows: int) -> set[int]:
+    """Every row count a forward pass sees: each rank's slice of a full batch and of the short last
+    one, cut into micro-batches of ``micro_rows`` (empty slices left out)."""
+    last = num_images - batch_size * ((num_images - 1) // batch_size)
+    sizes = set()
+    for rows in {batch_size, last}:
+        for rank in range(world_size):
+            mine = len(slice_rows(batch_size, rows, rank, world_size))
+            sizes |= {min(micro_rows, mine - start) for start in range(0, mine, micro_rows)}
+    return sizes
+
+
 @dataclass(frozen=True)
 class CropTask:
     """One rank's share of one batch record: the images to crop (its rows plus their mix partners,

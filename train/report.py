@@ -41,6 +41,17 @@ def _group_key(summary: dict) -> tuple:
     return (summary.get("shard_set"), summary.get("epochs_done")) + fields
 
 
+def _numbers(members: list[dict], key: str) -> list[float]:
+    """The finite numbers under ``key`` (a summary edited by hand may hold anything)."""
+    return [m[key] for m in members if isinstance(m.get(key), (int, float)) and not isinstance(m.get(key), bool)
+            and math.isfinite(m[key])]
+
+
+def _cell(value: object) -> str:
+    """A value from a summary as a table cell: escaped, and no ``|`` to break a Markdown row."""
+    return escape(value).replace("|", "\\|")
+
+
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "-"
@@ -61,11 +72,10 @@ def report(runs: list[str], csv: bool = False) -> str:
     rows = []
     for members in groups.values():
         first = members[0]
-        finals = [m["final_top1"] for m in members if isinstance(m.get("final_top1"), (int, float))]
-        bests = [m["best_top1"] for m in members if isinstance(m.get("best_top1"), (int, float))]
-        rates = [m["images_per_s"] for m in members if isinstance(m.get("images_per_s"), (int, float))]
-        rows.append([escape(first.get("model")), escape(first.get("shards")), escape(first.get("epochs_done")),
-                     ",".join(escape(m.get("seed")) for m in members) + f" (n={len(members)})",
+        finals, bests = _numbers(members, "final_top1"), _numbers(members, "best_top1")
+        rates = _numbers(members, "images_per_s")
+        rows.append([_cell(first.get("model")), _cell(first.get("shards")), _cell(first.get("epochs_done")),
+                     ",".join(_cell(m.get("seed")) for m in members) + f" (n={len(members)})",
                      _mean_std(finals), _mean_std(bests), f"{sum(rates) / len(rates):.0f}" if rates else "-"])
     if csv:
         return "\n".join(",".join(f'"{cell}"' if "," in cell else cell for cell in row) for row in [header, *rows])

@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 
-from fkd_shards.common.files import TEMP_SUFFIX
+from fkd_shards.common.files import TEMP_SUFFIX, FileWriteError, make_directory
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 BEST_NAME = "model_best.pth.tar"
@@ -69,9 +69,9 @@ def claim(directory: str, resume_asked: bool, resume: str | None, restart: bool)
     or ``--resume auto`` when it has none yet: nothing is lost then), moved aside (``restart``), or
     refused; so is resuming another directory's checkpoint into one that holds a run."""
     try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as exc:
-        raise RunDirError(f"{directory}: cannot create the output directory ({exc.strerror})") from None
+        make_directory(directory)
+    except FileWriteError as exc:
+        raise RunDirError(f"output directory {exc}") from None
     if not os.access(directory, os.W_OK):
         raise RunDirError(f"{directory}: output directory is not writable")
     lock = RunLock(directory)

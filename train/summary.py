@@ -8,6 +8,7 @@ import os
 from dataclasses import asdict, dataclass
 
 from fkd_shards.common.files import write_atomically
+from fkd_shards.common.text import escape
 
 from .rundir import METRICS_NAME, SUMMARY_NAME
 
@@ -35,7 +36,7 @@ class RunSummary:
             lines.append("top-1: not measured (no --val-dir)")
         else:
             lines.append(f"top-1: final {self.final_top1:.2f}%, best {self.best_top1:.2f}% (epoch {self.best_epoch})")
-        lines += [f"{what}: {os.path.join(output_dir, name)}" for what, name in files.items() if name]
+        lines += [f"{what}: {escape(os.path.join(output_dir, name))}" for what, name in files.items() if name]
         return "\n".join(lines)
 
 

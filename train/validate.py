@@ -5,6 +5,8 @@ An image that cannot be read does not crash a worker with a traceback: the datas
 
 from __future__ import annotations
 
+import io
+
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
@@ -13,15 +15,25 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 
+from fkd_shards.common.files import read_bounded
 from fkd_shards.common.text import first_line
 
 from .distributed import DistEnv, sum_across_ranks
 from .kd import topk_correct
 from .mix import MEAN, STD
 
+MAX_VAL_IMAGE_BYTES = 256 * 2**20
+
 
 class ValidationError(ValueError):
     """The validation folder cannot be used; the message names the folder or the file."""
+
+
+def _load_rgb(path: str) -> Image.Image:
+    """A validation image: a regular file (a FIFO would block the loader), bounded, decoded to RGB."""
+    data = read_bounded(path, MAX_VAL_IMAGE_BYTES)
+    with Image.open(io.BytesIO(data)) as img:
+        return img.convert("RGB")
 
 
 class _CheckedFolder(ImageFolder):
@@ -41,7 +53,7 @@ def val_loader(val_dir: str, classes: list[str], input_size: int, batch_size: in
     transform = T.Compose([T.Resize(round(input_size * 256 / 224)), T.CenterCrop(input_size),
                            T.ToTensor(), T.Normalize(mean=list(MEAN), std=list(STD))])
     try:
-        dataset = _CheckedFolder(val_dir, transform)
+        dataset = _CheckedFolder(val_dir, transform, loader=_load_rgb)
     except (OSError, ValueError) as exc:  # torchvision: a missing folder, a class folder without images
         raise ValidationError(f"{val_dir}: not a usable image folder ({first_line(exc)})") from None
     dataset.size = input_size
@@ -80,8 +92,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: str, env: DistEnv) ->
 def _raise_unreadable(loader: DataLoader, index: int) -> None:
     path = loader.dataset.dataset.samples[index][0]
     try:
-        with Image.open(path) as img:
-            img.convert("RGB")
+        _load_rgb(path)
         reason = "unreadable image"
     except Exception as exc:  # the reason the worker's load failed, found again here
         reason = f"unreadable image ({first_line(exc, 150)})"
