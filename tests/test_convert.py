@@ -411,3 +411,31 @@ def test_a_failed_overwrite_leaves_the_old_set_whole(relabel_case, tmp_path, cap
     shards.ShardSet(output).verify()
     assert _run_cli(train_dir, fkd_path, output, "--overwrite", "--epochs", "1") == 0  # a good one replaces it
     assert shards.ShardSet(output).manifest.epochs == 1 and not any(n.endswith(".partial") for n in listing(output))
+
+
+def test_an_output_inside_an_input_is_refused_and_nothing_is_written(relabel_case, capsys):
+    train_dir, fkd_path, _, _ = relabel_case()
+    inputs = {path: listing(path) for path in (train_dir, fkd_path)}
+    for output, flag, where in ((os.path.join(train_dir, "shards"), "--train-dir", train_dir),
+                                (fkd_path, "--fkd-path", fkd_path)):
+        assert _run_cli(train_dir, fkd_path, output) == 1
+        err = capsys.readouterr().err.strip()
+        assert err == f"fkd-convert: error: --output {output}: is, or is inside, {flag} {where}; choose another " \
+                      "directory", err
+    assert {path: listing(path) for path in inputs} == inputs
+
+
+def test_ctrl_c_is_one_line_saying_nothing_complete_was_written(relabel_case, tmp_path, monkeypatch, capsys):
+    from fkd_shards.shards import writer
+
+    train_dir, fkd_path, _, _ = relabel_case()
+    output = str(tmp_path / "out")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer.ShardSetWriter, "finish", interrupted)
+    assert _run_cli(train_dir, fkd_path, output) == 130
+    assert capsys.readouterr().err.strip() == \
+        "fkd-convert: interrupted; no manifest written, so nothing is taken for a complete set"
+    assert "manifest.json" not in listing(output)

@@ -35,3 +35,18 @@ def test_grid_has_the_expected_size_and_differs_between_batches(converted, tmp_p
     with pytest.raises(SystemExit) as stopped:  # argparse's usage error, exit status 2
         train_main(["inspect", output, "--batch", "1", "0", "--out", one, "--columns", "0"])
     assert stopped.value.code == 2 and "--columns must be in [1, 1024], got 0" in capsys.readouterr().err
+
+
+def test_the_picture_is_only_ever_a_png(converted, tmp_path, capsys):
+    output, _, _ = converted(batch_size=8)
+    notes = tmp_path / "notes.png"
+    notes.write_text("my notes, not a picture")
+    for out, message in ((str(tmp_path / "grid.txt"), "the picture is a PNG; name it *.png"),
+                         (str(notes), "exists and is not a PNG; choose another name")):
+        assert train_main(["inspect", output, "--batch", "0", "0", "--out", out]) == 1
+        assert f"--out {out}: {message}" in capsys.readouterr().err
+    assert notes.read_text() == "my notes, not a picture" and not (tmp_path / "grid.txt").exists()
+    grid = str(tmp_path / "grid.PNG")
+    assert train_main(["inspect", output, "--batch", "0", "0", "--out", grid]) == 0
+    assert train_main(["inspect", output, "--batch", "0", "1", "--out", grid]) == 0  # an earlier picture: replaced
+    assert Image.open(grid).format == "PNG"

@@ -331,3 +331,29 @@ def test_two_ranks_write_the_same_shards_as_one_process(case):
                           *flags, "--output", str(tmp / "two")], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert _label_hashes(tmp / "two") == _label_hashes(tmp / "one")
+
+
+def test_an_output_inside_the_image_folder_and_ctrl_c_are_one_line(case, monkeypatch, capsys):
+    tmp, train, _, teachers = case
+    t = [("resnet18", teachers["resnet18"][0])]
+    before = sorted(os.listdir(train))
+    inside = os.path.join(train, "labels")
+    err = _relabel(train, inside, "--batch-size", "6", "--epochs", "1", code=1, teachers=t, capsys=capsys)
+    assert err == f"fkd-relabel: error: --output {inside}: is, or is inside, --train-dir {train}; choose another " \
+                  "directory"
+    assert sorted(os.listdir(train)) == before
+    from fkd_shards.relabel.output import LabelWriter
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    real = LabelWriter.write
+    monkeypatch.setattr(LabelWriter, "write", interrupted)
+    flags = ("--batch-size", "6", "--epochs", "1")
+    assert _relabel(train, tmp / "out", *flags, code=130, teachers=t, capsys=capsys) == \
+        "fkd-relabel: interrupted; no manifest written; finished shards are kept: continue with --resume"
+    assert "manifest.json" not in os.listdir(tmp / "out")
+    monkeypatch.setattr(LabelWriter, "write", real)
+    _relabel(train, tmp / "out", *flags, "--resume", teachers=t)
+    _relabel(train, tmp / "whole", *flags, teachers=t)
+    assert _label_hashes(tmp / "out") == _label_hashes(tmp / "whole")

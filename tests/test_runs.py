@@ -377,3 +377,41 @@ def test_another_directorys_checkpoint_is_not_resumed_into_a_run(converted, tmp_
     assert "--resume of another directory's checkpoint needs an empty output directory" in err
     assert (tmp_path / "b" / "checkpoint.pth.tar").read_bytes() == before
     _run(output, tmp_path / "c", "--resume", str(tmp_path / "a" / "checkpoint.pth.tar"))  # into an empty one: fine
+
+
+def test_a_micro_batch_of_one_image_under_batch_norm_is_refused_before_training(converted, tmp_path, capsys):
+    output, _, _ = converted(batch_size=19, epochs=1)  # N=20: the last batch has 1 row; 16 px reach 1x1 in resnet18
+    err = _run(output, tmp_path / "run", code=1, capsys=capsys)
+    assert "--model resnet18: a micro-batch of 1 image" in err and "cannot be batch-normalised at 16x16" in err
+    assert not (tmp_path / "run" / "checkpoint.pth.tar").exists()
+    from fkd_shards.train.plan import micro_batch_sizes
+
+    assert micro_batch_sizes(19, 20, 1, 19) == {19, 1}
+    # Ranks take B / W rows each, in order: 8, 8, 4 rows over 2 ranks leave rank 1 empty in the last batch.
+    assert micro_batch_sizes(8, 20, 2, 2) == {2}
+    assert micro_batch_sizes(8, 20, 2, 4) == {4}
+    assert micro_batch_sizes(8, 18, 2, 4) == {4, 2}
+    assert micro_batch_sizes(8, 17, 2, 4) == {4, 1}
+    assert micro_batch_sizes(12, 23, 2, 3) == {3, 2}  # the last batch's 11 rows: 6 (3 + 3) and 5 (3 + 2)
+
+
+def test_validation_images_must_be_regular_files(converted, tmp_path, capsys):
+    output, samples, _ = converted()
+    val = tmp_path / "val"
+    shutil.copytree(os.path.dirname(os.path.dirname(samples[0][0])), val)
+    fifo = val / "new001" / sorted(os.listdir(val / "new001"))[0]
+    os.remove(fifo)
+    os.mkfifo(fifo)  # reading it would block for ever
+    err = _run(output, tmp_path / "run", "--epochs", "1", "--val-dir", str(val), code=1, capsys=capsys)
+    assert f"{fifo}: not a regular file (a FIFO)" in err
+
+
+def test_outputs_may_not_lie_inside_the_shard_set_and_workers_are_bounded(converted, tmp_path, capsys):
+    output, _, _ = converted()
+    before = sorted(os.listdir(output))
+    for inside in (output, os.path.join(output, "run")):
+        err = _run(output, inside, code=1, capsys=capsys)
+        assert f"--output-dir {inside} is, or is inside, the shard set {output}" in err
+    assert sorted(os.listdir(output)) == before
+    assert train_main(["--shards", output, "--output-dir", str(tmp_path / "r"), "-j", "100000"]) == 1
+    assert "--workers must be in [0, 256], got 100000" in capsys.readouterr().err

@@ -207,6 +207,8 @@ def test_manifest_versions_types_and_checksum(tmp_path):
     refused(unsealed | {"surprise": 1}, "unknown field\\(s\\) surprise")
     refused(unsealed | {"alignment": [float("nan")] * 2}, "not valid JSON \\(NaN is not a valid number\\)")
     refused("[" * 100_000 + "]" * 100_000, "nested too deeply")
+    overflowing = json.dumps(unsealed | {"alignment": [0.25, 0.5]}).replace("0.25", "1e400")  # reads as inf
+    refused(overflowing, "not valid JSON \\(1e400 is beyond a float's range\\)")
     refused("{not json", "not valid JSON")
     path.write_text(json.dumps(unsealed))
     assert shards.ShardSet(str(tmp_path / "set")).manifest == manifest
