@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import sys
 import time
@@ -15,7 +16,7 @@ from fkd_shards import shards
 from fkd_shards.common.files import within
 from fkd_shards.common.prefetch import ordered_map
 from fkd_shards.shards import format as fmt
-from fkd_shards.shards.alignment import batch_hits, chance_rate, default_threshold
+from fkd_shards.shards.alignment import batch_hits, chance_rate, default_threshold, implausible_batches
 
 from .errors import ConvertError
 from .imagefolder import ImageFolderListing, image_size, list_image_folder, read_checked_image
@@ -180,18 +181,21 @@ def _write_labels(writer, pool, job: _LabelJob, o: ConvertOptions, log) -> tuple
     started, total_bytes = time.perf_counter(), 0
     contents = ordered_map(pool, read_file, paths, ahead=4 * o.workers)
     orders = epoch_orders(job.num_images, o.fkd_seed, job.epochs)
+    seen: dict[int, str] = {}  # 128 bits of each file's SHA-256 -> its path
     with tqdm(total=len(paths), desc="labels", unit="batch", disable=not o.progress, file=sys.stderr) as bar:
         for epoch in range(job.epochs):
             order = next(orders)
-            hits = 0
+            counts = []  # (hits, rows) per batch
             for b in range(layout.batches_per_epoch):
                 path = layout.batch_path(epoch, b)
-                batch = load_batch(path, job.input_size, next(contents))
+                data = next(contents)
+                _check_unique(path, data, seen)
+                batch = load_batch(path, job.input_size, data)
                 _check_consistent(path, batch, job.first, min(job.batch_size, job.num_images - b * job.batch_size))
                 indices = order[b * job.batch_size:(b + 1) * job.batch_size]
                 # float32 argmax: numpy's float16 argmax is 4x slower; the same first maximum wins.
                 argmax = batch.soft_labels.astype(np.float32).argmax(axis=1)
-                hits += batch_hits(job.labels, indices, argmax, batch.mix_index)
+                counts.append((batch_hits(job.labels, indices, argmax, batch.mix_index), batch.size))
                 try:
                     writer.add_batch(shards.BatchRecord(
                         epoch=epoch, batch=b, indices=indices, coords=batch.coords, flips=batch.flips,
@@ -202,8 +206,9 @@ def _write_labels(writer, pool, job: _LabelJob, o: ConvertOptions, log) -> tuple
                 total_bytes += batch.file_bytes
                 bar.update(1)
                 bar.set_postfix_str(f"{total_bytes / 1e6 / max(time.perf_counter() - started, 1e-9):.1f} MB/s")
-            alignment.append(hits / job.num_images)
+            alignment.append(sum(hits for hits, _ in counts) / job.num_images)
             _check_alignment(epoch, alignment[-1], job, o)
+            _check_batches_belong(epoch, counts, alignment[-1], job)
     _report_alignment(alignment, job, log)
     return alignment, total_bytes
 
@@ -219,6 +224,31 @@ def _check_consistent(path: str, batch: RelabelBatch, first: RelabelBatch, rows:
                            f"batch 0 of epoch 0 has {first.soft_labels.dtype}")
     if batch.mix_type != first.mix_type:
         raise ConvertError(f"{path}: mix type {batch.mix_type}, batch 0 of epoch 0 has {first.mix_type}")
+
+
+def _check_unique(path: str, data: bytes, seen: dict[int, str]) -> None:
+    """Every batch of the relabel step draws its own crops, so two files with the same bytes are a
+    copy or a link standing in for a lost batch: its labels would be trained on the wrong crops."""
+    key = int.from_bytes(hashlib.sha256(data).digest()[:16], "big")
+    if key in seen:
+        raise ConvertError(f"{path}: the same bytes as {seen[key]}; a copied or linked batch file stands in for "
+                           f"a batch of its own")
+    seen[key] = path
+
+
+def _check_batches_belong(epoch: int, counts: list[tuple[int, int]], rate: float, job: _LabelJob) -> None:
+    """Within an epoch that passed the replay check, a batch far below the epoch's rate holds another
+    batch's labels (swapped or renamed files). Off with ``--min-alignment 0``, like the epoch check."""
+    if job.threshold <= 0:
+        return
+    chance = chance_rate(job.num_classes, job.first.mix_type != fmt.MIX_NONE)
+    flagged = implausible_batches(counts, rate, chance)
+    if flagged:
+        b = flagged[0]
+        hits, rows = counts[b]
+        raise ConvertError(f"{job.layout.batch_path(epoch, b)}: replay alignment {hits / rows:.3f} in an epoch at "
+                           f"{rate:.3f} (less likely than 1e-12 by chance): another batch's file, swapped or "
+                           f"renamed? (--min-alignment 0 accepts any alignment)")
 
 
 def _check_alignment(epoch: int, rate: float, job: _LabelJob, o: ConvertOptions) -> None:

@@ -3,6 +3,8 @@ partner's, and when a rate is too close to chance to trust the set."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -35,3 +37,28 @@ def default_threshold(num_classes: int, mixed: bool) -> float:
 
 def near_chance(rate: float, num_classes: int, mixed: bool) -> bool:
     return rate < default_threshold(num_classes, mixed)
+
+
+def lower_tail(hits: int, rows: int, rate: float) -> float:
+    """P(X <= hits) for X ~ Binomial(rows, rate), summed in log space (exact for any batch size)."""
+    if hits >= rows or rate <= 0.0:
+        return 1.0
+    if rate >= 1.0:
+        return 0.0
+    log_p, log_q = math.log(rate), math.log1p(-rate)
+    terms = [math.lgamma(rows + 1) - math.lgamma(k + 1) - math.lgamma(rows - k + 1) + k * log_p + (rows - k) * log_q
+             for k in range(hits + 1)]
+    top = max(terms)
+    return math.exp(top) * sum(math.exp(t - top) for t in terms)
+
+
+def implausible_batches(counts: list[tuple[int, int]], rate: float, chance: float,
+                        limit: float = 1e-12) -> list[int]:
+    """Batches (as positions in ``counts``, pairs of hits and rows) whose own rate lies below the
+    midpoint between chance and the epoch's ``rate`` and that the epoch's rate makes less likely
+    than ``limit``: another batch's file (swapped or renamed) more likely than bad luck. Rows of a
+    batch are not independent draws (the same teacher, batch-norm statistics), hence the
+    midpoint and a limit far below one in the number of batch files any run has."""
+    midpoint = (chance + rate) / 2
+    return [i for i, (hits, rows) in enumerate(counts)
+            if hits < midpoint * rows and lower_tail(hits, rows, rate) < limit]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -165,6 +166,9 @@ def _mutate(path, index, value):
     ("codec_temperature_nan", "--codec-temperature must be finite and positive, got nan"),
     ("min_alignment_nan", "--min-alignment must be in [0, 1], got nan"),
     ("bbox_floats", "mix_bbox is not 4 integers"),
+    ("flipped_logit_byte", "epoch_1/batch_1.tar: damaged (Bad CRC-32 for file"),
+    ("copied_batch", "epoch_1/batch_1.tar: the same bytes as"),
+    ("linked_batch", "epoch_2/batch_0.tar: the same bytes as"),
 ])
 def test_bad_input_is_one_line_error_and_no_output(relabel_case, tmp_path, capsys, case, message):
     train_dir, fkd_path, samples, truth = relabel_case()
@@ -237,6 +241,15 @@ def test_bad_input_is_one_line_error_and_no_output(relabel_case, tmp_path, capsy
         extra = ["--min-alignment", "nan"]
     elif case == "bbox_floats":
         _mutate(b11, 4, [0.5, 1.0, 2.0, 3.0])
+    elif case == "flipped_logit_byte":  # torch.load alone would read a wrong number
+        data = bytearray(open(b11, "rb").read())
+        data[data.index(torch.load(b11, weights_only=False)[5].numpy().tobytes())] ^= 0x04
+        open(b11, "wb").write(data)
+    elif case == "copied_batch":
+        shutil.copyfile(truth.files[(0, 3)], b11)
+    elif case == "linked_batch":
+        os.remove(truth.files[(2, 0)])
+        os.symlink(truth.files[(1, 0)], truth.files[(2, 0)])
     _assert_fails(capsys, output, 1, message, train_dir, fkd_path, *extra)
 
 
@@ -439,3 +452,34 @@ def test_ctrl_c_is_one_line_saying_nothing_complete_was_written(relabel_case, tm
     assert capsys.readouterr().err.strip() == \
         "fkd-convert: interrupted; no manifest written, so nothing is taken for a complete set"
     assert "manifest.json" not in listing(output)
+
+
+def test_swapped_batch_files_are_found_by_their_alignment(relabel_case, tmp_path, capsys):
+    # N=400 in batches of 50; the fixture's teacher is always right, so a batch holding another
+    # batch's labels sits near chance (0.19 with 10 classes and CutMix) in an epoch at about 0.8.
+    train_dir, fkd_path, _, truth = relabel_case(num_classes=10, per_class=40, batch_size=50, epochs=1)
+    a, b = truth.files[(0, 2)], truth.files[(0, 5)]
+    os.rename(a, a + ".x")
+    os.rename(b, a)
+    os.rename(a + ".x", b)
+    err = _assert_fails(capsys, str(tmp_path / "out"), 1, "epoch_0/batch_2.tar: replay alignment", train_dir,
+                        fkd_path)
+    assert "in an epoch at 0.7" in err or "in an epoch at 0.8" in err, err
+    assert _run_cli(train_dir, fkd_path, str(tmp_path / "accepted"), "--min-alignment", "0") == 0
+
+
+def test_binomial_lower_tail_matches_exact_sums():
+    from fractions import Fraction
+    from math import comb
+
+    from fkd_shards.shards.alignment import implausible_batches, lower_tail
+
+    for hits, rows, rate in ((0, 8, 0.9), (3, 10, 0.5), (10, 50, 0.8), (40, 1024, 0.25), (7, 7, 0.3)):
+        p = Fraction(rate)
+        exact = sum(comb(rows, k) * p ** k * (1 - p) ** (rows - k) for k in range(hits + 1))
+        assert lower_tail(hits, rows, rate) == pytest.approx(float(exact), rel=1e-9, abs=1e-300)
+    assert lower_tail(3, 10, 1.0) == 0.0 and lower_tail(3, 10, 0.0) == 1.0
+    # At an epoch rate of 0.8: 10 of 50 is implausible (1e-19); 1 of 8 and 20 of 50 (7e-10) can be bad
+    # luck; 45 of 50 is above the epoch's rate.
+    assert implausible_batches([(45, 50), (10, 50), (1, 8), (20, 50)], 0.8, 0.19) == [1]
+    assert implausible_batches([(10, 50)], 0.8, 0.19, limit=1e-20) == []

@@ -116,9 +116,22 @@ def test_a_checkpoint_with_a_flipped_byte_is_refused(converted, tmp_path, monkey
     output, _, _ = converted()
     out = tmp_path / "run"
     _interrupted_run(output, out, monkeypatch)
-    _flip_tensor_byte(out / "checkpoint.pth.tar")
+    path = out / "checkpoint.pth.tar"
+    state = torch.load(path, weights_only=True)
+    _flip_tensor_byte(path)  # torch.load alone would read a wrong number
+    err = _run(output, out, "--resume", "auto", code=1, capsys=capsys)
+    assert "checkpoint.pth.tar: damaged (Bad CRC-32 for file" in err
+    state["state_dict"]["fc.bias"][0] += 1  # saved anew: the zip's CRCs fit, the integrity hash does not
+    torch.save(state, path)
     err = _run(output, out, "--resume", "auto", code=1, capsys=capsys)
     assert "checkpoint.pth.tar: integrity hash mismatch (the file changed or is corrupt); refused" in err
+    weights = tmp_path / "weights.pt"
+    torch.save(state["state_dict"], weights)
+    with zipfile.ZipFile(weights) as stored, zipfile.ZipFile(tmp_path / "deflated.pt", "w") as deflated:
+        for entry in stored.infolist():
+            deflated.writestr(entry.filename, stored.read(entry), compress_type=zipfile.ZIP_DEFLATED)
+    err = _run(output, tmp_path / "other", "--init-weights", str(tmp_path / "deflated.pt"), code=1, capsys=capsys)
+    assert "deflated.pt: entry weights/data.pkl is compressed, which torch.save never does; refused" in err
 
 
 def test_nan_weights_are_refused_on_resume_and_as_init_weights(converted, tmp_path, monkeypatch, capsys):
