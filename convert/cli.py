@@ -11,6 +11,7 @@ import sys
 
 from fkd_shards.common.cli import parse_size, run_command
 from fkd_shards.common.text import escape
+from fkd_shards.common.version import VERSION
 
 PROG = "fkd-convert"
 
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "prefix). Other commands: 'fkd-convert verify LOCATION' re-hashes every shard; "
                     "'fkd-convert inspect LOCATION' summarises a set.",
         epilog="Example: fkd-convert --train-dir syn_data/ --fkd-path FKD_soft_label/ --output shards/")
+    p.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     data = p.add_argument_group("input")
     data.add_argument("--train-dir", required=True, metavar="DIR",
                       help="ImageFolder of the synthetic images (class folders, any image names)")

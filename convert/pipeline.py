@@ -15,6 +15,7 @@ from tqdm import tqdm
 from fkd_shards import shards
 from fkd_shards.common.files import within
 from fkd_shards.common.prefetch import ordered_map
+from fkd_shards.common.version import VERSION
 from fkd_shards.shards import format as fmt
 from fkd_shards.shards.alignment import batch_hits, chance_rate, default_threshold, implausible_batches
 
@@ -23,7 +24,6 @@ from .imagefolder import ImageFolderListing, image_size, list_image_folder, read
 from .replay import epoch_orders
 from .sre2l import RelabelBatch, RelabelLayout, infer_sizes, load_batch, read_file, scan_layout
 
-VERSION = "0.2.0"
 DEFAULT_SHARD_BYTES = 64 * 10**6
 
 

@@ -124,16 +124,25 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m fkd_shards.demo.example",
-                                description="Write OUT/train (ImageFolder) and OUT/fkd (relabel output, "
-                                            "original SRe2L layout) with random images and logits.")
-    p.add_argument("out")
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--per-class", type=int, default=10)
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--input-size", type=int, default=32)
-    p.add_argument("--mix-type", default="cutmix", choices=["cutmix", "mixup", "none"])
+                                description="Write OUT/train (an ImageFolder of small random images) and OUT/fkd "
+                                            "(a relabel output in the original SRe2L layout, with random logits "
+                                            "that favour each image's class), to try fkd-convert and fkd-train.")
+    p.add_argument("out", help="a new or empty directory")
+    p.add_argument("--classes", type=int, default=10, help="class folders (default: 10)")
+    p.add_argument("--per-class", type=int, default=10, help="images per class (default: 10)")
+    p.add_argument("--epochs", type=int, default=4, help="relabel epochs (default: 4)")
+    p.add_argument("--batch-size", type=int, default=32, help="relabel batch size (default: 32)")
+    p.add_argument("--input-size", type=int, default=32, help="crop size in px (default: 32)")
+    p.add_argument("--mix-type", default="cutmix", choices=["cutmix", "mixup", "none"],
+                   help="batch mix (default: cutmix)")
     a = p.parse_args(argv)
+    for flag, value, low, high in (("--classes", a.classes, 2, 1000), ("--per-class", a.per_class, 1, 1000),
+                                   ("--epochs", a.epochs, 1, 1000), ("--batch-size", a.batch_size, 1, 10**5),
+                                   ("--input-size", a.input_size, 8, 512)):
+        if not low <= value <= high:
+            p.error(f"{flag} must be in [{low}, {high}], got {value}")
+    if os.path.lexists(a.out) and not (os.path.isdir(a.out) and not os.listdir(a.out)):
+        p.error(f"{a.out}: exists and is not an empty directory; choose a new one")
     kinds = [(48, 40, "RGB", "jpg"), (40, 40, "RGB", "jpg"), (56, 44, "RGB", "png")]
     samples = make_image_folder(os.path.join(a.out, "train"), a.classes, a.per_class, kinds=kinds)
     make_relabel(os.path.join(a.out, "fkd"), samples, epochs=a.epochs, batch_size=a.batch_size,
@@ -142,7 +151,6 @@ def main(argv: list[str] | None = None) -> int:
           f"(random logits that favour each image's class; crops of {a.input_size} px: --input-size "
           f"{a.input_size})")
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

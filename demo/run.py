@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -14,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fkd_shards.common.text import error_line
+from fkd_shards.common.cli import run_command
+from fkd_shards.common.text import escape
+from fkd_shards.common.version import VERSION
 from fkd_shards.convert.cli import main as convert_main
 from fkd_shards.relabel.cli import main as relabel_main
 from fkd_shards.shards import ShardSet
@@ -31,6 +34,12 @@ from fkd_shards.train.validate import evaluate, val_loader
 from .data import load_splits, write_image_folder
 from .relabel import write_relabel
 from .teacher import MODEL, train_teacher
+
+MAX_PER_CLASS = 100  # of about 128 images per digit left after the held-out 500; the rest train the teacher
+
+
+class DemoError(ValueError):
+    """A flag out of range, an unusable OUT, or a stage that failed (its own message printed above)."""
 
 
 def _step(message: str, started: float) -> None:
@@ -69,6 +78,7 @@ def train_hard_labels(shard_dir: str, val_dir: str, model_name: str, epochs: int
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fkd-demo", description=__doc__)
+    p.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     p.add_argument("out", nargs="?", default="fkd-demo-out", help="working directory (default: ./fkd-demo-out)")
     p.add_argument("--per-class", type=int, default=10, help="distilled images per digit (default: 10)")
     p.add_argument("--epochs", type=int, default=30, help="relabel and training epochs (default: 30)")
@@ -119,13 +129,18 @@ def run(a: argparse.Namespace) -> dict[str, float]:
             "held_out": len(splits.held_out[1])}
 
 
+# A teacher trained for a few epochs (--teacher-epochs 1) may sit near chance; the demo shows what
+# such a teacher gives rather than refusing it (fkd-relabel and fkd-convert still print the alignment).
+_ANY_ALIGNMENT = ("--min-alignment", "0")
+
+
 def _relabel(a: argparse.Namespace, train_dir: str, teacher_path: str, codec: str, shard_dir: str) -> None:
     """fkd-relabel through its CLI: the teacher labels every batch and the shards are written directly."""
     if relabel_main(["--train-dir", train_dir, "--output", shard_dir, "--teacher", MODEL, teacher_path,
                      "--batch-size", str(a.batch_size), "--epochs", str(a.epochs), "--input-size", str(a.input_size),
                      "--crop-scale", "0.35", "1.0", "--label-codec", codec, "--codec-temperature", str(a.temperature),
-                     "--device", "cpu", "-j", "0"]) != 0:
-        raise RuntimeError("fkd-relabel failed")
+                     "--device", "cpu", "-j", "0", *_ANY_ALIGNMENT]) != 0:
+        raise DemoError("fkd-relabel failed (its message is above)")
 
 
 def _relabel_via_convert(a: argparse.Namespace, train_dir: str, teacher, codec: str, shard_dir: str,
@@ -137,8 +152,9 @@ def _relabel_via_convert(a: argparse.Namespace, train_dir: str, teacher, codec: 
                       input_size=a.input_size)
         _step(f"relabel output written in the original SRe2L layout: {fkd_path}/epoch_*/batch_*.tar", started)
     if convert_main(["--train-dir", train_dir, "--fkd-path", fkd_path, "--output", shard_dir, "--input-size",
-                     str(a.input_size), "--label-codec", codec, "--codec-temperature", str(a.temperature)]) != 0:
-        raise RuntimeError("fkd-convert failed")
+                     str(a.input_size), "--label-codec", codec, "--codec-temperature", str(a.temperature),
+                     *_ANY_ALIGNMENT]) != 0:
+        raise DemoError("fkd-convert failed (its message is above)")
 
 
 def _soft_student(a: argparse.Namespace, shard_dir: str, val_dir: str, out_dir: str) -> float:
@@ -146,24 +162,45 @@ def _soft_student(a: argparse.Namespace, shard_dir: str, val_dir: str, out_dir: 
     if train_main(["--shards", shard_dir, "--output-dir", out_dir, "--model", a.model, "-j", "0",
                    "-T", str(a.temperature), "--val-dir", val_dir, "--val-every", str(a.epochs),
                    "--device", "cpu"]) != 0:
-        raise RuntimeError("fkd-train failed")
+        raise DemoError("fkd-train failed (its message is above)")
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return json.loads(f.read().splitlines()[-1])["val/top1"]
 
 
+def check_flags(a: argparse.Namespace) -> None:
+    """Every flag in range before the first stage runs; :class:`DemoError` names the one that is not."""
+    bounds = {"--per-class": (a.per_class, 1, MAX_PER_CLASS), "--epochs": (a.epochs, 1, 1000),
+              "--teacher-epochs": (a.teacher_epochs, 1, 1000), "--batch-size": (a.batch_size, 1, 10 * MAX_PER_CLASS),
+              "--input-size": (a.input_size, 8, 256)}
+    for flag, (value, low, high) in bounds.items():
+        if not low <= value <= high:
+            raise DemoError(f"{flag} must be in [{low}, {high}], got {value}")
+    if not (math.isfinite(a.temperature) and a.temperature > 0):
+        raise DemoError(f"--temperature must be finite and positive, got {a.temperature}")
+    if os.path.lexists(a.out) and not os.path.isdir(a.out):
+        raise DemoError(f"{a.out}: exists and is not a directory; choose a new directory")
+    if os.path.isdir(a.out) and os.listdir(a.out):
+        raise DemoError(f"{a.out}: not empty; choose a new directory")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Entry point: 0, 1 with one line for a bad flag or a failed stage, 2 for unknown flags, 130 when
+    interrupted."""
     a = build_parser().parse_args(argv)
-    if os.path.exists(a.out) and os.listdir(a.out):
-        print(error_line("fkd-demo", f"{a.out}: not empty; choose a new directory"), file=sys.stderr)
-        return 1
+    return run_command("fkd-demo", lambda: _main(a), lambda: (DemoError, OSError),
+                       f"interrupted; {escape(a.out)} holds the stages finished so far")
+
+
+def _main(a: argparse.Namespace) -> int:
+    check_flags(a)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     r = run(a)
     print(f"\nHeld-out accuracy ({r['held_out']} digits, chance 10%), {r['train_images']} training images, "
-          f"{a.epochs} epochs, {a.model}:")
+          f"{a.epochs} epochs, {escape(a.model)}:")
     print("| model | top-1 % |\n|---|---|")
     print(f"| teacher ({MODEL}, trained on {r['teacher_images']} images) | {r['teacher']:.1f} |")
     print(f"| student, soft labels (fkd-train, T={a.temperature:g}) | {r['soft']:.1f} |")
     for codec, acc in r["codecs"].items():
-        print(f"| student, soft labels stored as {codec} | {acc:.1f} |")
+        print(f"| student, soft labels stored as {escape(codec)} | {acc:.1f} |")
     print(f"| student, hard labels only | {r['hard']:.1f} |")
     return 0

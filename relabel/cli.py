@@ -12,6 +12,7 @@ import sys
 
 from fkd_shards.common.cli import parse_size, run_command
 from fkd_shards.common.text import escape
+from fkd_shards.common.version import VERSION
 
 PROG = "fkd-relabel"
 
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                "mb2.pth --bn-mode train --teacher-chunks 2\n"
                "  fkd-relabel --train-dir syn/ --output shards/ --teacher resnet50 r50.pth --replay FKD_soft_label/\n"
                "Several GPUs: torchrun --nproc-per-node=8 -m fkd_shards.relabel ...")
+    p.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     data = p.add_argument_group("input")
     data.add_argument("--train-dir", required=True, metavar="DIR", help="ImageFolder of the synthetic images")
     data.add_argument("--batch-size", type=int, default=None, metavar="B", help="relabel batch size (required unless "

@@ -97,7 +97,7 @@ class LabelWriter:
         return [h / self.plan.num_images for h in self.hits]
 
     def finish(self, folder: ImageFolderListing, width: int, relabel: dict, say) -> shards.Manifest:
-        from .pipeline import VERSION
+        from fkd_shards.common.version import VERSION
 
         plan, o, alignment = self.plan, self.o, self.alignment()
         say(f"alignment (teacher argmax = image class or mix partner's): mean {sum(alignment) / len(alignment):.3f}, "

@@ -21,8 +21,9 @@ import torch
 from tqdm import tqdm
 
 from fkd_shards import shards
+from fkd_shards.common.version import VERSION
 from fkd_shards.convert.imagefolder import ImageFolderListing, list_image_folder, read_checked_image
-from fkd_shards.convert.pipeline import VERSION, check_output_apart, infer_input_size, label_storage
+from fkd_shards.convert.pipeline import check_output_apart, infer_input_size, label_storage
 from fkd_shards.convert.replay import epoch_orders
 from fkd_shards.convert.sre2l import RelabelLayout, infer_sizes, load_batch, scan_layout
 from fkd_shards.shards import format as fmt

@@ -29,3 +29,22 @@ def test_demo_via_convert_packs_the_original_layout(tmp_path):
     assert os.path.exists(out / "fkd" / "epoch_1" / "batch_1.tar")  # 30 images, B=25
     m = shards.ShardSet(str(out / "shards")).manifest
     assert m.created_by.startswith("fkd-convert") and m.epochs == 2
+
+
+def test_bad_flags_and_an_unusable_out_are_one_line_before_any_stage(tmp_path, capsys):
+    from fkd_shards.demo.run import main
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "mine.txt").write_text("keep")
+    a_file = tmp_path / "file"
+    a_file.write_text("keep")
+    for argv, message in (([str(tmp_path / "a"), "--per-class", "0"], "--per-class must be in [1, 100], got 0"),
+                          ([str(tmp_path / "a"), "--input-size", "4"], "--input-size must be in [8, 256], got 4"),
+                          ([str(tmp_path / "a"), "--temperature", "inf"], "--temperature must be finite and positive"),
+                          ([str(taken)], f"{taken}: not empty; choose a new directory"),
+                          ([str(a_file)], f"{a_file}: exists and is not a directory")):
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("fkd-demo: error: ") and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "a").exists() and (taken / "mine.txt").read_text() == "keep" and a_file.read_text() == "keep"

@@ -12,6 +12,8 @@ import math
 import os
 from dataclasses import asdict, dataclass
 
+from fkd_shards.common.version import VERSION
+
 from .distributed import DistEnv
 
 # What defines a run's trajectory: a resumed run must agree with its checkpoint on all of them.
@@ -91,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "fkd-train report, fkd-train export (each with --help).",
         epilog="Example:\n  fkd-train --shards shards/ --output-dir runs/r18-s0 --model resnet18 -T 20 --cos "
                "--seed 0\nSeveral GPUs: torchrun --nproc-per-node=8 -m fkd_shards.train --shards ...")
+    p.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     data = p.add_argument_group("data")
     data.add_argument("--shards", metavar="LOCATION", help="shard set written by fkd-convert or fkd-relabel "
                       "(directory or URL); required")

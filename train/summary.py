@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 
 from fkd_shards.common.files import write_atomically
 from fkd_shards.common.text import escape
+from fkd_shards.common.version import VERSION
 
 from .rundir import METRICS_NAME, SUMMARY_NAME
 
@@ -27,6 +28,7 @@ class RunSummary:
     images_per_s: float | None  # over every trained epoch
     wall_s: float  # this process's, start-up included
     config: dict
+    written_by: str  # "fkd-train VERSION"
 
     def describe(self, files: dict[str, str | None], output_dir: str) -> str:
         lines = [f"done: {self.model} (seed {self.seed}), {self.epochs_done}/{self.epochs} epochs, "
@@ -64,6 +66,7 @@ def summarize(cfg, manifest, wall_s: float) -> RunSummary:
         epochs_done=len(lines), final_top1=validated[-1]["val/top1"] if validated else None,
         best_top1=best["val/top1"] if best else None, best_epoch=best.get("val/epoch") if best else None,
         images_per_s=images / seconds if seconds else None, wall_s=wall_s, config=cfg.as_dict(),
+        written_by=f"fkd-train {VERSION}",
     )
 
 
