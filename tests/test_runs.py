@@ -428,3 +428,20 @@ def test_outputs_may_not_lie_inside_the_shard_set_and_workers_are_bounded(conver
     assert sorted(os.listdir(output)) == before
     assert train_main(["--shards", output, "--output-dir", str(tmp_path / "r"), "-j", "100000"]) == 1
     assert "--workers must be in [0, 256], got 100000" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate")])
+def test_running_out_of_memory_in_a_step_is_one_line(converted, tmp_path, monkeypatch, capsys, error):
+    output, _, _ = converted()
+
+    def exhausted(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(loop, "train_step", exhausted)
+    err = _run(output, tmp_path / "run", code=1, capsys=capsys)
+    assert "out of memory at epoch 0 batch 0: a smaller micro-batch (--gradient-accumulation-steps) or --amp bf16" \
+        in err
+    monkeypatch.setattr(loop, "train_step", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # any other RuntimeError keeps its traceback
+        _run(output, tmp_path / "other")

@@ -71,8 +71,11 @@ def main() -> None:
     finally:
         http.stop()
         moto.stop()
-    labels = sum(x.bytes for x in shards.ShardSet(local).manifest.shards_of("labels"))
-    print_table(f"streaming {labels / 1e6:.1f} MB of label shards ({a.shard_size / 1e6:.0f} MB each), "
+    label_shards = shards.ShardSet(local).manifest.shards_of("labels")
+    labels = sum(x.bytes for x in label_shards)
+    # Label shards never span epochs, so an epoch smaller than --shard-size gives smaller shards.
+    print_table(f"streaming {labels / 1e6:.1f} MB of label shards ({len(label_shards)} shards of "
+                f"{labels / len(label_shards) / 1e6:.1f} MB on average; --shard-size {a.shard_size / 1e6:.0f} MB), "
                 f"records decoded, {os.cpu_count()} CPUs", ["source", "read-ahead shards", "MB/s",
                                                              "peak traced MB while streaming"], rows)
 
