@@ -22,7 +22,7 @@ from fkd_shards.shards.alignment import batch_hits, chance_rate, default_thresho
 from .errors import ConvertError
 from .imagefolder import ImageFolderListing, image_size, list_image_folder, read_checked_image
 from .replay import epoch_orders
-from .sre2l import RelabelBatch, RelabelLayout, infer_sizes, load_batch, read_file, scan_layout
+from .sre2l import RelabelBatch, RelabelLayout, load_batch, read_file, read_sizes, scan_layout
 
 DEFAULT_SHARD_BYTES = 64 * 10**6
 
@@ -107,12 +107,8 @@ def convert(options: ConvertOptions, log=print) -> shards.Manifest:
     folder = list_image_folder(o.train_dir)
     layout = scan_layout(o.fkd_path)
     input_size = o.input_size or infer_input_size(folder, log)
-    first = load_batch(layout.batch_path(0, 0), input_size)
-    last = load_batch(layout.batch_path(0, layout.batches_per_epoch - 1), input_size)
-    batch_size, num_images = infer_sizes(layout, first, last)
-    if num_images != len(folder.samples):
-        raise ConvertError(f"{o.fkd_path}: relabel output covers {num_images} images but {o.train_dir} holds "
-                           f"{len(folder.samples)}")
+    first, batch_size = read_sizes(layout, input_size, len(folder.samples), o.train_dir)
+    num_images = len(folder.samples)
     epochs = layout.epochs if o.epochs is None else o.epochs
     if not epochs <= layout.epochs:
         raise ConvertError(f"{o.fkd_path}: --epochs {epochs} asked, the relabel output holds {layout.epochs}")

@@ -211,8 +211,11 @@ def _array(path: str, name: str, value: object) -> np.ndarray:
     raise ConvertError(f"{path}: {name} is {escape(type(value).__name__)}, expected a tensor")
 
 
-def infer_sizes(layout: RelabelLayout, first: RelabelBatch, last: RelabelBatch) -> tuple[int, int]:
-    """(B, N) from batch 0 and the last batch of epoch 0, as the original does."""
+def read_sizes(layout: RelabelLayout, input_size: int, folder_images: int, train_dir: str) -> tuple[RelabelBatch, int]:
+    """(batch 0 of epoch 0, B) with B and N taken from the first and the last batch of epoch 0, as
+    the original does; N must be the image folder's ``folder_images``."""
+    first = load_batch(layout.batch_path(0, 0), input_size)
+    last = load_batch(layout.batch_path(0, layout.batches_per_epoch - 1), input_size)
     batch_size = first.size
     num_images = batch_size * (layout.batches_per_epoch - 1) + last.size
     if last.size > batch_size:
@@ -221,4 +224,7 @@ def infer_sizes(layout: RelabelLayout, first: RelabelBatch, last: RelabelBatch) 
             f"batch 0's {batch_size}"
         )
     assert math.ceil(num_images / batch_size) == layout.batches_per_epoch
-    return batch_size, num_images
+    if num_images != folder_images:
+        raise ConvertError(f"{layout.root}: relabel output covers {num_images} images but {train_dir} holds "
+                           f"{folder_images}")
+    return first, batch_size

@@ -25,7 +25,7 @@ from fkd_shards.common.version import VERSION
 from fkd_shards.convert.imagefolder import ImageFolderListing, list_image_folder, read_checked_image
 from fkd_shards.convert.pipeline import check_output_apart, infer_input_size, label_storage
 from fkd_shards.convert.replay import epoch_orders
-from fkd_shards.convert.sre2l import RelabelLayout, infer_sizes, load_batch, scan_layout
+from fkd_shards.convert.sre2l import RelabelLayout, load_batch, read_sizes, scan_layout
 from fkd_shards.shards import format as fmt
 from fkd_shards.shards.alignment import default_threshold
 from fkd_shards.train.config import MAX_WORKERS, resolve_device
@@ -129,12 +129,8 @@ def make_plan(o: RelabelOptions, folder: ImageFolderListing, log) -> Plan:
         return Plan(len(folder.samples), o.batch_size, o.epochs, input_size, o.mix_type or fmt.MIX_CUTMIX,
                     o.crop_scale or (0.08, 1.0), 0 if o.seed is None else o.seed, None)
     layout = scan_layout(o.replay)
-    first = load_batch(layout.batch_path(0, 0), input_size)
-    last = load_batch(layout.batch_path(0, layout.batches_per_epoch - 1), input_size)
-    batch_size, num_images = infer_sizes(layout, first, last)
-    if num_images != len(folder.samples):
-        raise RelabelError(f"{o.replay}: relabel output covers {num_images} images but {o.train_dir} holds "
-                           f"{len(folder.samples)}")
+    first, batch_size = read_sizes(layout, input_size, len(folder.samples), o.train_dir)
+    num_images = len(folder.samples)
     for flag, given, found in (("--batch-size", o.batch_size, batch_size), ("--epochs", o.epochs, layout.epochs)):
         if given is not None and given != found:
             raise RelabelError(f"{flag} {given} contradicts {o.replay}, which has {found}")
