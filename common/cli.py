@@ -4,6 +4,7 @@ when interrupted. Bugs keep their traceback."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -20,6 +21,10 @@ def run_command(prog: str, command: Callable[[], int], user_errors: Callable[[],
     except KeyboardInterrupt as exc:
         print(f"{prog}: {str(exc) or interrupted}", file=sys.stderr)  # an exception is always truthy
         return 130
+    except BrokenPipeError:  # `... | head`: the reader left; further prints (and the exit's flush) would fail
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"{prog}: standard output was closed by its reader; stopped", file=sys.stderr)
+        return 1
     except MemoryError:
         print(error_line(prog, "out of memory"), file=sys.stderr)
         return 1

@@ -19,6 +19,8 @@ import uuid
 from collections.abc import Callable
 from typing import IO
 
+from .text import shorten
+
 TEMP_SUFFIX = ".partial"
 
 
@@ -101,16 +103,26 @@ def temp_name(path: str) -> str:
 @contextlib.contextmanager
 def interrupts_deferred():
     """Ctrl-C (SIGINT) waits until the block is done: a write is then complete or not started, never
-    half done by a KeyboardInterrupt raised inside a library's writer. Only in the main thread (the
-    one Python delivers signals to); elsewhere the block runs as it is."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    half done by a KeyboardInterrupt raised inside a library's writer. The handler is swapped for one
+    that only takes note (blocking the signal would not do: with other threads running, the kernel
+    hands it to one of them and Python still interrupts the main thread); the original handler runs
+    after the block. Only in the main thread, the one Python runs handlers in; elsewhere the block
+    runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: received.append(number))
+    if previous is None:  # a handler installed outside Python: restored as the default
+        previous = signal.SIG_DFL
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a pending SIGINT is delivered here
+        signal.signal(signal.SIGINT, previous)
+        if received and callable(previous):  # Python's default handler raises KeyboardInterrupt
+            previous(signal.SIGINT, None)
+        elif received and previous == signal.SIG_DFL:
+            raise KeyboardInterrupt
 
 
 def write_atomically(path: str, content: bytes | Callable[[IO[bytes]], None]) -> None:
@@ -155,13 +167,19 @@ def remove_quietly(path: str) -> None:
 
 def make_directory(path: str) -> None:
     """``os.makedirs(path, exist_ok=True)`` whose failures, a path too long to walk included, are a
-    :class:`FileWriteError` naming ``path``."""
+    :class:`FileWriteError` naming ``path``; the directories it made before failing are removed."""
+    missing, parent = [], os.path.abspath(path)
+    while not os.path.lexists(parent) and parent != os.path.dirname(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
     try:
         os.makedirs(path, exist_ok=True)
-    except RecursionError:
-        raise FileWriteError(f"{path[:200]}...: cannot create (the path is too long)") from None
-    except OSError as exc:
-        raise FileWriteError(f"{path}: cannot create ({exc.strerror or exc})") from None
+    except (OSError, RecursionError) as exc:
+        for made in missing:  # deepest first; only the ones this call created, and only when empty
+            with contextlib.suppress(OSError):
+                os.rmdir(made)
+        reason = "the path is too long" if isinstance(exc, RecursionError) else exc.strerror or exc
+        raise FileWriteError(f"{shorten(path, 400)}: cannot create ({reason})") from None
 
 
 def within(path: str, other: str) -> bool:

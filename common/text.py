@@ -33,8 +33,12 @@ def first_line(exc: BaseException, limit: int = MAX_MESSAGE) -> str:
 
 
 def shorten(text: str, limit: int = MAX_MESSAGE) -> str:
-    """``text`` cut to ``limit`` characters, marked with `` ...`` when cut."""
-    return text if len(text) <= limit else text[: limit - 4] + " ..."
+    """``text`` cut to ``limit`` characters in its middle, marked with `` ... ``: a message's end
+    says what went wrong, so a very long path before it is what gives way."""
+    if len(text) <= limit:
+        return text
+    tail = (limit - 5) * 2 // 5
+    return text[: limit - 5 - tail] + " ... " + text[len(text) - tail:]
 
 
 def error_line(program: str, exc: BaseException | str) -> str:

@@ -45,7 +45,9 @@ def load_weights_only(source: bytes | str, where: str, allowed_globals: list | N
                                  f"numbers, strings and containers of them are loaded)") from None
         raise TorchFileError(f"{where}: truncated or not a torch.save file (invalid pickle data)") from None
     except Exception as exc:  # torch raises RuntimeError, EOFError, KeyError, zip errors ... for broken files
-        raise TorchFileError(f"{where}: truncated or not a torch.save file ({first_line(exc, 120)})") from None
+        # The legacy format's reader fails on a text file with a bare KeyError of the first byte.
+        reason = "invalid data" if isinstance(exc, KeyError) else first_line(exc, 120)
+        raise TorchFileError(f"{where}: truncated or not a torch.save file ({reason})") from None
 
 
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -65,7 +67,7 @@ def _check_stored_crcs(source: bytes | str, where: str) -> None:
         return
     try:
         archive = zipfile.ZipFile(source if isinstance(source, str) else io.BytesIO(source))
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:  # no usable directory
+    except Exception as exc:  # zipfile raises BadZipFile, OSError, OverflowError ... for a broken directory
         raise TorchFileError(f"{where}: truncated or not a torch.save file ({first_line(exc, 120)})") from None
     with archive:
         entries = archive.infolist()
@@ -81,6 +83,6 @@ def _check_stored_crcs(source: bytes | str, where: str) -> None:
                         pass
             except zipfile.BadZipFile as exc:  # "Bad CRC-32 for file ...": the entry's bytes changed
                 raise TorchFileError(f"{where}: damaged ({first_line(exc, 120)})") from None
-            except (OSError, EOFError, ValueError, NotImplementedError) as exc:
+            except Exception as exc:  # encrypted (RuntimeError), offsets out of range (OverflowError), ...
                 raise TorchFileError(f"{where}: truncated or not a torch.save file ({first_line(exc, 120)})") \
                     from None

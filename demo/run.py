@@ -19,12 +19,14 @@ from fkd_shards.common.cli import run_command
 from fkd_shards.common.text import escape
 from fkd_shards.common.version import VERSION
 from fkd_shards.convert.cli import main as convert_main
+from fkd_shards.convert.errors import ConvertError
+from fkd_shards.convert.pipeline import label_storage
 from fkd_shards.relabel.cli import main as relabel_main
 from fkd_shards.shards import ShardSet
 from fkd_shards.train.checkpoint import build_scheduler
 from fkd_shards.train.cli import main as train_main
+from fkd_shards.train.config import ConfigError, resolve
 from fkd_shards.train.config import build_parser as build_parser_of_train
-from fkd_shards.train.config import resolve
 from fkd_shards.train.distributed import DistEnv
 from fkd_shards.train.loop import build_optimizer
 from fkd_shards.train.model import build_model
@@ -177,6 +179,15 @@ def check_flags(a: argparse.Namespace) -> None:
             raise DemoError(f"{flag} must be in [{low}, {high}], got {value}")
     if not (math.isfinite(a.temperature) and a.temperature > 0):
         raise DemoError(f"--temperature must be finite and positive, got {a.temperature}")
+    for codec in a.codecs:
+        try:
+            label_storage(codec, a.temperature, None)
+        except ConvertError as exc:
+            raise DemoError(f"--codecs: {exc}") from None
+    try:
+        build_model(a.model, 10, a.input_size)  # a name torchvision (or timm) does not know, or crops too small
+    except ConfigError as exc:
+        raise DemoError(str(exc)) from None
     if os.path.lexists(a.out) and not os.path.isdir(a.out):
         raise DemoError(f"{a.out}: exists and is not a directory; choose a new directory")
     if os.path.isdir(a.out) and os.listdir(a.out):

@@ -58,9 +58,7 @@ class LabelWriter:
         return 0 if not done else done[-1].epoch * plan.batches_per_epoch + done[-1].last + 1
 
     def _count_kept(self, done: list[shards.ShardInfo], labels: np.ndarray) -> None:
-        """The replay check of the label shards a resumed run kept, read back (verified) from them.
-        (Lossy codecs store labels whose argmax may differ on a near tie from the logits' that a
-        run counts as it goes; raw labels are the logits.)"""
+        """The replay check of the label shards a resumed run kept, read back (verified) from them."""
         plan, writer = self.plan, self.writer
         spec = shards.BatchSpec(num_images=plan.num_images, width=self.width, input_size=plan.input_size,
                                 mix_type=plan.mix_type, codec=writer.codec, stored_dtype=self.o.label_dtype)
@@ -74,8 +72,17 @@ class LabelWriter:
                 raise shards.ResumeError(f"cannot continue: {shard.name}: {exc}") from None
 
     def _count(self, record: shards.BatchRecord, labels: np.ndarray) -> None:
+        """Counted on the labels as stored (what a lossy codec gives back can differ from the logits
+        in the argmax on a near tie), so that a resumed run, which has only the stored labels of the
+        shards it kept, records the same alignment as an uninterrupted one."""
         argmax = record.soft_labels.astype(np.float32).argmax(axis=1)
         self.hits[record.epoch] += batch_hits(labels, record.indices, argmax, record.mix_index)
+
+    def _as_stored(self, record: shards.BatchRecord) -> shards.BatchRecord:
+        codec = self.writer.codec
+        if codec.spec == fmt.CODEC_RAW:  # the logits themselves
+            return record
+        return replace(record, soft_labels=codec.decode(codec.encode(record.soft_labels), self.width))
 
     def write(self, record: shards.BatchRecord, labels: np.ndarray) -> None:
         try:
@@ -83,7 +90,7 @@ class LabelWriter:
         except shards.CodecError as exc:
             raise self._error(f"epoch {record.epoch} batch {record.batch}: --label-codec {self.o.label_codec}: "
                               f"{exc}") from None
-        self._count(record, labels)
+        self._count(self._as_stored(record), labels)
         if record.batch == self.plan.batches_per_epoch - 1:
             rate = self.alignment()[record.epoch]
             if rate < self.threshold:

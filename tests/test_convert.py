@@ -169,6 +169,8 @@ def _mutate(path, index, value):
     ("flipped_logit_byte", "epoch_1/batch_1.tar: damaged (Bad CRC-32 for file"),
     ("copied_batch", "epoch_1/batch_1.tar: the same bytes as"),
     ("linked_batch", "epoch_2/batch_0.tar: the same bytes as"),
+    ("encrypted_flag", "epoch_1/batch_1.tar: truncated or not a torch.save file (File"),
+    ("entry_offset", "epoch_1/batch_1.tar: damaged (Truncated file header)"),
 ])
 def test_bad_input_is_one_line_error_and_no_output(relabel_case, tmp_path, capsys, case, message):
     train_dir, fkd_path, samples, truth = relabel_case()
@@ -244,6 +246,15 @@ def test_bad_input_is_one_line_error_and_no_output(relabel_case, tmp_path, capsy
     elif case == "flipped_logit_byte":  # torch.load alone would read a wrong number
         data = bytearray(open(b11, "rb").read())
         data[data.index(torch.load(b11, weights_only=False)[5].numpy().tobytes())] ^= 0x04
+        open(b11, "wb").write(data)
+    elif case in ("encrypted_flag", "entry_offset"):  # zipfile raises RuntimeError, OverflowError here
+        data = bytearray(open(b11, "rb").read())
+        central = [i for i in range(len(data) - 4) if data[i:i + 4] == b"PK\x01\x02"]
+        for i in central:
+            if case == "encrypted_flag":
+                data[i + 8] |= 1
+        if case == "entry_offset":
+            data[central[-1] + 42:central[-1] + 46] = b"\xff\xff\xff\x7f"  # the last entry's header offset
         open(b11, "wb").write(data)
     elif case == "copied_batch":
         shutil.copyfile(truth.files[(0, 3)], b11)

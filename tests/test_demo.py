@@ -42,6 +42,8 @@ def test_bad_flags_and_an_unusable_out_are_one_line_before_any_stage(tmp_path, c
     for argv, message in (([str(tmp_path / "a"), "--per-class", "0"], "--per-class must be in [1, 100], got 0"),
                           ([str(tmp_path / "a"), "--input-size", "4"], "--input-size must be in [8, 256], got 4"),
                           ([str(tmp_path / "a"), "--temperature", "inf"], "--temperature must be finite and positive"),
+                          ([str(tmp_path / "a"), "--model", "nosuch"], "--model nosuch is not a torchvision"),
+                          ([str(tmp_path / "a"), "--codecs", "int8", "foo"], "--codecs: --label-codec: label codec"),
                           ([str(taken)], f"{taken}: not empty; choose a new directory"),
                           ([str(a_file)], f"{a_file}: exists and is not a directory")):
         assert main(argv) == 1

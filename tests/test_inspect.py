@@ -50,3 +50,16 @@ def test_the_picture_is_only_ever_a_png(converted, tmp_path, capsys):
     assert train_main(["inspect", output, "--batch", "0", "0", "--out", grid]) == 0
     assert train_main(["inspect", output, "--batch", "0", "1", "--out", grid]) == 0  # an earlier picture: replaced
     assert Image.open(grid).format == "PNG"
+
+
+def test_a_closed_pipe_is_one_line_not_a_traceback(converted):
+    import subprocess
+    import sys
+
+    output, _, _ = converted()
+    proc = subprocess.Popen([sys.executable, "-m", "fkd_shards.convert", "inspect", output], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # as `| head` does once it has its lines
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 1
+    assert err.strip() == "fkd-convert: standard output was closed by its reader; stopped", err

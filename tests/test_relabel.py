@@ -357,3 +357,40 @@ def test_an_output_inside_the_image_folder_and_ctrl_c_are_one_line(case, monkeyp
     _relabel(train, tmp / "out", *flags, "--resume", teachers=t)
     _relabel(train, tmp / "whole", *flags, teachers=t)
     assert _label_hashes(tmp / "out") == _label_hashes(tmp / "whole")
+
+
+def test_alignment_is_counted_on_the_labels_as_stored_so_a_resume_records_the_same(case, monkeypatch):
+    from fkd_shards.relabel.output import LabelWriter
+    from fkd_shards.shards.alignment import batch_hits
+
+    tmp, train, samples, teachers = case
+    state = torch.load(teachers["resnet18"][0], weights_only=True)
+    # Three logits near 1 and one at -100: int8's step, 101 / 255, makes the three one value (a tie,
+    # argmax 0) where float16 still tells them apart; the stored labels' argmax differs from the logits'.
+    state["fc.weight"] *= 0.1
+    state["fc.bias"][:] = torch.tensor([1.0, 1.0, 1.0, -100.0])
+    flat = str(tmp / "flat.pth")
+    torch.save(state, flat)
+    t = [("resnet18", flat)]
+    flags = ("--batch-size", "6", "--epochs", "3", "--label-codec", "int8", "--shard-size", "3000")
+    _relabel(train, tmp / "straight", *flags, teachers=t)
+    stored = shards.ShardSet(str(tmp / "straight"))
+    labels = np.array([label for _, label in samples])
+    hits = [0, 0, 0]
+    for r in stored.batches():
+        hits[r.epoch] += batch_hits(labels, r.indices, r.soft_labels.astype(np.float32).argmax(1), r.mix_index)
+    assert stored.manifest.alignment == [round(h / len(samples), 6) for h in hits]
+    real, calls = LabelWriter.write, []
+
+    def crash(self, record, *args):
+        calls.append(1)
+        if len(calls) == 7:
+            raise RuntimeError("killed")
+        return real(self, record, *args)
+
+    monkeypatch.setattr(LabelWriter, "write", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        _relabel(train, tmp / "resumed", *flags, teachers=t)
+    monkeypatch.setattr(LabelWriter, "write", real)
+    _relabel(train, tmp / "resumed", *flags, "--resume", teachers=t)
+    assert shards.ShardSet(str(tmp / "resumed")).manifest == stored.manifest

@@ -395,9 +395,15 @@ def test_another_directorys_checkpoint_is_not_resumed_into_a_run(converted, tmp_
 def test_a_micro_batch_of_one_image_under_batch_norm_is_refused_before_training(converted, tmp_path, capsys):
     output, _, _ = converted(batch_size=19, epochs=1)  # N=20: the last batch has 1 row; 16 px reach 1x1 in resnet18
     err = _run(output, tmp_path / "run", code=1, capsys=capsys)
-    assert "--model resnet18: a micro-batch of 1 image" in err and "cannot be batch-normalised at 16x16" in err
+    assert "--model resnet18 cannot batch-normalise a single image at 16x16" in err
+    assert "the last batch of each epoch holds 1 row(s) (N = 20, B = 19), which leaves a micro-batch of 1 row; " \
+           "no --gradient-accumulation-steps avoids it" in err
     assert not (tmp_path / "run" / "checkpoint.pth.tar").exists()
-    from fkd_shards.train.plan import micro_batch_sizes
+    output, _, _ = converted(batch_size=8, epochs=1, name="eights")  # N=20: 8, 8, 4 rows
+    err = _run(output, tmp_path / "a8", "--gradient-accumulation-steps", "8", code=1, capsys=capsys)
+    assert "B / (ranks x --gradient-accumulation-steps) = 8 / (1 x 8) = 1 row; --gradient-accumulation-steps 1 " \
+           "or 2 or 4 avoids it" in err
+    from fkd_shards.train.plan import micro_batch_sizes, single_row_micro_batch
 
     assert micro_batch_sizes(19, 20, 1, 19) == {19, 1}
     # Ranks take B / W rows each, in order: 8, 8, 4 rows over 2 ranks leave rank 1 empty in the last batch.
@@ -406,6 +412,9 @@ def test_a_micro_batch_of_one_image_under_batch_norm_is_refused_before_training(
     assert micro_batch_sizes(8, 18, 2, 4) == {4, 2}
     assert micro_batch_sizes(8, 17, 2, 4) == {4, 1}
     assert micro_batch_sizes(12, 23, 2, 3) == {3, 2}  # the last batch's 11 rows: 6 (3 + 3) and 5 (3 + 2)
+    assert single_row_micro_batch(8, 29, 1, 4).endswith("N = 29, B = 8), which leaves a micro-batch of 1 row; "
+                                                        "--gradient-accumulation-steps 1 avoids it")  # 5 = 4 + 1
+    assert single_row_micro_batch(8, 20, 2, 2) is None
 
 
 def test_validation_images_must_be_regular_files(converted, tmp_path, capsys):

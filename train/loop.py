@@ -27,7 +27,7 @@ from .images import decode_cache_choice, load_images
 from .kd import kd_loss, parameter_groups, topk_correct
 from .metrics import MetricsLog, start_wandb
 from .model import build_model, check_micro_batches, load_init_weights
-from .plan import micro_batch_sizes
+from .plan import single_row_micro_batch
 from .rundir import BEST_NAME, CHECKPOINT_NAME, FINAL_WEIGHTS_NAME, METRICS_NAME, SUMMARY_NAME, claim
 from .stream import BatchStream
 from .summary import RunSummary, summarize, write_summary
@@ -208,8 +208,8 @@ def build_state(cfg: TrainConfig, m: shards.Manifest) -> TrainState:
     restored from ``--resume``'s checkpoint."""
     torch.manual_seed(cfg.seed)  # the student's init and every later draw (dropout) start here
     model = build_model(cfg.model, m.soft_label_width, m.input_size)
-    check_micro_batches(model, cfg.model, m.input_size,
-                        micro_batch_sizes(m.batch_size, m.num_images, cfg.dist.world_size, cfg.micro_batch_rows))
+    check_micro_batches(model, cfg.model, m.input_size, single_row_micro_batch(
+        m.batch_size, m.num_images, cfg.dist.world_size, cfg.gradient_accumulation_steps))
     if cfg.init_weights:
         load_init_weights(model, cfg.init_weights, cfg.model)
     model = model.to(cfg.device)

@@ -76,12 +76,12 @@ def check_input_size(model: nn.Module, name: str, input_size: int) -> None:
         raise ConfigError(f"--model {name} does not return (batch, classes) logits")
 
 
-def check_micro_batches(model: nn.Module, name: str, input_size: int, sizes: set[int]) -> None:
-    """Batch norm in train mode cannot normalise one value per channel: where a micro-batch of one
-    image occurs (a short last batch, or A = B) and the model's feature maps shrink to 1x1, say so
-    before training, not as a traceback in the last batch of the first epoch. Tried on a copy, with
-    the RNG put back, so that the check changes nothing."""
-    if 1 not in sizes or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+def check_micro_batches(model: nn.Module, name: str, input_size: int, single_row: str | None) -> None:
+    """Batch norm in train mode cannot normalise one value per channel. Where a forward pass of a
+    single row occurs (``single_row`` says where, from :func:`plan.single_row_micro_batch`) and the
+    model's feature maps shrink to 1x1, say so before training, not as a traceback in the last batch
+    of the first epoch. Tried on a copy, with the RNG put back, so that the check changes nothing."""
+    if single_row is None or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return
     probe = copy.deepcopy(model).train()
     rng = torch.get_rng_state()
@@ -89,9 +89,8 @@ def check_micro_batches(model: nn.Module, name: str, input_size: int, sizes: set
         with torch.no_grad():
             probe(torch.zeros(1, 3, input_size, input_size))
     except (ValueError, RuntimeError) as exc:
-        raise ConfigError(f"--model {name}: a micro-batch of 1 image (the short last batch, or B / ranks / A = 1) "
-                          f"cannot be batch-normalised at {input_size}x{input_size} ({first_line(exc, 100)}); "
-                          f"choose --gradient-accumulation-steps so that no micro-batch has a single row") from None
+        raise ConfigError(f"--model {name} cannot batch-normalise a single image at {input_size}x{input_size} "
+                          f"({first_line(exc, 100)}), and {single_row}") from None
     finally:
         torch.set_rng_state(rng)
 

@@ -29,6 +29,25 @@ def micro_batch_sizes(batch_size: int, num_images: int, world_size: int, micro_r
     return sizes
 
 
+def single_row_micro_batch(batch_size: int, num_images: int, world_size: int, steps: int) -> str | None:
+    """Where a forward pass of a single row occurs with ``--gradient-accumulation-steps steps``, and
+    which other values avoid it, said so that the user can act; None when none occurs."""
+    per_rank = batch_size // world_size
+    if 1 not in micro_batch_sizes(batch_size, num_images, world_size, per_rank // steps):
+        return None
+    last = num_images - batch_size * ((num_images - 1) // batch_size)
+    where = (f"B / (ranks x --gradient-accumulation-steps) = {batch_size} / ({world_size} x {steps}) = 1 row"
+             if per_rank // steps == 1 else
+             f"the last batch of each epoch holds {last} row(s) (N = {num_images}, B = {batch_size}), which leaves "
+             f"a micro-batch of 1 row")
+    avoiding = [a for a in range(1, per_rank + 1)
+                if per_rank % a == 0 and 1 not in micro_batch_sizes(batch_size, num_images, world_size, per_rank // a)]
+    remedy = (f"--gradient-accumulation-steps {' or '.join(map(str, avoiding[:4]))} avoids it" if avoiding else
+              "no --gradient-accumulation-steps avoids it: relabel with a batch size that leaves the last batch "
+              "more rows, or choose a student without batch norm at this crop size")
+    return f"{where}; {remedy}"
+
+
 @dataclass(frozen=True)
 class CropTask:
     """One rank's share of one batch record: the images to crop (its rows plus their mix partners,
