@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 from .text import error_line
 
+MAX_WORKERS = 256  # worker processes or threads of any command; more only contend for the same cores
+
 
 def run_command(prog: str, command: Callable[[], int], user_errors: Callable[[], tuple[type, ...]],
                 interrupted: str) -> int:

@@ -13,6 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fkd_shards import shards
+from fkd_shards.common.cli import MAX_WORKERS
 from fkd_shards.common.files import within
 from fkd_shards.common.prefetch import ordered_map
 from fkd_shards.common.version import VERSION
@@ -54,8 +55,8 @@ def check_options(o: ConvertOptions) -> shards.codecs.Codec:
         raise ConvertError(f"--fkd-seed must be in [0, 2**64), got {o.fkd_seed}")
     if o.epochs is not None and o.epochs <= 0:
         raise ConvertError(f"--epochs must be positive, got {o.epochs}")
-    if not 1 <= o.workers <= 256:
-        raise ConvertError(f"--workers must be in [1, 256], got {o.workers}")
+    if not 1 <= o.workers <= MAX_WORKERS:
+        raise ConvertError(f"--workers must be in [1, {MAX_WORKERS}], got {o.workers}")
     return label_storage(o.label_codec, o.codec_temperature, o.min_alignment)
 
 

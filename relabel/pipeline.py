@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from fkd_shards import shards
+from fkd_shards.common.cli import MAX_WORKERS
 from fkd_shards.common.version import VERSION
 from fkd_shards.convert.imagefolder import ImageFolderListing, list_image_folder, read_checked_image
 from fkd_shards.convert.pipeline import check_output_apart, infer_input_size, label_storage
@@ -28,7 +29,7 @@ from fkd_shards.convert.replay import epoch_orders
 from fkd_shards.convert.sre2l import RelabelLayout, load_batch, read_sizes, scan_layout
 from fkd_shards.shards import format as fmt
 from fkd_shards.shards.alignment import default_threshold
-from fkd_shards.train.config import MAX_WORKERS, resolve_device
+from fkd_shards.train.config import resolve_device
 from fkd_shards.train.distributed import DistEnv
 from fkd_shards.train.images import ImageTable, decode_cache_choice
 from fkd_shards.train.plan import plan_task

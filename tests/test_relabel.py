@@ -115,6 +115,16 @@ def test_workers_and_resume_give_the_same_bytes(case, monkeypatch):
     _relabel(train, tmp / "j2", *flags, "-j", "2", teachers=t)
     straight = _label_hashes(tmp / "j0")
     assert len([n for n in straight if n.startswith("labels-")]) > 3 and _label_hashes(tmp / "j2") == straight
+    _killed_at_the_seventh_batch(monkeypatch, train, tmp / "resumed", flags, t)
+    assert "progress.json" in os.listdir(tmp / "resumed") and "manifest.json" not in os.listdir(tmp / "resumed")
+    _relabel(train, tmp / "resumed", *flags, "--resume", teachers=t)
+    assert _label_hashes(tmp / "resumed") == straight
+    resumed, whole = (shards.ShardSet(str(tmp / name)).manifest for name in ("resumed", "j0"))
+    assert resumed.alignment == whole.alignment
+
+
+def _killed_at_the_seventh_batch(monkeypatch, train, out, flags, teachers) -> None:
+    """A run that dies as it writes its 7th batch (as a crash would: no clean-up beyond the writer's)."""
     from fkd_shards.relabel.output import LabelWriter
 
     real, calls = LabelWriter.write, []
@@ -127,13 +137,8 @@ def test_workers_and_resume_give_the_same_bytes(case, monkeypatch):
 
     monkeypatch.setattr(LabelWriter, "write", crash)
     with pytest.raises(RuntimeError, match="killed"):
-        _relabel(train, tmp / "resumed", *flags, teachers=t)
+        _relabel(train, out, *flags, teachers=teachers)
     monkeypatch.setattr(LabelWriter, "write", real)
-    assert "progress.json" in os.listdir(tmp / "resumed") and "manifest.json" not in os.listdir(tmp / "resumed")
-    _relabel(train, tmp / "resumed", *flags, "--resume", teachers=t)
-    assert _label_hashes(tmp / "resumed") == straight
-    resumed, whole = (shards.ShardSet(str(tmp / name)).manifest for name in ("resumed", "j0"))
-    assert resumed.alignment == whole.alignment
 
 
 def test_resume_refuses_other_flags_and_a_changed_image_folder(case, monkeypatch, capsys):
@@ -360,7 +365,6 @@ def test_an_output_inside_the_image_folder_and_ctrl_c_are_one_line(case, monkeyp
 
 
 def test_alignment_is_counted_on_the_labels_as_stored_so_a_resume_records_the_same(case, monkeypatch):
-    from fkd_shards.relabel.output import LabelWriter
     from fkd_shards.shards.alignment import batch_hits
 
     tmp, train, samples, teachers = case
@@ -380,17 +384,6 @@ def test_alignment_is_counted_on_the_labels_as_stored_so_a_resume_records_the_sa
     for r in stored.batches():
         hits[r.epoch] += batch_hits(labels, r.indices, r.soft_labels.astype(np.float32).argmax(1), r.mix_index)
     assert stored.manifest.alignment == [round(h / len(samples), 6) for h in hits]
-    real, calls = LabelWriter.write, []
-
-    def crash(self, record, *args):
-        calls.append(1)
-        if len(calls) == 7:
-            raise RuntimeError("killed")
-        return real(self, record, *args)
-
-    monkeypatch.setattr(LabelWriter, "write", crash)
-    with pytest.raises(RuntimeError, match="killed"):
-        _relabel(train, tmp / "resumed", *flags, teachers=t)
-    monkeypatch.setattr(LabelWriter, "write", real)
+    _killed_at_the_seventh_batch(monkeypatch, train, tmp / "resumed", flags, t)
     _relabel(train, tmp / "resumed", *flags, "--resume", teachers=t)
     assert shards.ShardSet(str(tmp / "resumed")).manifest == stored.manifest

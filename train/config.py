@@ -12,6 +12,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 
+from fkd_shards.common.cli import MAX_WORKERS
 from fkd_shards.common.version import VERSION
 
 from .distributed import DistEnv
@@ -21,7 +22,6 @@ TRAJECTORY_FIELDS = ("model", "seed", "sgd", "learning_rate", "momentum", "weigh
                      "adamw_weight_decay", "cos", "epochs", "temperature", "micro_batch_rows", "last_batch_loss")
 
 
-MAX_WORKERS = 256  # crop worker processes; more only contend for the same cores
 
 
 class ConfigError(ValueError):

@@ -17,12 +17,16 @@ def slice_rows(batch_size: int, batch_rows: int, rank: int, world_size: int) -> 
     return range(start, min(start + per_rank, batch_rows))
 
 
+def last_batch_rows(batch_size: int, num_images: int) -> int:
+    """The rows of each epoch's last batch: B, or fewer when B does not divide N."""
+    return num_images - batch_size * ((num_images - 1) // batch_size)
+
+
 def micro_batch_sizes(batch_size: int, num_images: int, world_size: int, micro_rows: int) -> set[int]:
     """Every row count a forward pass sees: each rank's slice of a full batch and of the short last
     one, cut into micro-batches of ``micro_rows`` (empty slices left out)."""
-    last = num_images - batch_size * ((num_images - 1) // batch_size)
     sizes = set()
-    for rows in {batch_size, last}:
+    for rows in {batch_size, last_batch_rows(batch_size, num_images)}:
         for rank in range(world_size):
             mine = len(slice_rows(batch_size, rows, rank, world_size))
             sizes |= {min(micro_rows, mine - start) for start in range(0, mine, micro_rows)}
@@ -35,11 +39,10 @@ def single_row_micro_batch(batch_size: int, num_images: int, world_size: int, st
     per_rank = batch_size // world_size
     if 1 not in micro_batch_sizes(batch_size, num_images, world_size, per_rank // steps):
         return None
-    last = num_images - batch_size * ((num_images - 1) // batch_size)
     where = (f"B / (ranks x --gradient-accumulation-steps) = {batch_size} / ({world_size} x {steps}) = 1 row"
              if per_rank // steps == 1 else
-             f"the last batch of each epoch holds {last} row(s) (N = {num_images}, B = {batch_size}), which leaves "
-             f"a micro-batch of 1 row")
+             f"the last batch of each epoch holds {last_batch_rows(batch_size, num_images)} row(s) "
+             f"(N = {num_images}, B = {batch_size}), which leaves a micro-batch of 1 row")
     avoiding = [a for a in range(1, per_rank + 1)
                 if per_rank % a == 0 and 1 not in micro_batch_sizes(batch_size, num_images, world_size, per_rank // a)]
     remedy = (f"--gradient-accumulation-steps {' or '.join(map(str, avoiding[:4]))} avoids it" if avoiding else
