@@ -4,6 +4,7 @@ when interrupted. Bugs keep their traceback."""
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import re
 import sys
@@ -18,6 +19,11 @@ def run_command(prog: str, command: Callable[[], int], user_errors: Callable[[],
                 interrupted: str) -> int:
     """Run ``command``; errors of the types ``user_errors()`` names (looked up only when one occurs,
     so that importing a command line stays cheap) become ``prog: error: ...`` on one line."""
+    for stream in (sys.stdout, sys.stderr):
+        # A path the terminal's encoding cannot show (PYTHONIOENCODING=ascii) is printed escaped, not
+        # a UnicodeEncodeError after the work is done.
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     try:
         return command()
     except KeyboardInterrupt as exc:

@@ -146,15 +146,20 @@ def _write_atomically(path: str, content: bytes | Callable[[IO[bytes]], None]) -
         os.replace(temp, path)
     except OSError as exc:
         remove_quietly(temp)
-        reason = exc.strerror or str(exc)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            reason = f"disk full: {reason}"
-        error = FileWriteError(f"{path}: cannot write ({reason})")
-        error.errno = exc.errno
-        raise error from None
+        raise write_error(path, exc) from None
     except BaseException:
         remove_quietly(temp)
         raise
+
+
+def write_error(path: str, exc: OSError) -> FileWriteError:
+    """The :class:`FileWriteError` for ``exc`` raised while writing ``path``: the path and the reason."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        reason = f"disk full: {reason}"
+    error = FileWriteError(f"{path}: cannot write ({reason})")
+    error.errno = exc.errno
+    return error
 
 
 def remove_quietly(path: str) -> None:
@@ -189,3 +194,19 @@ def within(path: str, other: str) -> bool:
     except (OSError, ValueError, RecursionError):
         return False
     return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+
+
+def directory_loop(root: str) -> str | None:
+    """The first folder under ``root`` that a symbolic link leads back into (a folder containing
+    it), walking as ImageFolder does (links followed); None when there is none. Such a loop would
+    list the same files again and again until the path grows too long."""
+    stack: list[tuple[str, frozenset]] = [(root, frozenset())]
+    while stack:
+        path, ancestors = stack.pop()
+        info = os.stat(path)
+        folder = (info.st_dev, info.st_ino)
+        if folder in ancestors:
+            return path
+        with os.scandir(path) as entries:
+            stack += [(entry.path, ancestors | {folder}) for entry in entries if entry.is_dir()]
+    return None

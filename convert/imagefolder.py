@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from fkd_shards.common.files import FileReadError, open_regular, read_bounded
+from fkd_shards.common.files import FileReadError, directory_loop, open_regular, read_bounded
 from fkd_shards.common.text import first_line
 from fkd_shards.shards import format as fmt
 
@@ -40,6 +40,9 @@ class ImageFolderListing:
 def list_image_folder(root: str) -> ImageFolderListing:
     """List ``root`` with torchvision's own ImageFolder rules (no image is opened)."""
     try:
+        loop = directory_loop(root)
+        if loop is not None:
+            raise ConvertError(f"{loop}: a symbolic link that leads back to a folder containing it (a loop)")
         classes, class_to_idx = find_classes(root)
         samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
     except FileNotFoundError as exc:
@@ -79,7 +82,9 @@ class _ImageErrors:
             return False
         if isinstance(exc, FileReadError):
             raise ConvertError(str(exc)) from None
-        if isinstance(exc, (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError)):
+        if isinstance(exc, UnidentifiedImageError):  # its message shows the address of our in-memory file
+            raise ConvertError(f"{self.path}: unreadable image (not an image format Pillow knows)") from None
+        if isinstance(exc, (OSError, ValueError, SyntaxError, EOFError)):
             raise ConvertError(f"{self.path}: unreadable image ({first_line(exc, 150)})") from None
         return False
 

@@ -6,6 +6,7 @@ import hashlib
 import math
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from fkd_shards.common.prefetch import ordered_map
 from fkd_shards.common.version import VERSION
 from fkd_shards.shards import format as fmt
 from fkd_shards.shards.alignment import batch_hits, chance_rate, default_threshold, implausible_batches
+from fkd_shards.shards.boxes import empty_boxes, pixel_boxes
 
 from .errors import ConvertError
 from .imagefolder import ImageFolderListing, image_size, list_image_folder, read_checked_image
@@ -89,7 +91,7 @@ def infer_input_size(folder: ImageFolderListing, log) -> int:
     if len(sizes) == 1:
         (height, width), = sizes
         if height == width:
-            log(f"fkd-convert: input size S={height} inferred from the images (all {height}x{width}; "
+            log(f"input size S={height} inferred from the images (all {height}x{width}; "
                 f"--input-size sets it)")
             return height
     shown = ", ".join(f"{w}x{h}" for h, w in sorted(sizes)[:4]) + (" ..." if len(sizes) > 4 else "")
@@ -125,11 +127,11 @@ def convert(options: ConvertOptions, log=print) -> shards.Manifest:
     labels = np.asarray(folder.labels, dtype=np.int64)
     with ThreadPoolExecutor(o.workers) as pool:
         with shards.ShardSetWriter(o.output, o.shard_bytes, o.overwrite, codec) as writer:
-            _write_images(writer, pool, folder, o)
+            shapes = _write_images(writer, pool, folder, o)
             writer.end_images()
             started = time.perf_counter()
-            job = _LabelJob(layout, labels, first, batch_size, num_images, epochs, input_size, threshold,
-                            len(folder.classes))
+            job = ReplayCheck(layout, labels, shapes, first, batch_size, num_images, epochs, input_size, threshold,
+                              o.min_alignment is not None, len(folder.classes), o.fkd_seed)
             alignment, label_bytes = _write_labels(writer, pool, job, o, log)
             seconds = max(time.perf_counter() - started, 1e-9)
             log(f"labels: {label_bytes / 1e6:.1f} MB of batch files in {seconds:.2f} s "
@@ -146,68 +148,102 @@ def convert(options: ConvertOptions, log=print) -> shards.Manifest:
             ))
 
 
-def _write_images(writer: shards.ShardSetWriter, pool, folder: ImageFolderListing, o: ConvertOptions) -> None:
+def _write_images(writer: shards.ShardSetWriter, pool, folder: ImageFolderListing, o: ConvertOptions) -> np.ndarray:
+    """Every image in sample order; returns their (height, width), int64 (N, 2)."""
     paths = [path for path, _ in folder.samples]
+    shapes = np.zeros((len(paths), 2), dtype=np.int64)
     checked = ordered_map(pool, read_checked_image, paths, ahead=8 * o.workers)
     bar = tqdm(zip(checked, folder.samples), total=len(paths), desc="images", unit="img",
                disable=not o.progress, file=sys.stderr)
     for index, ((data, height, width), (path, label)) in enumerate(bar):
         writer.add_image(shards.ImageRecord(index=index, label=label, data=data, height=height, width=width,
                                             path=folder.relative_path(path)))
+        shapes[index] = height, width
+    return shapes
 
 
 @dataclass(frozen=True)
-class _LabelJob:
+class ReplayCheck:
+    """What reading an SRe2L relabel output in order checks each batch file against."""
+
     layout: RelabelLayout
     labels: np.ndarray
+    shapes: np.ndarray  # (height, width) of every image
     first: RelabelBatch
     batch_size: int
     num_images: int
     epochs: int
     input_size: int
     threshold: float
+    threshold_given: bool  # --min-alignment given (else the default threshold), for the message
     num_classes: int
+    fkd_seed: int
 
 
-def _write_labels(writer, pool, job: _LabelJob, o: ConvertOptions, log) -> tuple[list[float], int]:
-    """Every batch file, read ahead on the pool's threads; unpickled and checked in this thread
-    (torch's safe-globals allowlist is process-wide); the replay check per epoch."""
-    layout = job.layout
-    paths = [layout.batch_path(e, b) for e in range(job.epochs) for b in range(layout.batches_per_epoch)]
-    alignment: list[float] = []
-    started, total_bytes = time.perf_counter(), 0
-    contents = ordered_map(pool, read_file, paths, ahead=4 * o.workers)
-    orders = epoch_orders(job.num_images, o.fkd_seed, job.epochs)
-    seen: dict[int, str] = {}  # 128 bits of each file's SHA-256 -> its path
-    with tqdm(total=len(paths), desc="labels", unit="batch", disable=not o.progress, file=sys.stderr) as bar:
+class RelabelReader:
+    """Every batch file of a relabel output, in order, read ahead on a pool's threads, unpickled and
+    checked in the calling thread (torch's safe-globals allowlist is process-wide): unique bytes,
+    consistent with batch 0, crops with pixels, and the replay check per epoch. After a full pass,
+    ``alignment`` holds each epoch's rate and ``digest`` the SHA-256 over every file's."""
+
+    def __init__(self, check: ReplayCheck, pool, ahead: int):
+        self.check, self.pool, self.ahead = check, pool, ahead
+        self.alignment: list[float] = []
+        self.file_bytes = 0
+        self._digest = hashlib.sha256()
+
+    @property
+    def digest(self) -> str:
+        return self._digest.hexdigest()
+
+    def batches(self) -> Iterator[tuple[str, int, int, np.ndarray, RelabelBatch]]:
+        """(path, epoch, batch, sample indices, checked batch) of every batch of every epoch."""
+        job, layout = self.check, self.check.layout
+        paths = [layout.batch_path(e, b) for e in range(job.epochs) for b in range(layout.batches_per_epoch)]
+        contents = ordered_map(self.pool, read_file, paths, ahead=self.ahead)
+        orders = epoch_orders(job.num_images, job.fkd_seed, job.epochs)
+        seen: dict[int, str] = {}  # 128 bits of each file's SHA-256 -> its path
         for epoch in range(job.epochs):
             order = next(orders)
             counts = []  # (hits, rows) per batch
             for b in range(layout.batches_per_epoch):
                 path = layout.batch_path(epoch, b)
                 data = next(contents)
-                _check_unique(path, data, seen)
+                sha = hashlib.sha256(data).digest()
+                _check_unique(path, sha, seen)
+                self._digest.update(sha)
                 batch = load_batch(path, job.input_size, data)
                 _check_consistent(path, batch, job.first, min(job.batch_size, job.num_images - b * job.batch_size))
                 indices = order[b * job.batch_size:(b + 1) * job.batch_size]
+                _check_crops(path, batch.coords, indices, job.shapes)
                 # float32 argmax: numpy's float16 argmax is 4x slower; the same first maximum wins.
                 argmax = batch.soft_labels.astype(np.float32).argmax(axis=1)
                 counts.append((batch_hits(job.labels, indices, argmax, batch.mix_index), batch.size))
-                try:
-                    writer.add_batch(shards.BatchRecord(
-                        epoch=epoch, batch=b, indices=indices, coords=batch.coords, flips=batch.flips,
-                        mix_index=batch.mix_index, mix_lam=batch.mix_lam, mix_bbox=batch.mix_bbox,
-                        soft_labels=batch.soft_labels))
-                except shards.CodecError as exc:
-                    raise ConvertError(f"{path}: --label-codec {o.label_codec}: {exc}") from None
-                total_bytes += batch.file_bytes
-                bar.update(1)
-                bar.set_postfix_str(f"{total_bytes / 1e6 / max(time.perf_counter() - started, 1e-9):.1f} MB/s")
-            alignment.append(sum(hits for hits, _ in counts) / job.num_images)
-            _check_alignment(epoch, alignment[-1], job, o)
-            _check_batches_belong(epoch, counts, alignment[-1], job)
-    _report_alignment(alignment, job, log)
-    return alignment, total_bytes
+                self.file_bytes += batch.file_bytes
+                yield path, epoch, b, indices, batch
+            self.alignment.append(sum(hits for hits, _ in counts) / job.num_images)
+            _check_alignment(epoch, self.alignment[-1], job)
+            _check_batches_belong(epoch, counts, self.alignment[-1], job)
+
+
+def _write_labels(writer, pool, job: ReplayCheck, o: ConvertOptions, log) -> tuple[list[float], int]:
+    """Every batch file, checked by :class:`RelabelReader`, as a batch record."""
+    reader = RelabelReader(job, pool, ahead=4 * o.workers)
+    started = time.perf_counter()
+    with tqdm(total=job.epochs * job.layout.batches_per_epoch, desc="labels", unit="batch", disable=not o.progress,
+              file=sys.stderr) as bar:
+        for path, epoch, b, indices, batch in reader.batches():
+            try:
+                writer.add_batch(shards.BatchRecord(
+                    epoch=epoch, batch=b, indices=indices, coords=batch.coords, flips=batch.flips,
+                    mix_index=batch.mix_index, mix_lam=batch.mix_lam, mix_bbox=batch.mix_bbox,
+                    soft_labels=batch.soft_labels))
+            except shards.CodecError as exc:
+                raise ConvertError(f"{path}: --label-codec {o.label_codec}: {exc}") from None
+            bar.update(1)
+            bar.set_postfix_str(f"{reader.file_bytes / 1e6 / max(time.perf_counter() - started, 1e-9):.1f} MB/s")
+    report_alignment(reader.alignment, job, log)
+    return reader.alignment, reader.file_bytes
 
 
 def _check_consistent(path: str, batch: RelabelBatch, first: RelabelBatch, rows: int) -> None:
@@ -223,17 +259,28 @@ def _check_consistent(path: str, batch: RelabelBatch, first: RelabelBatch, rows:
         raise ConvertError(f"{path}: mix type {batch.mix_type}, batch 0 of epoch 0 has {first.mix_type}")
 
 
-def _check_unique(path: str, data: bytes, seen: dict[int, str]) -> None:
+def _check_crops(path: str, coords: np.ndarray, indices: np.ndarray, shapes: np.ndarray) -> None:
+    """A box that rounds to no pixel on its image could not be cropped when training reaches it."""
+    boxes = pixel_boxes(coords, shapes[indices, 0], shapes[indices, 1])
+    empty = empty_boxes(boxes)
+    if empty.any():
+        k = int(np.argmax(empty))
+        height, width = shapes[indices[k]]
+        raise ConvertError(f"{path}: the crop box of row {k} rounds to {boxes[k].tolist()} on its {width}x{height} "
+                           f"image (sample {int(indices[k])}): no pixels")
+
+
+def _check_unique(path: str, sha256: bytes, seen: dict[int, str]) -> None:
     """Every batch of the relabel step draws its own crops, so two files with the same bytes are a
     copy or a link standing in for a lost batch: its labels would be trained on the wrong crops."""
-    key = int.from_bytes(hashlib.sha256(data).digest()[:16], "big")
+    key = int.from_bytes(sha256[:16], "big")
     if key in seen:
         raise ConvertError(f"{path}: the same bytes as {seen[key]}; a copied or linked batch file stands in for "
                            f"a batch of its own")
     seen[key] = path
 
 
-def _check_batches_belong(epoch: int, counts: list[tuple[int, int]], rate: float, job: _LabelJob) -> None:
+def _check_batches_belong(epoch: int, counts: list[tuple[int, int]], rate: float, job: ReplayCheck) -> None:
     """Within an epoch that passed the replay check, a batch far below the epoch's rate holds another
     batch's labels (swapped or renamed files). Off with ``--min-alignment 0``, like the epoch check."""
     if job.threshold <= 0:
@@ -248,19 +295,19 @@ def _check_batches_belong(epoch: int, counts: list[tuple[int, int]], rate: float
                            f"renamed? (--min-alignment 0 accepts any alignment)")
 
 
-def _check_alignment(epoch: int, rate: float, job: _LabelJob, o: ConvertOptions) -> None:
+def _check_alignment(epoch: int, rate: float, job: ReplayCheck) -> None:
     """An epoch whose replay check falls below the threshold stops the conversion: its soft labels
     belong to other images than the replay says (wrong seed, folder or image count)."""
     if rate >= job.threshold:
         return
-    how = "--min-alignment" if o.min_alignment is not None else \
-        "the default threshold, a quarter of the way from chance to 1"
-    raise ConvertError(f"{o.fkd_path}: epoch {epoch}'s replay alignment {rate:.3f} is below {job.threshold:.3f} "
+    how = "--min-alignment" if job.threshold_given else "the default threshold, a quarter of the way from chance to 1"
+    raise ConvertError(f"{job.layout.root}: epoch {epoch}'s replay alignment {rate:.3f} is below {job.threshold:.3f} "
                        f"({how}): wrong --fkd-seed, --train-dir or image count? (--min-alignment 0 accepts "
                        f"any alignment, e.g. for an untrained teacher)")
 
 
-def _report_alignment(alignment: list[float], job: _LabelJob, log) -> None:
+def report_alignment(alignment: list[float], job: ReplayCheck, log) -> None:
+    """One line: the replay check's rate per epoch, chance, and the threshold."""
     mean = sum(alignment) / len(alignment)
     chance = chance_rate(job.num_classes, job.first.mix_type != fmt.MIX_NONE)
     shown = ", ".join(f"{a:.3f}" for a in alignment[:8]) + (" ..." if len(alignment) > 8 else "")

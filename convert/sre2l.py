@@ -15,6 +15,7 @@ from fkd_shards.common.files import FileMissingError, FileReadError, read_bounde
 from fkd_shards.common.text import escape
 from fkd_shards.common.torchfiles import TorchFileError, load_weights_only
 from fkd_shards.shards import format as fmt
+from fkd_shards.shards.boxes import reaching_outside
 
 from .errors import ConvertError
 
@@ -115,7 +116,8 @@ def _numbered_entries(directory: str, pattern: re.Pattern, template: str, want_d
     numbers.sort()
     for expected, found in enumerate(numbers):
         if found != expected:
-            raise ConvertError(f"{os.path.join(directory, template.format(expected))}: missing")
+            raise ConvertError(f"{os.path.join(directory, template.format(expected))}: missing (the numbering runs "
+                               f"to {template.format(numbers[-1])}: one is lost, or one is extra)")
     return numbers
 
 
@@ -162,6 +164,10 @@ def _check_batch(path: str, content: object, input_size: int) -> tuple:
         fail("coords outside [0, 1]")
     if not (coords[:, 2:] > 0).all():
         fail("coords hold a crop of zero height or width")
+    outside = reaching_outside(coords)
+    if outside.any():
+        fail(f"coords of row {int(np.argmax(outside))} reach outside the image (top + height or left + width "
+             "above 1)")
     if flips.shape != (n,) or flips.dtype != np.bool_:
         fail(f"flip_status is {flips.dtype}{list(flips.shape)}, expected bool ({n},)")
     if soft.ndim != 2 or soft.shape[0] != n or soft.shape[1] == 0 or soft.dtype not in (np.float16, np.float32):
@@ -203,7 +209,12 @@ def _array(path: str, name: str, value: object) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         if value.dtype == torch.bfloat16:
             raise ConvertError(f"{path}: {name} is bfloat16, which the shard format does not store")
-        return value.detach().cpu().numpy()
+        # weights_only loading still builds meta, sparse and quantized tensors, which hold no plain array
+        if value.layout != torch.strided or value.device.type != "cpu" or value.is_quantized:
+            kind = ("quantized" if value.is_quantized else value.device.type if value.device.type != "cpu"
+                    else str(value.layout).replace("torch.", ""))
+            raise ConvertError(f"{path}: {name} is a {escape(kind)} tensor, expected a dense CPU tensor")
+        value = value.detach().numpy()
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in "biuf":
             raise ConvertError(f"{path}: {name} is a {value.dtype} array, expected numbers")

@@ -26,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
                "  fkd-relabel --train-dir syn/ --output shards/ --teacher resnet18 r18.pth --batch-size 1024 "
                "--epochs 300\n"
                "  fkd-relabel --train-dir syn/ --output shards/ --teacher resnet18 r18.pth --teacher mobilenet_v2 "
-               "mb2.pth --bn-mode train --teacher-chunks 2\n"
-               "  fkd-relabel --train-dir syn/ --output shards/ --teacher resnet50 r50.pth --replay FKD_soft_label/\n"
+               "mb2.pth --batch-size 1024 --epochs 300 --bn-mode train --teacher-chunks 2\n"
+               "  fkd-relabel --train-dir syn/ --output shards/ --teacher resnet50 r50.pth --replay FKD_soft_label/ "
+               "--input-size 224\n"
                "Several GPUs: torchrun --nproc-per-node=8 -m fkd_shards.relabel ...")
     p.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     data = p.add_argument_group("input")
@@ -37,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--epochs", type=int, default=None, metavar="E", help="epochs of labels (required unless "
                       "--replay)")
     data.add_argument("--input-size", type=int, default=None, metavar="S", help="crop size in px; default: inferred "
-                      "when every image has one square size")
+                      "when every image has one square size (with --replay, give the relabel step's crop size: "
+                      "its files do not record it)")
     data.add_argument("--fkd-seed", type=int, default=42, metavar="SEED", help="seed of the sampler that orders the "
                       "images of each epoch (default: 42, SRe2L's)")
     data.add_argument("--replay", default=None, metavar="FKD_PATH", help="take order, crops, flips and mix from this "

@@ -14,6 +14,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -24,9 +25,16 @@ from fkd_shards import shards
 from fkd_shards.common.cli import MAX_WORKERS
 from fkd_shards.common.version import VERSION
 from fkd_shards.convert.imagefolder import ImageFolderListing, list_image_folder, read_checked_image
-from fkd_shards.convert.pipeline import check_output_apart, infer_input_size, label_storage
+from fkd_shards.convert.pipeline import (
+    RelabelReader,
+    ReplayCheck,
+    check_output_apart,
+    infer_input_size,
+    label_storage,
+    report_alignment,
+)
 from fkd_shards.convert.replay import epoch_orders
-from fkd_shards.convert.sre2l import RelabelLayout, load_batch, read_sizes, scan_layout
+from fkd_shards.convert.sre2l import RelabelBatch, RelabelLayout, load_batch, read_sizes, scan_layout
 from fkd_shards.shards import format as fmt
 from fkd_shards.shards.alignment import default_threshold
 from fkd_shards.train.config import resolve_device
@@ -37,7 +45,7 @@ from fkd_shards.train.stream import BatchMaker, make_batches
 
 from . import draws
 from .output import LabelWriter, broadcast_start, gathered
-from .teachers import Ensemble, Teacher, load_teacher, parse_mix
+from .teachers import Ensemble, Teacher, check_single_row_chunks, load_teacher, parse_mix
 
 
 class RelabelError(ValueError):
@@ -87,6 +95,7 @@ class Plan:
     crop_scale: tuple[float, float] | None  # None with --replay: the draws are the replayed files'
     seed: int | None
     layout: RelabelLayout | None  # the replayed relabel output, if any
+    first: RelabelBatch | None = None  # its batch 0 of epoch 0
 
     @property
     def batches_per_epoch(self) -> int:
@@ -135,7 +144,25 @@ def make_plan(o: RelabelOptions, folder: ImageFolderListing, log) -> Plan:
     for flag, given, found in (("--batch-size", o.batch_size, batch_size), ("--epochs", o.epochs, layout.epochs)):
         if given is not None and given != found:
             raise RelabelError(f"{flag} {given} contradicts {o.replay}, which has {found}")
-    return Plan(num_images, batch_size, layout.epochs, input_size, first.mix_type, None, None, layout)
+    return Plan(num_images, batch_size, layout.epochs, input_size, first.mix_type, None, None, layout, first)
+
+
+def check_replay(plan: Plan, table: ImageTable, o: RelabelOptions, num_classes: int, progress: bool, log) -> str:
+    """``--replay``: every batch file read and checked as ``fkd-convert`` checks it (unique bytes,
+    consistent sizes, crops with pixels, and the replay check on its own soft labels, which finds a
+    wrong ``--fkd-seed`` or image folder) before any label is computed. Returns the digest of all
+    the files, which a resumed run must find again."""
+    threshold = default_threshold(num_classes, plan.mix_type != fmt.MIX_NONE) if o.min_alignment is None \
+        else o.min_alignment
+    check = ReplayCheck(plan.layout, table.labels, table.shapes, plan.first, plan.batch_size, plan.num_images,
+                        plan.epochs, plan.input_size, threshold, o.min_alignment is not None, num_classes, o.fkd_seed)
+    with ThreadPoolExecutor(2) as pool:
+        reader = RelabelReader(check, pool, ahead=8)
+        for _ in tqdm(reader.batches(), total=plan.epochs * plan.batches_per_epoch, desc="replay check",
+                      unit="batch", disable=not progress, file=sys.stderr):
+            pass
+    report_alignment(reader.alignment, check, log)
+    return reader.digest
 
 
 def read_images(folder: ImageFolderListing, progress: bool) -> tuple[ImageTable, str]:
@@ -234,7 +261,7 @@ def device_name(device: str) -> str:
 
 
 def settings_of(o: RelabelOptions, plan: Plan, teachers: list[Teacher], weights: list[float], images_digest: str,
-                codec, device: str) -> dict:
+                replay_digest: str | None, codec, device: str) -> dict:
     """Everything that decides the bytes written: a resumed run must agree on all of it."""
     return {
         "teachers": [{"model": t.name, "weights_sha256": t.sha256} for t in teachers], "teacher_mix": weights,
@@ -242,7 +269,8 @@ def settings_of(o: RelabelOptions, plan: Plan, teachers: list[Teacher], weights:
         "label_codec": codec.spec, "codec_temperature": o.codec_temperature, "batch_size": plan.batch_size,
         "epochs": plan.epochs, "input_size": plan.input_size, "mix_type": plan.mix_type,
         "crop_scale": plan.crop_scale and list(plan.crop_scale), "seed": plan.seed, "fkd_seed": o.fkd_seed,
-        "replay": o.replay, "images": images_digest, "shard_bytes": o.shard_bytes, "device": device_name(device),
+        "replay": o.replay, "replay_files": replay_digest, "images": images_digest, "shard_bytes": o.shard_bytes,
+        "device": device_name(device),
     }
 
 
@@ -275,18 +303,25 @@ def relabel(o: RelabelOptions, env: DistEnv | None = None, log=print) -> shards.
     check_output_apart(o.output, {"--train-dir": o.train_dir, "--replay": o.replay})
     folder = list_image_folder(o.train_dir)
     plan = make_plan(o, folder, say)
-    teachers = [load_teacher(name, weights) for name, weights in o.teachers]
+    if o.teacher_chunks > plan.batch_size:
+        raise RelabelError(f"--teacher-chunks {o.teacher_chunks} is more than a batch's {plan.batch_size} rows")
+    teachers = [load_teacher(name, weights, plan.input_size) for name, weights in o.teachers]
     for t in teachers:
         if t.classes != len(folder.classes):
             raise RelabelError(f"--teacher {t.name} {t.weights}: {t.classes} classes, but {o.train_dir} has "
                                f"{len(folder.classes)} class folders")
     weights = parse_mix(o.teacher_mix, len(teachers))
     table, digest = read_images(folder, o.progress and env.is_main)
+    # Checked once, by the rank that writes; a failure there stops the job under torchrun.
+    replay_digest = check_replay(plan, table, o, len(folder.classes), o.progress, say) \
+        if plan.layout is not None and env.is_main else None
     device = resolve_device(o.device, env)
+    last_rows = plan.num_images - plan.batch_size * (plan.batches_per_epoch - 1)
+    check_single_row_chunks(teachers, o.bn_mode, o.teacher_chunks, {plan.batch_size, last_rows}, plan.input_size)
     ensemble = Ensemble(teachers, weights, device, o.bn_mode, o.teacher_chunks, o.amp)
     threshold = default_threshold(len(folder.classes), plan.mix_type != fmt.MIX_NONE) \
         if o.min_alignment is None else o.min_alignment
-    settings = settings_of(o, plan, teachers, weights, digest, codec, device)
+    settings = settings_of(o, plan, teachers, weights, digest, replay_digest, codec, device)
     out = LabelWriter(o, plan, codec, settings, threshold, teachers[0].classes) if env.is_main else None
     try:
         start = broadcast_start(out.start(table, say) if out else 0, env, device)

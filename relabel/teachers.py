@@ -10,6 +10,7 @@ first use where a network is reachable). The class count comes from the weights.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import os
@@ -20,9 +21,9 @@ from torch import nn
 
 from fkd_shards.common.files import FileReadError, open_regular
 from fkd_shards.common.text import escape, first_line
-from fkd_shards.train.checkpoint import CheckpointError, check_finite, load_file, model_state
+from fkd_shards.train.checkpoint import CheckpointError, check_finite, load_file, misfit, model_state
 from fkd_shards.train.config import ConfigError
-from fkd_shards.train.model import TIMM_PREFIX, build_classifier
+from fkd_shards.train.model import TIMM_PREFIX, build_classifier, check_input_size
 
 
 class TeacherError(ValueError):
@@ -50,9 +51,9 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _build(name: str, num_classes: int) -> nn.Module:
+def _build(name: str, num_classes: int, input_size: int | None = None) -> nn.Module:
     try:
-        return build_classifier(name, num_classes)
+        return build_classifier(name, num_classes, input_size)
     except ConfigError as exc:
         raise TeacherError(f"--teacher {exc}") from None
 
@@ -72,8 +73,18 @@ def _class_count(name: str, weights: dict, where: str) -> int:
     return counts.pop()
 
 
-def load_teacher(name: str, weights: str) -> Teacher:
-    """A teacher in eval mode on the CPU, its weights checked to fit and to be finite."""
+def load_teacher(name: str, weights: str, input_size: int) -> Teacher:
+    """A teacher in eval mode on the CPU, its weights checked to fit and to be finite, and the
+    model checked to take ``input_size`` crops (timm models with a fixed grid are built for them)."""
+    teacher = _load_teacher(name, weights, input_size)
+    try:
+        check_input_size(teacher.model, f"--teacher {name}", input_size)
+    except ConfigError as exc:
+        raise TeacherError(str(exc)) from None
+    return teacher
+
+
+def _load_teacher(name: str, weights: str, input_size: int) -> Teacher:
     if os.path.exists(weights) or os.sep in weights or weights.endswith((".pth", ".pt", ".tar", ".bin")):
         try:
             state = model_state(load_file(weights), weights)
@@ -81,11 +92,12 @@ def load_teacher(name: str, weights: str) -> Teacher:
         except CheckpointError as exc:
             raise TeacherError(str(exc)) from None
         classes = _class_count(name, state, weights)
-        model = _build(name, classes)
+        model = _build(name, classes, input_size)
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:
-            raise TeacherError(f"{weights}: does not fit --teacher {name} ({first_line(exc, 200)})") from None
+            reason = misfit(model, state) or first_line(exc, 200)
+            raise TeacherError(f"{weights}: does not fit --teacher {name} ({reason})") from None
         return Teacher(name, weights, _sha256(weights), classes, model.eval())
     return _torchvision_weights(name, weights)
 
@@ -121,7 +133,31 @@ def parse_mix(spec: str, count: int) -> list[float]:
         raise TeacherError(f"--teacher-mix has {len(weights)} weights for {count} teachers")
     if not all(math.isfinite(w) for w in weights):
         raise TeacherError(f"--teacher-mix {escape(spec)}: weights must be finite")
+    if not any(weights):
+        raise TeacherError(f"--teacher-mix {escape(spec)}: every weight is 0, so every soft label would be 0")
     return weights
+
+
+def check_single_row_chunks(teachers: list[Teacher], bn_mode: str, chunks: int, batch_rows: set[int],
+                            input_size: int) -> None:
+    """``--bn-mode train`` normalises each chunk with its own statistics, which a chunk of one image
+    cannot give a batch-norm layer whose feature maps have shrunk to 1x1. Where the batches of
+    ``batch_rows`` rows (the full and the last one) split into a chunk of one row, try each teacher
+    on one blank image, on a copy, and refuse before any batch rather than at the last one."""
+    sizes = {len(part) for rows in batch_rows for part in torch.chunk(torch.empty(rows), chunks)}
+    if bn_mode != "train" or 1 not in sizes:
+        return
+    for teacher in teachers:
+        probe = copy.deepcopy(teacher.model)
+        batchnorm_on_batch_statistics(probe)
+        try:
+            with torch.no_grad():
+                probe(torch.zeros(1, 3, input_size, input_size))
+        except (RuntimeError, ValueError) as exc:
+            raise TeacherError(f"--teacher {teacher.name} --bn-mode train cannot normalise a chunk of one image at "
+                               f"{input_size}x{input_size} ({first_line(exc, 100)}), and batches of "
+                               f"{sorted(batch_rows)} rows in {chunks} chunk(s) make one: choose another "
+                               f"--teacher-chunks or --batch-size") from None
 
 
 def batchnorm_on_batch_statistics(model: nn.Module) -> None:

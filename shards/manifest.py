@@ -146,16 +146,19 @@ class Manifest:
         if not isinstance(body, dict) or body.get("format") != fmt.FORMAT_NAME:
             raise ManifestError(f"{where}: not an {fmt.FORMAT_NAME} manifest")
         version = body.get("format_version")
-        if version != fmt.FORMAT_VERSION:
+        if version != fmt.FORMAT_VERSION or isinstance(version, bool):  # True == 1 in Python
             raise ManifestError(f"{where}: format version {escape(repr(version))[:40]} is not supported "
                                 f"(expected {fmt.FORMAT_VERSION})")
         # Sets written before the checksum existed have none; any other set must match its own.
         checksum = body.pop("checksum", None)
         if checksum is not None and checksum != _checksum(body):
             raise ManifestError(f"{where}: checksum mismatch (the manifest was changed or is corrupt)")
-        body.pop("batches_per_epoch", None)
+        stated = body.pop("batches_per_epoch", None)  # written for readers' convenience, derived here
         manifest = cls._build(body, where)
         manifest.validate(where)
+        if stated is not None and (stated != manifest.batches_per_epoch or type(stated) is not int):
+            raise ManifestError(f"{where}: batches_per_epoch {shown(stated)} disagrees with num_images and "
+                                f"batch_size ({manifest.batches_per_epoch})")
         return manifest
 
     @classmethod
@@ -205,6 +208,9 @@ class Manifest:
             fail(f"soft_label_dtype {shown(self.soft_label_dtype)} is not one of {fmt.SOFT_LABEL_DTYPES}")
         if not isinstance(self.classes, list) or not all(isinstance(c, str) for c in self.classes):
             fail("classes is not a list of strings")
+        for name in self.classes:  # class names are the image folder's directory names
+            if name in ("", ".", "..") or "/" in name or "\0" in name:
+                fail(f"class name {shown(name)} cannot be a directory name")
         if len(self.classes) != self.num_classes or len(set(self.classes)) != len(self.classes):
             fail(f"{len(self.classes)} class names ({len(set(self.classes))} distinct) for "
                  f"num_classes={self.num_classes}")
@@ -284,7 +290,7 @@ def validate_shard(s: ShardInfo, where: str = fmt.MANIFEST_NAME) -> None:
 
 def parse_json(text: str, where: str, error: type[Exception]) -> object:
     """JSON with every failure as ``error`` naming ``where``: syntax, nesting too deep for the
-    parser, NaN or infinite numbers, integers too long to convert."""
+    parser, NaN or infinite numbers, integers too long to convert, a key twice in one object."""
 
     def refuse(constant: str):
         raise ValueError(f"{constant} is not a valid number")
@@ -295,8 +301,16 @@ def parse_json(text: str, where: str, error: type[Exception]) -> object:
             raise ValueError(f"{literal[:20]} is beyond a float's range")
         return value
 
+    def unique(pairs: list[tuple[str, object]]) -> dict:
+        body = dict(pairs)
+        if len(body) != len(pairs):  # json.loads would keep the last silently: which one was meant?
+            seen = set()
+            twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+            raise ValueError(f"the key {twice[:40]!r} appears twice in one object")
+        return body
+
     try:
-        return json.loads(text, parse_constant=refuse, parse_float=finite)
+        return json.loads(text, parse_constant=refuse, parse_float=finite, object_pairs_hook=unique)
     except json.JSONDecodeError as exc:
         raise error(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     except RecursionError:

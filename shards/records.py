@@ -14,6 +14,7 @@ import numpy as np
 from fkd_shards.common.text import shown
 
 from . import format as fmt
+from .boxes import reaching_outside
 from .codecs import Codec, CodecError
 
 
@@ -217,6 +218,10 @@ def decode_batch(members: dict[str, memoryview], spec: BatchSpec, epoch: int, ba
         raise RecordError("coords not finite or outside [0, 1]")
     if n and not (coords[:, 2:] > 0).all():
         raise RecordError("coords hold a crop of zero height or width")
+    outside = reaching_outside(coords)
+    if outside.any():
+        raise RecordError(f"coords of row {int(np.argmax(outside))} reach outside the image "
+                          "(top + height or left + width above 1)")
     flips = array(fmt.FLIPS, np.bool_, (n,))
     mix_index = None
     if mixed:

@@ -18,6 +18,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+from fkd_shards.common.files import write_error
 from fkd_shards.common.text import escape
 
 from . import format as fmt
@@ -45,23 +46,33 @@ class _HashingFile:
     """A write-only file that hashes and counts what goes through it."""
 
     def __init__(self, path: str):
-        self._file = open(path, "wb")
+        self.path = path
+        try:
+            self._file = open(path, "wb")
+        except OSError as exc:
+            raise write_error(path, exc) from None
         self.sha256 = hashlib.sha256()
         self.size = 0
 
     def write(self, data: bytes) -> int:
         self.sha256.update(data)
         self.size += len(data)
-        return self._file.write(data)
+        try:
+            return self._file.write(data)
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
 
     def close(self) -> None:
         if self._file.closed:
             return
         try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-        finally:
-            self._file.close()
+            try:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            finally:
+                self._file.close()
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
 
 
 @dataclass

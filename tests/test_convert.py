@@ -171,6 +171,11 @@ def _mutate(path, index, value):
     ("linked_batch", "epoch_2/batch_0.tar: the same bytes as"),
     ("encrypted_flag", "epoch_1/batch_1.tar: truncated or not a torch.save file (File"),
     ("entry_offset", "epoch_1/batch_1.tar: damaged (Truncated file header)"),
+    ("crop_off_image", "epoch_1/batch_1.tar: coords of row 2 reach outside the image"),
+    ("crop_without_pixels", "epoch_1/batch_1.tar: the crop box of row 3 rounds to"),
+    ("meta_tensor", "epoch_1/batch_1.tar: soft_label is a meta tensor, expected a dense CPU tensor"),
+    ("sparse_tensor", "epoch_1/batch_1.tar: coords is a sparse_coo tensor, expected a dense CPU tensor"),
+    ("folder_loop", "new001/again: a symbolic link that leads back to a folder containing it (a loop)"),
 ])
 def test_bad_input_is_one_line_error_and_no_output(relabel_case, tmp_path, capsys, case, message):
     train_dir, fkd_path, samples, truth = relabel_case()
@@ -256,6 +261,17 @@ def test_bad_input_is_one_line_error_and_no_output(relabel_case, tmp_path, capsy
         if case == "entry_offset":
             data[central[-1] + 42:central[-1] + 46] = b"\xff\xff\xff\x7f"  # the last entry's header offset
         open(b11, "wb").write(data)
+    elif case == "crop_off_image":
+        _mutate(b11, 0, lambda it: it[0].index_put((torch.tensor([2]), torch.tensor([0])), torch.tensor(0.9))
+                .index_put((torch.tensor([2]), torch.tensor([2])), torch.tensor(0.9)))
+    elif case == "crop_without_pixels":  # positive, but far below one pixel of any image
+        _mutate(b11, 0, lambda it: it[0].index_put((torch.tensor([3]), torch.tensor([2])), torch.tensor(1e-30)))
+    elif case == "meta_tensor":
+        _mutate(b11, 5, lambda it: it[5].to("meta"))
+    elif case == "sparse_tensor":
+        _mutate(b11, 0, lambda it: it[0].to_sparse())
+    elif case == "folder_loop":  # ImageFolder would list the set again under new001, up to 40 levels deep
+        os.symlink("..", os.path.join(train_dir, "new001", "again"))
     elif case == "copied_batch":
         shutil.copyfile(truth.files[(0, 3)], b11)
     elif case == "linked_batch":
@@ -351,6 +367,27 @@ def test_failure_mid_run_removes_shards(relabel_case, tmp_path, capsys):
     open(truth.files[(2, 0)], "w").write("broken")
     output = str(tmp_path / "out")
     _assert_fails(capsys, output, 1, "epoch_2/batch_0.tar: truncated", train_dir, fkd_path)
+    assert listing(output) == []
+
+
+def test_a_full_disk_names_the_shard_and_leaves_nothing(relabel_case, tmp_path, monkeypatch, capsys):
+    import errno
+    import io
+
+    from fkd_shards.shards import writer
+
+    train_dir, fkd_path, _, _ = relabel_case()
+
+    class FillsUp(io.FileIO):
+        def write(self, data):
+            if self.tell() + len(data) > 20_000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+    monkeypatch.setattr(writer, "open", lambda path, mode: FillsUp(path, mode), raising=False)
+    output = str(tmp_path / "out")
+    _assert_fails(capsys, output, 1, "out/images-000000.tar.partial: cannot write (disk full: No space left on "
+                  "device)", train_dir, fkd_path)
     assert listing(output) == []
 
 

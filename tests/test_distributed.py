@@ -156,12 +156,17 @@ def _kill_tree(pid: int) -> None:
 
 
 def _running(pid: int) -> bool:
-    """Whether pid is alive; a zombie (exited, not yet reaped) has already released its files."""
+    """Whether any thread of pid is alive. A zombie (exited, not yet reaped) has released its files,
+    but the main thread turns zombie while other threads may still be exiting with the files (and
+    the run lock) open: every thread counts."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                    return True
     except (FileNotFoundError, ProcessLookupError):
         return False
+    return False
 
 
 def _rank_pid(launcher: int, rank: int) -> int:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -162,6 +163,42 @@ def test_resume_refuses_other_flags_and_a_changed_image_folder(case, monkeypatch
     assert "other settings (images:" in err
 
 
+def test_replay_checks_its_files_as_fkd_convert_does_and_a_resume_finds_them_changed(case, monkeypatch, capsys):
+    from fkd_shards.convert.imagefolder import list_image_folder
+    from fkd_shards.convert.replay import epoch_orders
+
+    tmp, train, _, teachers = case
+    t = [("resnet18", teachers["resnet18"][0])]
+    fkd = str(tmp / "fkd")
+    write_sre2l_relabel(train, fkd, teachers["resnet18"][1], epochs=2, batch_size=6, input_size=SIZE, mix_type="none")
+    # Soft labels that name each crop's class under the replay of --fkd-seed 42, as a trained teacher's would.
+    labels = np.asarray(list_image_folder(train).labels)
+    for epoch, order in enumerate(epoch_orders(len(labels), 42, 2)):
+        for b in range(4):
+            path = os.path.join(fkd, f"epoch_{epoch}", f"batch_{b}.tar")
+            item = torch.load(path, weights_only=False)
+            item[5] = torch.nn.functional.one_hot(torch.from_numpy(labels[order[b * 6:(b + 1) * 6]]), 4).half()
+            torch.save(item, path)
+    strict = ["--train-dir", train, "--input-size", str(SIZE), "-j", "0", "--device", "cpu", "--no-progress",
+              "--teacher", *t[0], "--replay", fkd]
+    # The replay check passes on the files' own labels; the untrained teacher's new labels then fail theirs.
+    assert relabel_main([*strict, "--output", str(tmp / "good")]) == 1
+    out, err = capsys.readouterr()
+    assert "replay alignment (teacher argmax = image class or mix partner's): mean 1.000" in out
+    assert "teacher argmax is the image's class or its partner's" in err
+    assert relabel_main([*strict, "--output", str(tmp / "seed"), "--fkd-seed", "7"]) == 1
+    assert "epoch 0's replay alignment" in capsys.readouterr().err and not (tmp / "seed" / "manifest.json").exists()
+    _killed_at_the_seventh_batch(monkeypatch, train, tmp / "resumed", ["--replay", fkd], t)
+    later = os.path.join(fkd, "epoch_1", "batch_3.tar")  # not yet labelled when the run was killed
+    item = torch.load(later, weights_only=False)
+    torch.save([item[0] * 0.5, *item[1:]], later)
+    err = _relabel(train, tmp / "resumed", "--replay", fkd, "--resume", teachers=t, code=1, capsys=capsys)
+    assert "was written with other settings (replay_files:" in err
+    shutil.copyfile(os.path.join(fkd, "epoch_1", "batch_0.tar"), os.path.join(fkd, "epoch_1", "batch_1.tar"))
+    err = _relabel(train, tmp / "copied", "--replay", fkd, teachers=t, code=1, capsys=capsys)
+    assert "epoch_1/batch_1.tar: the same bytes as" in err and not (tmp / "copied").exists()
+
+
 def test_an_ensemble_stores_the_weighted_sum_in_the_given_order(case):
     tmp, train, _, teachers = case
     (p1, m1), (p2, m2) = teachers["resnet18"], teachers["mobilenet_v3_small"]
@@ -269,6 +306,10 @@ def test_fkd_train_trains_on_a_relabelled_set(case, tmp_path):
     ("no_batch_size", "--batch-size and --epochs are required"),
     ("chunks", "--teacher-chunks must be at least 1, got 0"),
     ("misaligned", "do the teachers' classes follow the class folders' sorted order?"),
+    ("small_crops", "--teacher squeezenet1_0 cannot take this set's 16x16 crops (Given input size"),
+    ("zero_mix", "--teacher-mix 0: every weight is 0, so every soft label would be 0"),
+    ("one_row_chunks", "--teacher resnet18 --bn-mode train cannot normalise a chunk of one image at 16x16"),
+    ("chunks_over_batch", "--teacher-chunks 7 is more than a batch's 6 rows"),
 ])
 def test_bad_input_is_one_line_and_leaves_nothing_complete(case, capsys, setup, message):
     tmp, train, _, teachers = case
@@ -306,6 +347,16 @@ def test_bad_input_is_one_line_and_leaves_nothing_complete(case, capsys, setup, 
         flags = ["--epochs", "1"]
     elif setup == "chunks":
         flags += ["--teacher-chunks", "0"]
+    elif setup == "small_crops":  # its last max-pool has no output at 16 px
+        path = str(tmp / "squeeze.pth")
+        torch.save(torchvision.models.squeezenet1_0(num_classes=4).state_dict(), path)
+        t = [("squeezenet1_0", path)]
+    elif setup == "zero_mix":
+        flags += ["--teacher-mix", "0"]
+    elif setup == "one_row_chunks":  # resnet18's last feature maps are 1x1 at 16 px
+        flags += ["--bn-mode", "train", "--teacher-chunks", "6"]
+    elif setup == "chunks_over_batch":
+        flags += ["--teacher-chunks", "7"]
     out = tmp / "out"
     argv = ["--train-dir", train, "--output", str(out), "--input-size", str(SIZE), "-j", "0",
             *([] if setup == "bad_device" else ["--device", "cpu"]), "--no-progress", *flags,
@@ -317,6 +368,8 @@ def test_bad_input_is_one_line_and_leaves_nothing_complete(case, capsys, setup, 
     assert len(err.splitlines()) == 1 and err.startswith("fkd-relabel: error: "), err
     assert message.format(p=path, train=train) in err, err
     assert not os.path.exists(out / "manifest.json")
+    if setup in ("small_crops", "zero_mix", "one_row_chunks", "chunks_over_batch"):  # found before any output
+        assert not os.path.exists(out)
 
 
 def _free_port() -> int:

@@ -32,7 +32,9 @@ def _batch(epoch=0, batch=0, n=3, width=5, mixed=True, dtype=np.float16, start=0
     rng = np.random.default_rng(epoch * 10 + batch)
     return shards.BatchRecord(
         epoch=epoch, batch=batch, indices=(start + rng.permutation(n)).astype(np.int64),
-        coords=(rng.random((n, 4), dtype=np.float32) * np.float32(0.9) + np.float32(0.05)), flips=rng.random(n) < 0.5,
+        # tops and lefts in [0, 0.45), heights and widths in [0.05, 0.5): boxes inside the image
+        coords=(rng.random((n, 4), dtype=np.float32) * np.float32(0.45) + np.float32([0, 0, 0.05, 0.05])),
+        flips=rng.random(n) < 0.5,
         mix_index=rng.permutation(n).astype(np.int64) if mixed else None,
         mix_lam=0.1 + 0.2 if mixed else None, mix_bbox=(1, 2, 3, 4) if mixed else None,
         soft_labels=rng.standard_normal((n, width)).astype(dtype),
@@ -116,6 +118,9 @@ def _npy_header(dtype: str, shape: tuple) -> bytes:
     ({"coords.npy": encode_npy(np.full((3, 4), np.nan, np.float32))}, "coords not finite or outside \\[0, 1\\]"),
     ({"coords.npy": encode_npy(np.full((3, 4), 1.5, np.float32))}, "coords not finite or outside \\[0, 1\\]"),
     ({"coords.npy": encode_npy(np.array([[0, 0, 0, 0.5]] * 3, np.float32))}, "crop of zero height or width"),
+    ({"coords.npy": encode_npy(np.array([[0.9, 0, 0.2, 0.5]] * 3, np.float32))}, "coords of row 0 reach outside"),
+    ({"coords.npy": encode_npy(np.array([[0, 0, 1, 1], [0, 0.5, 1, 0.5001]] * 1 + [[0, 0, 1, 1]], np.float32))},
+     "coords of row 1 reach outside"),
     ({"soft_labels.npy": encode_npy(np.full((3, 5), np.inf, np.float16))}, "soft labels hold a value that is not"),
     ({fmt.META: b"\xc1"}, "meta.msgpack: not valid msgpack"),
     ({fmt.META: b"\x91" * 5000 + b"\xc0"}, "meta.msgpack"),
@@ -123,6 +128,20 @@ def _npy_header(dtype: str, shape: tuple) -> bytes:
 def test_decode_refuses_every_malformed_field(changes, message):
     with pytest.raises(shards.RecordError, match=message):
         decode_batch(_tampered(_batch(), **changes), _spec(), 0, 0, 3)
+
+
+def test_every_box_a_relabel_step_can_draw_is_inside_and_has_pixels():
+    """Whole-pixel boxes (top, height) with top + height = H, stored as float32 fractions as the relabel
+    step stores them, are never judged outside, and round back to the very box, on H up to 2,048."""
+    from fkd_shards.shards.boxes import empty_boxes, pixel_boxes, reaching_outside
+
+    for size in range(1, 2049):
+        tops = np.arange(size, dtype=np.float64)
+        heights = size - tops
+        coords = np.stack([tops / size, tops / size, heights / size, heights / size], 1).astype(np.float32)
+        assert not reaching_outside(coords).any(), size
+        boxes = pixel_boxes(coords, np.full(size, size), np.full(size, size))
+        assert not empty_boxes(boxes).any() and (boxes[:, 2] == size).all() and (boxes[:, 1] == tops).all(), size
 
 
 def test_npy_header_is_checked_before_anything_is_allocated():
@@ -202,6 +221,10 @@ def test_manifest_versions_types_and_checksum(tmp_path):
     refused(unsealed | {"num_images": "4"}, "num_images must be a positive integer, found '4'")
     refused(unsealed | {"batch_size": True}, "batch_size must be a positive integer, found True")
     refused(unsealed | {"classes": ["a", 7]}, "classes is not a list of strings")
+    refused(unsealed | {"classes": ["a", "../b"]}, "class name '../b' cannot be a directory name")
+    refused(unsealed | {"format_version": True}, "format version True is not supported")
+    refused(unsealed | {"batches_per_epoch": body["batches_per_epoch"] + 1}, "disagrees with num_images and batch_size")
+    refused(text.replace('"epochs":', '"epochs": 3, "epochs":', 1), "the key 'epochs' appears twice in one object")
     refused(unsealed | {"shards": [dict(body["shards"][0], sha256="x" * 64)]}, "sha256 is not 64 lower-case hex")
     refused(unsealed | {"shards": [dict(body["shards"][0], name="../etc/passwd")]}, "bad shard entry")
     refused(unsealed | {"surprise": 1}, "unknown field\\(s\\) surprise")

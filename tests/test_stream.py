@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from fkd_shards import shards
-from fkd_shards.train.crop import crop_resize_flip, pil_boxes
+from fkd_shards.shards.boxes import pixel_boxes
+from fkd_shards.train.crop import crop_resize_flip
 from fkd_shards.train.images import ImageSource, ImageTable
 from fkd_shards.train.plan import slice_rows
 from fkd_shards.train.stream import BatchStream, StreamError
@@ -189,7 +190,7 @@ def test_crop_rounds_to_nearest_like_pil():
     pixels = np.arange(10 * 10 * 3, dtype=np.uint8).reshape(10, 10, 3)
     img = Image.fromarray(pixels, "RGB")
     coords = np.array([[0.26, 0.0, 0.5, 0.5]], dtype=np.float32)
-    box = pil_boxes(coords, np.array([10]), np.array([10]))[0]
+    box = pixel_boxes(coords, np.array([10]), np.array([10]))[0]
     assert box.tolist() == [0, 3, 5, 8]
     out = crop_resize_flip(pixels, box, False, 5)
     expected = np.asarray(img.crop((0, 3, 5, 8)).resize((5, 5), Image.BILINEAR))
@@ -216,7 +217,7 @@ def test_cropping_cached_pixels_equals_pil_crop_of_the_image():
         assert np.array_equal(source.rgb(k), np.asarray(img))
         width, height = img.size
         for coords in cases:
-            box = pil_boxes(coords[None], np.array([height]), np.array([width]))[0]
+            box = pixel_boxes(coords[None], np.array([height]), np.array([width]))[0]
             top, left = float(coords[0]) * height, float(coords[1]) * width
             float_box = (left, top, left + float(coords[3]) * width, top + float(coords[2]) * height)
             for flip in (False, True):
@@ -233,7 +234,7 @@ def test_device_crops_cover_both_resample_paths_and_slices(converted):
     stream = _stream(output, workers=0, crop_device="cpu")
     record = next(iter(stream.shard_set.batches()))
     shapes = stream.images.shapes[record.indices]
-    boxes = pil_boxes(record.coords, shapes[:, 0], shapes[:, 1])
+    boxes = pixel_boxes(record.coords, shapes[:, 0], shapes[:, 1])
     by_pil = boxes[:, 3] - boxes[:, 1] > INPUT_SIZE
     assert by_pil.any() and not by_pil.all()  # the fixture exercises the torch path and the PIL one
     full = list(_stream(output, workers=0, end_epoch=1))

@@ -21,7 +21,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from fkd_shards import shards
 from fkd_shards.common.files import FileWriteError, write_atomically
-from fkd_shards.common.text import escape, first_line
+from fkd_shards.common.text import escape, first_line, shown
 from fkd_shards.common.torchfiles import TorchFileError, load_weights_only
 
 from .config import TRAJECTORY_FIELDS, ConfigError, TrainConfig
@@ -61,11 +61,17 @@ def load_file(path: str) -> dict:
     return state
 
 
+STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")  # where checkpoints of common trainers keep it
+
+
 def model_state(state: dict, where: str) -> dict:
-    """The model's state dict from a checkpoint or a bare state dict, without ``module.`` prefixes."""
-    weights = state.get("state_dict", state)
+    """The model's state dict from a bare state dict, or from a checkpoint that keeps it under one of
+    ``STATE_DICT_KEYS`` (this project's and SRe2L's ``state_dict``, timm's and others' ``model``),
+    without ``module.`` prefixes."""
+    weights = next((state[key] for key in STATE_DICT_KEYS if isinstance(state.get(key), dict)), state)
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise CheckpointError(f"{where}: holds no state dict of tensors")
+        raise CheckpointError(f"{where}: holds no state dict of tensors (neither itself nor under "
+                              f"{', '.join(repr(k) for k in STATE_DICT_KEYS)})")
     return {str(k).removeprefix("module."): v for k, v in weights.items()}
 
 
@@ -116,9 +122,40 @@ def write(state: dict, path: str) -> None:
     """``torch.save`` through a temporary file and a rename; a full or read-only disk is a
     :class:`CheckpointError` and the file at ``path`` stays as it was."""
     try:
-        write_atomically(path, lambda f: torch.save(state, f))
+        write_atomically(path, lambda f: _torch_save(state, f))
     except FileWriteError as exc:
-        raise CheckpointError(f"{exc}; the previous file there is intact") from None
+        kept = "the previous file there is intact" if os.path.exists(path) else "nothing was written"
+        raise CheckpointError(f"{exc}; {kept}") from None
+
+
+def _torch_save(state: dict, f) -> None:
+    try:
+        torch.save(state, f)
+    except RuntimeError as exc:
+        # torch's zip writer, closing after a failed write (a full disk), raises its own RuntimeError
+        # ("unexpected pos ..."), which would hide the OSError that says what happened.
+        if isinstance(exc.__context__, OSError):
+            raise exc.__context__ from None
+        raise
+
+
+def misfit(model: nn.Module, weights: dict) -> str:
+    """What keeps ``weights`` from loading into ``model``, briefly (counts and a first example of
+    missing keys, unexpected keys and tensors of another shape); empty when names and shapes fit."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    reshaped = [k for k in expected if k in weights and getattr(weights[k], "shape", None) != expected[k].shape]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing, e.g. {shown(missing[0])}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected, e.g. {shown(unexpected[0])}")
+    if reshaped:
+        k = reshaped[0]
+        parts.append(f"{len(reshaped)} of another shape, e.g. {shown(k)} {list(getattr(weights[k], 'shape', []))} "
+                     f"in the file, {list(expected[k].shape)} in the model")
+    return "; ".join(parts)
 
 
 def write_weights(model: nn.Module, path: str) -> None:
@@ -186,9 +223,11 @@ def restore(s: TrainState, path: str, cfg: TrainConfig, manifest: shards.Manifes
     state = load_checkpoint(path)
     _check_compatible(state, cfg, manifest, path)
     try:
-        s.plain.load_state_dict(model_state(state, path))
+        weights = model_state(state, path)
+        s.plain.load_state_dict(weights)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: does not fit --model {cfg.model} ({first_line(exc, 200)})") from None
+        reason = misfit(s.plain, weights) or first_line(exc, 200)
+        raise CheckpointError(f"{path}: does not fit --model {cfg.model} ({reason})") from None
     try:
         s.optimizer.load_state_dict(state["optimizer"])
         s.scaler.load_state_dict(state.get("scaler") or {})

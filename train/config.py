@@ -198,12 +198,16 @@ def resolve(args: argparse.Namespace, manifest, env: DistEnv) -> TrainConfig:
     if args.fkd_seed is not None and args.fkd_seed != m.fkd_seed:
         raise ConfigError(f"--fkd_seed {args.fkd_seed} contradicts the shard set's {m.fkd_seed}")
     epochs = m.epochs if args.epochs is None else args.epochs
-    if not 0 < epochs <= m.epochs:
+    if epochs <= 0:
+        raise ConfigError(f"--epochs must be positive, got {epochs}")
+    if epochs > m.epochs:
         raise ConfigError(f"--epochs {epochs} asked, the shard set holds {m.epochs}")
     if not 0 <= args.start_epoch < epochs:
         raise ConfigError(f"--start-epoch {args.start_epoch} outside [0, {epochs})")
     steps = args.gradient_accumulation_steps
-    if steps <= 0 or m.batch_size % steps:
+    if steps <= 0:
+        raise ConfigError(f"--gradient-accumulation-steps must be positive, got {steps}")
+    if m.batch_size % steps:
         raise ConfigError(f"--batch-size {m.batch_size} is not divisible by --gradient-accumulation-steps {steps}")
     if m.batch_size % (env.world_size * steps):
         raise ConfigError(f"--batch-size {m.batch_size} is not divisible by world size {env.world_size} x "

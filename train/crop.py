@@ -1,10 +1,8 @@
 """Crop, resize and flip on the CPU with PIL, bit for bit the original trainer's per-image path
 (crop the stored box, bilinear resize to S x S, horizontal flip), for a batch of images.
 
-The box is computed in doubles from the float32 coords and each edge is rounded to the nearest
-integer, ties to even, exactly as PIL's ``Image.crop`` rounds a float box (Python's ``round``).
-The products land just below or above whole numbers, so truncating instead (``int()``, a floor)
-would pick other pixels in most batches.
+The integer box of each crop comes from :mod:`fkd_shards.shards.boxes` (PIL's rounding of the
+float box, ties to even).
 """
 
 from __future__ import annotations
@@ -13,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fkd_shards.shards.boxes import empty_boxes, pixel_boxes
+
 from .images import ImageSource, shared_bytes
 
 
@@ -20,21 +20,9 @@ class CropError(ValueError):
     """A crop that cannot be made (a box that rounds to zero pixels)."""
 
 
-def pil_boxes(coords: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
-    """int64 (u, 4): the integer boxes ``(left, top, right, bottom)`` PIL crops for float32 coords
-    ``(top/H, left/W, height/H, width/W)`` (u, 4) on images of the given sizes."""
-    c = coords.astype(np.float64)
-    top = c[:, 0] * heights
-    left = c[:, 1] * widths
-    # The far edges are left + width and top + height, added in doubles before rounding, as PIL
-    # receives them; np.rint rounds ties to even like Python's round.
-    edges = np.stack([left, top, left + c[:, 3] * widths, top + c[:, 2] * heights], axis=1)
-    return np.rint(edges).astype(np.int64).reshape(-1, 4)
-
-
 def check_boxes(boxes: np.ndarray, samples: np.ndarray) -> None:
     """A box with no pixel (it rounds to zero width or height) cannot be resized: name it."""
-    empty = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+    empty = empty_boxes(boxes)
     if empty.any():
         k = int(np.argmax(empty))
         raise CropError(f"the crop box of image {int(samples[k])} rounds to {boxes[k].tolist()}: no pixels")
@@ -45,7 +33,8 @@ def crop_resize_flip(rgb: np.ndarray, box: np.ndarray, flip: bool, size: int) ->
 
     ``rgb`` is C-contiguous (H, W, 3). A box inside the image is handed to PIL as a region of the
     array (row stride W*3): no copy of the crop. A box reaching outside it takes PIL's own crop,
-    which pads with black, as the original does.
+    which pads with black, as the original does (verified records never hold one: they refuse
+    coords reaching outside the image).
     """
     height, width = rgb.shape[:2]
     x0, y0, x1, y1 = (int(v) for v in box)
@@ -73,7 +62,7 @@ class CpuCropper:
         """``shared``: allocate the batch in shared memory (in a worker process: handing it to the
         main process then copies nothing)."""
         shapes = self.source.table.shapes[samples]
-        boxes = pil_boxes(coords, shapes[:, 0], shapes[:, 1])
+        boxes = pixel_boxes(coords, shapes[:, 0], shapes[:, 1])
         check_boxes(boxes, samples)
         shape = (len(samples), self.size, self.size, 3)
         crops = shared_bytes(int(np.prod(shape))).view(shape) if shared else torch.empty(shape, dtype=torch.uint8)

@@ -17,7 +17,9 @@ import math
 import numpy as np
 import torch
 
-from .crop import check_boxes, crop_resize_flip, pil_boxes
+from fkd_shards.shards.boxes import pixel_boxes
+
+from .crop import check_boxes, crop_resize_flip
 from .images import ImageSource
 
 PRECISION_BITS = 32 - 8 - 2
@@ -59,7 +61,7 @@ def crop_resize_flip_batch(flat: torch.Tensor, offsets: np.ndarray, shapes: np.n
     """uint8 (n, 3, size, size) on ``flat``'s device: PIL's crop, bilinear resize and flip.
 
     ``flat`` holds every image's RGB pixels (H, W, 3) one after another; ``offsets``/``shapes``:
-    where each starts and its (H, W); ``boxes``: from :func:`.crop.pil_boxes`, none with pixels and
+    where each starts and its (H, W); ``boxes``: from :func:`fkd_shards.shards.boxes.pixel_boxes`, none with pixels and
     none taller than ``size``. Pixels of a box reaching outside its image are black, as PIL's crop makes them.
     """
     out = torch.empty((len(samples), 3, size, size), dtype=torch.uint8, device=flat.device)
@@ -116,7 +118,7 @@ class DeviceCropper:
 
     def crop(self, samples: np.ndarray, coords: np.ndarray, flips: np.ndarray, shared: bool = False) -> torch.Tensor:
         shapes = self.source.table.shapes
-        boxes = pil_boxes(coords, shapes[samples, 0], shapes[samples, 1])
+        boxes = pixel_boxes(coords, shapes[samples, 0], shapes[samples, 1])
         check_boxes(boxes, samples)
         crops = torch.empty((len(samples), 3, self.size, self.size), dtype=torch.uint8, device=self.pixels.device)
         tall = boxes[:, 3] - boxes[:, 1] > self.size

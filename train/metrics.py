@@ -6,14 +6,38 @@ import json
 import os
 import sys
 
-from fkd_shards.common.files import FileWriteError, write_atomically
+from fkd_shards.common.files import FileMissingError, FileReadError, FileWriteError, read_bounded, write_atomically
 from fkd_shards.common.text import first_line
 
 from .rundir import METRICS_NAME
 
+WANDB_TIMEOUT_S = 30  # wandb's own default waits 90 s for a server that does not answer
+MAX_METRICS_BYTES = 64 << 20  # about 100,000 epochs of lines; a bigger file is not one we wrote
+
 
 class MetricsError(RuntimeError):
-    """metrics.jsonl cannot be written (disk full, read-only), or wandb cannot start."""
+    """metrics.jsonl cannot be read or written (disk full, read-only), or wandb cannot start."""
+
+
+def read_metrics(path: str) -> list[tuple[str, dict]]:
+    """The lines of a metrics log that are JSON objects, with their text; lines cut short by a crash
+    or not ours are skipped. A missing file has none; one that is not a regular file, or too big,
+    is a :class:`MetricsError`."""
+    try:
+        data = read_bounded(path, MAX_METRICS_BYTES)
+    except FileMissingError:
+        return []
+    except FileReadError as exc:
+        raise MetricsError(str(exc)) from None
+    records = []
+    for line in data.decode("utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(record, dict):
+            records.append((line, record))
+    return records
 
 
 class MetricsLog:
@@ -23,14 +47,8 @@ class MetricsLog:
         self.path = os.path.join(output_dir, METRICS_NAME)
         self.wandb_run = wandb_run
         if os.path.exists(self.path):
-            kept = []
-            with open(self.path, encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    try:
-                        if json.loads(line)["train/epoch"] < first_epoch:
-                            kept.append(line if line.endswith("\n") else line + "\n")
-                    except (ValueError, KeyError, TypeError):
-                        continue  # a line cut short by a crash, or not ours: not an epoch to keep
+            kept = [line + "\n" for line, record in read_metrics(self.path)
+                    if isinstance(record.get("train/epoch"), int) and record["train/epoch"] < first_epoch]
             try:
                 write_atomically(self.path, "".join(kept).encode())
             except FileWriteError as exc:
@@ -53,7 +71,8 @@ class MetricsLog:
 
 def start_wandb(project: str, name: str, mode: str, config: dict, api_key: str | None, output_dir: str):
     """A wandb run writing under ``OUTPUT_DIR/wandb``, or None when disabled. Imported lazily; a
-    login prompt times out after 30 s; the key is never in the config or the recorded command line."""
+    login prompt or an unreachable server gives up after 30 s; the key is never in the config or the
+    recorded command line."""
     if mode == "disabled":
         return None
     import wandb
@@ -67,9 +86,11 @@ def start_wandb(project: str, name: str, mode: str, config: dict, api_key: str |
     try:
         # dir: wandb writes into its "wandb" folder there (rundir.WANDB_DIR), not the current directory.
         return wandb.init(project=project, name=name, mode=mode, config=safe_config, dir=output_dir,
-                          settings=wandb.Settings(login_timeout=30, silent=True))
+                          settings=wandb.Settings(login_timeout=WANDB_TIMEOUT_S, init_timeout=WANDB_TIMEOUT_S,
+                                                  silent=True))
     except wandb.errors.Error as exc:
-        raise MetricsError(f"wandb ({mode}): {first_line(exc)} (set WANDB_API_KEY, or use --wandb-mode offline "
-                           f"or disabled)") from None
+        fix = "check the network and the key" if os.environ.get("WANDB_API_KEY") else "set WANDB_API_KEY"
+        raise MetricsError(f"wandb ({mode}): {first_line(exc)} ({fix}, or use --wandb-mode offline or disabled)") \
+            from None
     finally:
         sys.argv = argv

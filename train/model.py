@@ -11,16 +11,22 @@ from torch import nn
 
 from fkd_shards.common.text import first_line
 
-from .checkpoint import CheckpointError, check_finite, load_file, model_state
+from .checkpoint import CheckpointError, check_finite, load_file, misfit, model_state
 from .config import ConfigError
 
 TIMM_PREFIX = "timm:"
+# torchvision models with auxiliary classifiers: in train mode they return a tuple of logits, which
+# a KD student has no use for. Their init_weights=True is torchvision's current default, made
+# explicit so that it stops warning that the default will change.
+AUX_HEAD_MODELS = ("googlenet", "inception_v3")
 
 
-def build_classifier(name: str, num_classes: int, input_size: int | None = None) -> nn.Module:
+def build_classifier(name: str, num_classes: int, input_size: int | None = None,
+                     aux_heads: bool = True) -> nn.Module:
     """A randomly initialised classifier (nothing is downloaded): a torchvision.models name, or
     ``timm:NAME`` with the timm extra, which models with a fixed grid (ViT, DeiT, Swin) build for
-    ``input_size``. An unknown name is a :class:`ConfigError`."""
+    ``input_size``. ``aux_heads=False`` builds GoogLeNet and Inception v3 without their auxiliary
+    classifiers. An unknown name is a :class:`ConfigError`."""
     if name.startswith(TIMM_PREFIX):
         return _timm_model(name.removeprefix(TIMM_PREFIX), num_classes, input_size)
     import torchvision
@@ -28,17 +34,19 @@ def build_classifier(name: str, num_classes: int, input_size: int | None = None)
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise ConfigError(f"{name} is not a torchvision.models classification model (e.g. resnet18, mobilenet_v2, "
                           f"efficientnet_b0; timm models as timm:NAME)")
-    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    extra = {"aux_logits": aux_heads, "init_weights": True} if name in AUX_HEAD_MODELS else {}
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **extra)
 
 
 def build_model(name: str, num_classes: int, input_size: int) -> nn.Module:
     """The student, checked to take the set's crops (its init draws from torch's global
     generator: seed it first)."""
     try:
-        model = build_classifier(name, num_classes, input_size)
+        model = build_classifier(name, num_classes, input_size, aux_heads=False)
     except ConfigError as exc:
         raise ConfigError(f"--model {exc}") from None
-    check_input_size(model, name, input_size)
+    check_input_size(model, f"--model {name}", input_size)
+    check_training_output(model, f"--model {name}", input_size)
     return model
 
 
@@ -61,19 +69,37 @@ def _timm_model(name: str, num_classes: int, input_size: int | None) -> nn.Modul
 
 
 @torch.no_grad()
-def check_input_size(model: nn.Module, name: str, input_size: int) -> None:
+def check_input_size(model: nn.Module, label: str, input_size: int) -> None:
     """One forward of a blank image in eval mode (which draws nothing and updates no statistic):
-    a model that cannot take the set's crops fails here, in one line, not after an epoch of setup."""
+    a model that cannot take the set's crops fails here, in one line, not after an epoch of setup.
+    ``label`` names it in the message (``--model resnet18``, ``--teacher vit_b_16``)."""
+    was_training = model.training
     model.eval()
     try:
         out = model(torch.zeros(1, 3, input_size, input_size))
     except Exception as exc:  # shape assertions and errors differ per architecture
-        raise ConfigError(f"--model {name} cannot take this set's {input_size}x{input_size} crops "
+        raise ConfigError(f"{label} cannot take this set's {input_size}x{input_size} crops "
                           f"({first_line(exc, 150)})") from None
     finally:
-        model.train()
+        model.train(was_training)
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
-        raise ConfigError(f"--model {name} does not return (batch, classes) logits")
+        raise ConfigError(f"{label} does not return (batch, classes) logits")
+
+
+@torch.no_grad()
+def check_training_output(model: nn.Module, label: str, input_size: int) -> None:
+    """Two blank images in train mode, on a copy with the RNG put back (changing nothing): some
+    models return more than the logits there (auxiliary or distillation heads)."""
+    rng = torch.get_rng_state()
+    try:
+        out = copy.deepcopy(model).train()(torch.zeros(2, 3, input_size, input_size))
+    except Exception:  # errors of training mode itself (a single value per channel) are check_micro_batches'
+        return
+    finally:
+        torch.set_rng_state(rng)
+    if not isinstance(out, torch.Tensor):
+        raise ConfigError(f"{label} returns {type(out).__name__}, not a tensor of logits, in training "
+                          "mode (a model with auxiliary or distillation heads)")
 
 
 def check_micro_batches(model: nn.Module, name: str, input_size: int, single_row: str | None) -> None:
@@ -103,4 +129,5 @@ def load_init_weights(model: nn.Module, path: str, name: str) -> None:
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: does not fit --model {name} ({first_line(exc, 200)})") from None
+        reason = misfit(model, weights) or first_line(exc, 200)
+        raise CheckpointError(f"{path}: does not fit --model {name} ({reason})") from None

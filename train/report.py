@@ -11,10 +11,14 @@ import json
 import math
 import os
 
+from fkd_shards.common.files import FileMissingError, FileReadError, read_bounded
 from fkd_shards.common.text import escape
+from fkd_shards.shards.manifest import parse_json
 
 from .config import TRAJECTORY_FIELDS
 from .rundir import SUMMARY_NAME
+
+MAX_SUMMARY_BYTES = 1 << 20  # ours are about 2 KB
 
 
 class ReportError(ValueError):
@@ -24,12 +28,12 @@ class ReportError(ValueError):
 def _load(run: str) -> dict:
     path = os.path.join(run, SUMMARY_NAME)
     try:
-        with open(path, encoding="utf-8") as f:
-            summary = json.load(f)
-    except FileNotFoundError:
+        data = read_bounded(path, MAX_SUMMARY_BYTES)
+    except FileMissingError:
         raise ReportError(f"{run}: no {SUMMARY_NAME} (not a finished fkd-train run)") from None
-    except (OSError, ValueError) as exc:
-        raise ReportError(f"{path}: unreadable ({escape(exc)})") from None
+    except FileReadError as exc:
+        raise ReportError(str(exc)) from None
+    summary = parse_json(data.decode("utf-8", errors="replace"), path, ReportError)
     if not isinstance(summary, dict) or not isinstance(summary.get("config"), dict):
         raise ReportError(f"{path}: not an fkd-train summary")
     return summary
@@ -78,8 +82,21 @@ def report(runs: list[str], csv: bool = False) -> str:
                      ",".join(_cell(m.get("seed")) for m in members) + f" (n={len(members)})",
                      _mean_std(finals), _mean_std(bests), f"{sum(rates) / len(rates):.0f}" if rates else "-"])
     if csv:
-        return "\n".join(",".join(f'"{cell}"' if "," in cell else cell for cell in row) for row in [header, *rows])
+        return _csv([header, *rows])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in [header, *rows]]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def _csv(rows: list[list[str]]) -> str:
+    """RFC 4180 rows; a cell a spreadsheet would run as a formula (``=``, ``+``, ``-``, ``@`` first)
+    gets a leading ``'``: run names come from data."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    for row in rows:
+        writer.writerow(["'" + cell if cell[:1] in ("=", "+", "-", "@") else cell for cell in row])
+    return out.getvalue().rstrip("\n")

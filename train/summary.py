@@ -11,6 +11,7 @@ from fkd_shards.common.files import write_atomically
 from fkd_shards.common.text import escape
 from fkd_shards.common.version import VERSION
 
+from .metrics import read_metrics
 from .rundir import METRICS_NAME, SUMMARY_NAME
 
 
@@ -44,15 +45,7 @@ class RunSummary:
 
 def summarize(cfg, manifest, wall_s: float) -> RunSummary:
     """The summary of the run in ``cfg.output_dir`` from its metrics log."""
-    lines = []
-    path = os.path.join(cfg.output_dir, METRICS_NAME)
-    if os.path.exists(path):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                try:
-                    lines.append(json.loads(line))
-                except ValueError:
-                    continue
+    lines = [record for _, record in read_metrics(os.path.join(cfg.output_dir, METRICS_NAME))]
     validated = [x for x in lines if isinstance(x.get("val/top1"), (int, float))]
     best = max(validated, key=lambda x: x["val/top1"], default=None)
     images = seconds = 0.0
