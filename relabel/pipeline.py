@@ -118,6 +118,8 @@ def check_options(o: RelabelOptions) -> shards.codecs.Codec:
     for flag, value in (("--batch-size", o.batch_size), ("--epochs", o.epochs)):
         if value is not None and value <= 0:
             raise RelabelError(f"{flag} must be positive, got {value}")
+    if o.epochs is not None and o.epochs > fmt.MAX_EPOCHS:
+        raise RelabelError(f"--epochs must be at most {fmt.MAX_EPOCHS}, got {o.epochs}")
     if o.input_size is not None and not 0 < o.input_size <= fmt.MAX_INPUT_SIZE:
         raise RelabelError(f"--input-size must be in [1, {fmt.MAX_INPUT_SIZE}], got {o.input_size}")
     if o.crop_scale is not None and not 0 < o.crop_scale[0] <= o.crop_scale[1] <= 1:

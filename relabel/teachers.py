@@ -126,6 +126,8 @@ def parse_mix(spec: str, count: int) -> list[float]:
     if spec == "mean":
         return [1.0 / count] * count
     try:
+        if "_" in spec:  # float() reads "1_0" as 10
+            raise ValueError(spec)
         weights = [float(w) for w in spec.split(",")]
     except ValueError:
         raise TeacherError(f"--teacher-mix {escape(spec)}: expected 'mean' or comma-separated numbers") from None

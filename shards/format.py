@@ -65,6 +65,7 @@ TAR_BLOCK = 512
 # Bounds on what a reader accepts before it allocates anything for it.
 MAX_MANIFEST_BYTES = 64 * 2**20
 MAX_PROGRESS_BYTES = 64 * 2**20
+MAX_EPOCHS = 100_000  # of labels a tool writes; SRe2L-family recipes use up to 1,000
 MAX_INPUT_SIZE = 2048  # px; a crop this size already takes 12 MB per image
 MAX_SOFT_LABEL_WIDTH = 1 << 20  # classes; ImageNet-21k has 21,843
 MAX_IMAGE_SIDE = 65535

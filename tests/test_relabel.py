@@ -310,6 +310,8 @@ def test_fkd_train_trains_on_a_relabelled_set(case, tmp_path):
     ("zero_mix", "--teacher-mix 0: every weight is 0, so every soft label would be 0"),
     ("one_row_chunks", "--teacher resnet18 --bn-mode train cannot normalise a chunk of one image at 16x16"),
     ("chunks_over_batch", "--teacher-chunks 7 is more than a batch's 6 rows"),
+    ("epochs_bound", "--epochs must be at most 100000, got 99999999999"),
+    ("mix_underscore", "--teacher-mix 1_0: expected 'mean' or comma-separated numbers"),
 ])
 def test_bad_input_is_one_line_and_leaves_nothing_complete(case, capsys, setup, message):
     tmp, train, _, teachers = case
@@ -357,6 +359,10 @@ def test_bad_input_is_one_line_and_leaves_nothing_complete(case, capsys, setup, 
         flags += ["--bn-mode", "train", "--teacher-chunks", "6"]
     elif setup == "chunks_over_batch":
         flags += ["--teacher-chunks", "7"]
+    elif setup == "epochs_bound":
+        flags = ["--batch-size", "6", "--epochs", "99999999999"]
+    elif setup == "mix_underscore":  # float() would read it as 10
+        flags += ["--teacher-mix", "1_0"]
     out = tmp / "out"
     argv = ["--train-dir", train, "--output", str(out), "--input-size", str(SIZE), "-j", "0",
             *([] if setup == "bad_device" else ["--device", "cpu"]), "--no-progress", *flags,
@@ -368,7 +374,8 @@ def test_bad_input_is_one_line_and_leaves_nothing_complete(case, capsys, setup, 
     assert len(err.splitlines()) == 1 and err.startswith("fkd-relabel: error: "), err
     assert message.format(p=path, train=train) in err, err
     assert not os.path.exists(out / "manifest.json")
-    if setup in ("small_crops", "zero_mix", "one_row_chunks", "chunks_over_batch"):  # found before any output
+    # These are found before any output is made.
+    if setup in ("small_crops", "zero_mix", "one_row_chunks", "chunks_over_batch", "epochs_bound", "mix_underscore"):
         assert not os.path.exists(out)
 
 

@@ -333,6 +333,9 @@ def test_report_groups_seeds_with_mean_and_std(converted, tmp_path, capsys):
     mean = sum(finals) / 3
     std = (sum((f - mean) ** 2 for f in finals) / 2) ** 0.5
     assert f"{mean:.2f} ± {std:.2f}" in table[2]
+    assert "sgd=false" in table[2] and "sgd=true" in table[3]  # the column that tells the rows apart
+    assert train_main(["report", *runs, runs[0]]) == 0
+    assert "0,1,2,0 (n=4, seed 0 repeated)" in capsys.readouterr().out
     assert train_main(["report", str(tmp_path)]) == 1
     assert "no summary.json (not a finished fkd-train run)" in capsys.readouterr().err
 

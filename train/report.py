@@ -39,10 +39,19 @@ def _load(run: str) -> dict:
     return summary
 
 
-def _group_key(summary: dict) -> tuple:
+# Besides the trajectory: what a row's numbers also depend on (the validation set, the arithmetic, the start).
+MEASURE_FIELDS = ("val_dir", "amp", "init_weights")
+
+
+def _settings(summary: dict) -> tuple[tuple[str, str], ...]:
+    """(name, JSON value) of every setting that keeps runs apart, --seed excepted."""
     config = summary["config"]
-    fields = tuple((name, json.dumps(config.get(name))) for name in TRAJECTORY_FIELDS if name != "seed")
-    return (summary.get("shard_set"), summary.get("epochs_done")) + fields
+    return tuple((name, json.dumps(config.get(name))) for name in TRAJECTORY_FIELDS + MEASURE_FIELDS
+                 if name != "seed")
+
+
+def _group_key(summary: dict) -> tuple:
+    return (summary.get("shard_set"), summary.get("epochs_done")) + _settings(summary)
 
 
 def _numbers(members: list[dict], key: str) -> list[float]:
@@ -56,14 +65,22 @@ def _cell(value: object) -> str:
     return escape(value).replace("|", "\\|")
 
 
-def _mean_std(values: list[float]) -> str:
+def _mean_std(values: list[float], runs: int) -> str:
+    """mean ± sample std; "(of k)" when only k of the group's runs have the number (no --val-dir)."""
     if not values:
         return "-"
     mean = sum(values) / len(values)
+    of = f" (of {len(values)})" if len(values) < runs else ""
     if len(values) == 1:
-        return f"{mean:.2f}"
+        return f"{mean:.2f}{of}"
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    return f"{mean:.2f} ± {std:.2f}"
+    return f"{mean:.2f} ± {std:.2f}{of}"
+
+
+def _seeds(members: list[dict]) -> str:
+    seeds = [_cell(m.get("seed")) for m in members]
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    return ",".join(seeds) + f" (n={len(members)}" + (f", seed {', '.join(repeated)} repeated)" if repeated else ")")
 
 
 def report(runs: list[str], csv: bool = False) -> str:
@@ -72,15 +89,21 @@ def report(runs: list[str], csv: bool = False) -> str:
     for run in runs:
         summary = _load(run)
         groups.setdefault(_group_key(summary), []).append(summary)
-    header = ["model", "shards", "epochs", "seeds", "final top-1 %", "best top-1 %", "images/s"]
+    # Settings that differ between rows (other than the model) get a column, so that no two rows
+    # look the same: e.g. "temperature=20, sgd=true".
+    settings = [dict(_settings(members[0])) for members in groups.values()]
+    varying = [name for name in settings[0] if name != "model" and len({s[name] for s in settings}) > 1]
+    header = ["model", "shards", "epochs", *(["settings"] if varying else []), "seeds", "final top-1 %",
+              "best top-1 %", "images/s"]
     rows = []
-    for members in groups.values():
+    for members, values in zip(groups.values(), settings):
         first = members[0]
         finals, bests = _numbers(members, "final_top1"), _numbers(members, "best_top1")
         rates = _numbers(members, "images_per_s")
+        differs = [_cell(", ".join(f"{name}={values[name]}" for name in varying))] if varying else []
         rows.append([_cell(first.get("model")), _cell(first.get("shards")), _cell(first.get("epochs_done")),
-                     ",".join(_cell(m.get("seed")) for m in members) + f" (n={len(members)})",
-                     _mean_std(finals), _mean_std(bests), f"{sum(rates) / len(rates):.0f}" if rates else "-"])
+                     *differs, _seeds(members), _mean_std(finals, len(members)), _mean_std(bests, len(members)),
+                     f"{sum(rates) / len(rates):.0f}" if rates else "-"])
     if csv:
         return _csv([header, *rows])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
