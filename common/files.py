@@ -196,17 +196,16 @@ def within(path: str, other: str) -> bool:
     return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
 
 
-def directory_loop(root: str) -> str | None:
-    """The first folder under ``root`` that a symbolic link leads back into (a folder containing
-    it), walking as ImageFolder does (links followed); None when there is none. Such a loop would
-    list the same files again and again until the path grows too long."""
+def refuse_directory_loops(root: str) -> None:
+    """Walk the folders under ``root`` as ImageFolder does (links followed) and raise
+    :class:`FileReadError` naming the first one a symbolic link leads back into (a folder containing
+    it): such a loop would list the same files again and again until the path grows too long."""
     stack: list[tuple[str, frozenset]] = [(root, frozenset())]
     while stack:
         path, ancestors = stack.pop()
         info = os.stat(path)
         folder = (info.st_dev, info.st_ino)
         if folder in ancestors:
-            return path
+            raise FileReadError(f"{path}: a symbolic link that leads back to a folder containing it (a loop)")
         with os.scandir(path) as entries:
             stack += [(entry.path, ancestors | {folder}) for entry in entries if entry.is_dir()]
-    return None

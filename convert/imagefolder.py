@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from fkd_shards.common.files import FileReadError, directory_loop, open_regular, read_bounded
+from fkd_shards.common.files import FileReadError, open_regular, read_bounded, refuse_directory_loops
 from fkd_shards.common.text import first_line
 from fkd_shards.shards import format as fmt
 
@@ -40,15 +40,15 @@ class ImageFolderListing:
 def list_image_folder(root: str) -> ImageFolderListing:
     """List ``root`` with torchvision's own ImageFolder rules (no image is opened)."""
     try:
-        loop = directory_loop(root)
-        if loop is not None:
-            raise ConvertError(f"{loop}: a symbolic link that leads back to a folder containing it (a loop)")
+        refuse_directory_loops(root)
         classes, class_to_idx = find_classes(root)
         samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
     except FileNotFoundError as exc:
         raise ConvertError(f"{root}: not a usable image folder ({first_line(exc)})") from None
     except NotADirectoryError:
         raise ConvertError(f"{root}: not a directory") from None
+    except FileReadError as exc:
+        raise ConvertError(str(exc)) from None
     except OSError as exc:
         raise ConvertError(f"{root}: cannot list ({exc.strerror or first_line(exc)})") from None
     if not samples:

@@ -153,7 +153,8 @@ def check_replay(plan: Plan, table: ImageTable, o: RelabelOptions, num_classes: 
     """``--replay``: every batch file read and checked as ``fkd-convert`` checks it (unique bytes,
     consistent sizes, crops with pixels, and the replay check on its own soft labels, which finds a
     wrong ``--fkd-seed`` or image folder) before any label is computed. Returns the digest of all
-    the files, which a resumed run must find again."""
+    the files, which a resumed run must find again. The files are read again while labelling (by
+    every rank, for its batches): keeping their draws instead would hold every epoch's in memory."""
     threshold = default_threshold(num_classes, plan.mix_type != fmt.MIX_NONE) if o.min_alignment is None \
         else o.min_alignment
     check = ReplayCheck(plan.layout, table.labels, table.shapes, plan.first, plan.batch_size, plan.num_images,

@@ -263,6 +263,8 @@ def test_a_validation_folder_that_loops_is_refused_before_training(tmp_path):
     ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}, "MASTER_PORT is not set"),
     ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "x"},
      "MASTER_PORT='x' is not an integer"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "70000"},
+     "MASTER_PORT=70000 is not a port (1 to 65535)"),
 ])
 def test_bad_torchrun_variables_are_one_line_errors(converted, tmp_path, monkeypatch, capsys, env, message):
     output, _, _ = converted()

@@ -140,12 +140,13 @@ def _torch_save(state: dict, f) -> None:
 
 
 def misfit(model: nn.Module, weights: dict) -> str:
-    """What keeps ``weights`` from loading into ``model``, briefly (counts and a first example of
-    missing keys, unexpected keys and tensors of another shape); empty when names and shapes fit."""
+    """What keeps ``weights`` (tensors, from :func:`model_state`) from loading into ``model``,
+    briefly (counts and a first example of missing keys, unexpected keys and tensors of another
+    shape); empty when names and shapes fit."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
-    reshaped = [k for k in expected if k in weights and getattr(weights[k], "shape", None) != expected[k].shape]
+    reshaped = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
     parts = []
     if missing:
         parts.append(f"{len(missing)} missing, e.g. {shown(missing[0])}")
@@ -153,8 +154,8 @@ def misfit(model: nn.Module, weights: dict) -> str:
         parts.append(f"{len(unexpected)} unexpected, e.g. {shown(unexpected[0])}")
     if reshaped:
         k = reshaped[0]
-        parts.append(f"{len(reshaped)} of another shape, e.g. {shown(k)} {list(getattr(weights[k], 'shape', []))} "
-                     f"in the file, {list(expected[k].shape)} in the model")
+        parts.append(f"{len(reshaped)} of another shape, e.g. {shown(k)} {list(weights[k].shape)} in the file, "
+                     f"{list(expected[k].shape)} in the model")
     return "; ".join(parts)
 
 

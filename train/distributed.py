@@ -66,7 +66,8 @@ def from_environment(environ: dict | None = None) -> DistEnv:
             raise DistError(f"WORLD_SIZE={world} asks for {world} processes, but {', '.join(missing)} "
                             f"{'is' if len(missing) == 1 else 'are'} not set (start the run with torchrun, "
                             f"which sets them)")
-        read("MASTER_PORT", 0, 1)
+        if read("MASTER_PORT", 0, 1) > 65535:
+            raise DistError(f"environment variable MASTER_PORT={environ['MASTER_PORT']} is not a port (1 to 65535)")
     return DistEnv(rank, world, local_rank, local_world)
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 
-from fkd_shards.common.files import directory_loop, read_bounded
+from fkd_shards.common.files import FileReadError, read_bounded, refuse_directory_loops
 from fkd_shards.common.text import first_line
 
 from .distributed import DistEnv, sum_across_ranks
@@ -53,12 +53,12 @@ def val_loader(val_dir: str, classes: list[str], input_size: int, batch_size: in
     transform = T.Compose([T.Resize(round(input_size * 256 / 224)), T.CenterCrop(input_size),
                            T.ToTensor(), T.Normalize(mean=list(MEAN), std=list(STD))])
     try:
-        loop = directory_loop(val_dir)
-        dataset = None if loop else _CheckedFolder(val_dir, transform, loader=_load_rgb)
+        refuse_directory_loops(val_dir)
+        dataset = _CheckedFolder(val_dir, transform, loader=_load_rgb)
+    except FileReadError as exc:
+        raise ValidationError(str(exc)) from None
     except (OSError, ValueError) as exc:  # torchvision: a missing folder, a class folder without images
         raise ValidationError(f"{val_dir}: not a usable image folder ({first_line(exc)})") from None
-    if loop is not None:
-        raise ValidationError(f"{loop}: a symbolic link that leads back to a folder containing it (a loop)")
     dataset.size = input_size
     if dataset.classes != classes:
         raise ValidationError(f"{val_dir}: class folders differ from the shard set's classes")
