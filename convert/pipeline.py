@@ -19,7 +19,8 @@ from fkd_shards.common.files import within
 from fkd_shards.common.prefetch import ordered_map
 from fkd_shards.common.version import VERSION
 from fkd_shards.shards import format as fmt
-from fkd_shards.shards.alignment import batch_hits, chance_rate, default_threshold, implausible_batches
+from fkd_shards.shards.alignment import batch_hits, chance_rate, implausible_batches
+from fkd_shards.shards.alignment import threshold as alignment_threshold
 from fkd_shards.shards.boxes import empty_boxes, pixel_boxes
 
 from .errors import ConvertError
@@ -120,7 +121,7 @@ def convert(options: ConvertOptions, log=print) -> shards.Manifest:
         raise ConvertError(f"{layout.batch_path(0, 0)}: soft labels have {width} classes, "
                            f"fewer than the {len(folder.classes)} class folders")
     mixed = first.mix_type != fmt.MIX_NONE
-    threshold = default_threshold(len(folder.classes), mixed) if o.min_alignment is None else o.min_alignment
+    threshold = alignment_threshold(o.min_alignment, len(folder.classes), mixed)
     log(f"fkd-convert: N={num_images} images, {len(folder.classes)} classes, S={input_size}, B={batch_size}, "
         f"{layout.batches_per_epoch} batches x {epochs} epochs, mix={first.mix_type}, "
         f"soft labels {first.soft_labels.dtype}[{width}], fkd seed {o.fkd_seed}")
@@ -130,8 +131,10 @@ def convert(options: ConvertOptions, log=print) -> shards.Manifest:
             shapes = _write_images(writer, pool, folder, o)
             writer.end_images()
             started = time.perf_counter()
-            job = ReplayCheck(layout, labels, shapes, first, batch_size, num_images, epochs, input_size, threshold,
-                              o.min_alignment is not None, len(folder.classes), o.fkd_seed)
+            job = ReplayCheck(layout=layout, labels=labels, shapes=shapes, first=first, batch_size=batch_size,
+                              num_images=num_images, epochs=epochs, input_size=input_size, threshold=threshold,
+                              threshold_given=o.min_alignment is not None, num_classes=len(folder.classes),
+                              fkd_seed=o.fkd_seed)
             alignment, label_bytes = _write_labels(writer, pool, job, o, log)
             seconds = max(time.perf_counter() - started, 1e-9)
             log(f"labels: {label_bytes / 1e6:.1f} MB of batch files in {seconds:.2f} s "
@@ -166,18 +169,18 @@ def _write_images(writer: shards.ShardSetWriter, pool, folder: ImageFolderListin
 class ReplayCheck:
     """What reading an SRe2L relabel output in order checks each batch file against."""
 
-    layout: RelabelLayout
-    labels: np.ndarray
-    shapes: np.ndarray  # (height, width) of every image
-    first: RelabelBatch
-    batch_size: int
-    num_images: int
-    epochs: int
-    input_size: int
-    threshold: float
+    layout: RelabelLayout  # the relabel output's files
+    labels: np.ndarray  # int64 (N,): each image's class rank
+    shapes: np.ndarray  # int64 (N, 2): (height, width) of every image
+    first: RelabelBatch  # batch 0 of epoch 0, which every other batch must agree with
+    batch_size: int  # B
+    num_images: int  # N
+    epochs: int  # epochs to read, from 0
+    input_size: int  # S, the relabel step's crop size
+    threshold: float  # an epoch's alignment below this is refused
     threshold_given: bool  # --min-alignment given (else the default threshold), for the message
-    num_classes: int
-    fkd_seed: int
+    num_classes: int  # class folders
+    fkd_seed: int  # seed of the sampler replay
 
 
 class RelabelReader:
@@ -213,7 +216,7 @@ class RelabelReader:
                 _check_unique(path, sha, seen)
                 self._digest.update(sha)
                 batch = load_batch(path, job.input_size, data)
-                _check_consistent(path, batch, job.first, min(job.batch_size, job.num_images - b * job.batch_size))
+                _check_consistent(path, batch, job.first, fmt.batch_rows(job.num_images, job.batch_size, b))
                 indices = order[b * job.batch_size:(b + 1) * job.batch_size]
                 _check_crops(path, batch.coords, indices, job.shapes)
                 # float32 argmax: numpy's float16 argmax is 4x slower; the same first maximum wins.

@@ -14,7 +14,7 @@ import torchvision.transforms.functional as F
 from torch.utils.data import BatchSampler, RandomSampler
 from torchvision.datasets import ImageFolder
 
-from fkd_shards.train.mix import MEAN, STD
+from fkd_shards.batches.mix import MEAN, STD
 
 
 def _cutmix_box(size: int, lam: float, rng: np.random.Generator) -> list[np.int64]:

@@ -15,22 +15,22 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from fkd_shards.batches.stream import BatchStream
 from fkd_shards.common.cli import run_command
+from fkd_shards.common.distributed import DistEnv
 from fkd_shards.common.text import escape
 from fkd_shards.common.version import VERSION
 from fkd_shards.convert.cli import main as convert_main
 from fkd_shards.convert.errors import ConvertError
 from fkd_shards.convert.pipeline import label_storage
+from fkd_shards.models.build import ModelError, build_model
 from fkd_shards.relabel.cli import main as relabel_main
 from fkd_shards.shards import ShardSet
 from fkd_shards.train.checkpoint import build_scheduler
 from fkd_shards.train.cli import main as train_main
-from fkd_shards.train.config import ConfigError, resolve
 from fkd_shards.train.config import build_parser as build_parser_of_train
-from fkd_shards.train.distributed import DistEnv
+from fkd_shards.train.config import resolve
 from fkd_shards.train.loop import build_optimizer
-from fkd_shards.train.model import build_model
-from fkd_shards.train.stream import BatchStream
 from fkd_shards.train.validate import evaluate, val_loader
 
 from .data import load_splits, write_image_folder
@@ -186,7 +186,7 @@ def check_flags(a: argparse.Namespace) -> None:
             raise DemoError(f"--codecs: {exc}") from None
     try:
         build_model(a.model, 10, a.input_size)  # a name torchvision (or timm) does not know, or crops too small
-    except ConfigError as exc:
+    except ModelError as exc:
         raise DemoError(str(exc)) from None
     if os.path.lexists(a.out) and not os.path.isdir(a.out):
         raise DemoError(f"{a.out}: exists and is not a directory; choose a new directory")

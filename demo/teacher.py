@@ -12,7 +12,7 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from tqdm import tqdm
 
-from fkd_shards.train.mix import MEAN, STD
+from fkd_shards.batches.mix import MEAN, STD
 
 MODEL = "resnet18"
 
@@ -36,7 +36,7 @@ def _augment(x: torch.Tensor, size: int, scale: tuple[float, float]) -> torch.Te
     return torch.stack(out)
 
 
-def train_teacher(images, labels, size: int, epochs: int, seed: int = 0,
+def train_teacher(images, labels, *, size: int, epochs: int, seed: int = 0,
                   scale: tuple[float, float] = (0.35, 1.0), progress: bool = True) -> torch.nn.Module:
     """A resnet18 for the 10 digits, trained ``epochs`` epochs; returned in eval mode."""
     torch.manual_seed(seed)

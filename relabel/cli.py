@@ -93,10 +93,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fkd_shards.train import distributed
-    from fkd_shards.train.config import resolve_device
+    from fkd_shards.common import distributed
+    from fkd_shards.common.device import resolve_device
 
-    from .pipeline import RelabelOptions, relabel
+    from .options import RelabelOptions
+    from .pipeline import relabel
 
     env = distributed.from_environment()
     device = resolve_device(args.device, env)
@@ -124,13 +125,13 @@ def _run(args: argparse.Namespace) -> int:
 
 def _user_errors() -> tuple[type, ...]:
     from fkd_shards import shards
+    from fkd_shards.batches.stream import StreamError
+    from fkd_shards.common.device import DeviceError
+    from fkd_shards.common.distributed import DistError
     from fkd_shards.convert.errors import ConvertError
-    from fkd_shards.train.config import ConfigError
-    from fkd_shards.train.distributed import DistError
-    from fkd_shards.train.stream import StreamError
+    from fkd_shards.models.teachers import TeacherError
 
-    from .pipeline import RelabelError
-    from .teachers import TeacherError
+    from .errors import RelabelError
 
-    return (RelabelError, TeacherError, ConvertError, ConfigError, DistError, StreamError, shards.ManifestError,
+    return (RelabelError, TeacherError, ConvertError, DeviceError, DistError, StreamError, shards.ManifestError,
             shards.ShardError, shards.ResumeError, shards.OutputExistsError, OSError)

@@ -6,33 +6,31 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from fkd_shards import shards
+from fkd_shards.batches.images import ImageTable
+from fkd_shards.common.distributed import DistEnv
+from fkd_shards.common.version import VERSION
 from fkd_shards.convert.imagefolder import ImageFolderListing
 from fkd_shards.shards import format as fmt
 from fkd_shards.shards.alignment import batch_hits
-from fkd_shards.shards.io import read_verified
-from fkd_shards.shards.records import decode_batch
-from fkd_shards.shards.tar import TarFormatError, records
-from fkd_shards.train.distributed import DistEnv
-from fkd_shards.train.images import ImageTable
 
-if TYPE_CHECKING:
-    from .pipeline import Plan, RelabelOptions
+from .errors import RelabelError
+from .options import Plan, RelabelOptions
+
+LABEL_DTYPES = {"float16": torch.float16, "float32": torch.float32}  # --label-dtype: how the logits are stored
 
 
 class LabelWriter:
     """Rank 0's output: image shards first, then one batch record after another; an epoch whose
     replay check falls below the threshold stops the run."""
 
-    def __init__(self, o: RelabelOptions, plan: Plan, codec, settings: dict, threshold: float, width: int):
-        from .pipeline import RelabelError
-
-        self.o, self.plan, self.threshold, self.width, self._error = o, plan, threshold, width, RelabelError
+    def __init__(self, o: RelabelOptions, plan: Plan, *, codec: shards.codecs.Codec, settings: dict, threshold: float,
+                 width: int):
+        self.o, self.plan, self.threshold, self.width = o, plan, threshold, width
         self.hits = [0] * plan.epochs  # per epoch: rows whose teacher argmax is their class or their partner's
         self.writer = shards.ShardSetWriter(o.output, o.shard_bytes, o.overwrite, codec, resumable=True,
                                             resume=o.resume, settings=settings)
@@ -52,24 +50,18 @@ class LabelWriter:
                     index=index, label=int(table.labels[index]), data=table.encoded[index], path=table.paths[index],
                     height=int(table.shapes[index][0]), width=int(table.shapes[index][1])))
             writer.end_images()
-        self._count_kept(done, table.labels)
+        self._count_kept(table.labels)
         if done:
             say(f"fkd-relabel: continuing after {len(done)} finished label shard(s)")
         return 0 if not done else done[-1].epoch * plan.batches_per_epoch + done[-1].last + 1
 
-    def _count_kept(self, done: list[shards.ShardInfo], labels: np.ndarray) -> None:
+    def _count_kept(self, labels: np.ndarray) -> None:
         """The replay check of the label shards a resumed run kept, read back (verified) from them."""
-        plan, writer = self.plan, self.writer
+        plan = self.plan
         spec = shards.BatchSpec(num_images=plan.num_images, width=self.width, input_size=plan.input_size,
-                                mix_type=plan.mix_type, codec=writer.codec, stored_dtype=self.o.label_dtype)
-        rows = lambda b: min(plan.batch_size, plan.num_images - b * plan.batch_size)  # noqa: E731
-        for shard in done:
-            data = read_verified(writer.location_of(shard), shard.bytes, shard.sha256)
-            try:
-                for b, (_, members) in zip(range(shard.first, shard.last + 1), records(data)):
-                    self._count(decode_batch(members, spec, shard.epoch, b, rows(b)), labels)
-            except (shards.RecordError, TarFormatError) as exc:
-                raise shards.ResumeError(f"cannot continue: {shard.name}: {exc}") from None
+                                mix_type=plan.mix_type, codec=self.writer.codec, stored_dtype=self.o.label_dtype)
+        for record in self.writer.kept_batches(spec, plan.batch_rows):
+            self._count(record, labels)
 
     def _count(self, record: shards.BatchRecord, labels: np.ndarray) -> None:
         """Counted on the labels as stored (what a lossy codec gives back can differ from the logits
@@ -88,13 +80,13 @@ class LabelWriter:
         try:
             self.writer.add_batch(record)
         except shards.CodecError as exc:
-            raise self._error(f"epoch {record.epoch} batch {record.batch}: --label-codec {self.o.label_codec}: "
+            raise RelabelError(f"epoch {record.epoch} batch {record.batch}: --label-codec {self.o.label_codec}: "
                               f"{exc}") from None
         self._count(self._as_stored(record), labels)
         if record.batch == self.plan.batches_per_epoch - 1:
             rate = self.alignment()[record.epoch]
             if rate < self.threshold:
-                raise self._error(
+                raise RelabelError(
                     f"epoch {record.epoch}: only {rate:.3f} of the rows' teacher argmax is the image's class or its "
                     f"partner's (threshold {self.threshold:.3f}): do the teachers' classes follow the class folders' "
                     f"sorted order? (--min-alignment 0 accepts any alignment; with --resume the finished shards "
@@ -104,8 +96,6 @@ class LabelWriter:
         return [h / self.plan.num_images for h in self.hits]
 
     def finish(self, folder: ImageFolderListing, width: int, relabel: dict, say) -> shards.Manifest:
-        from fkd_shards.common.version import VERSION
-
         plan, o, alignment = self.plan, self.o, self.alignment()
         say(f"alignment (teacher argmax = image class or mix partner's): mean {sum(alignment) / len(alignment):.3f}, "
             f"min {min(alignment):.3f}, accepted at >= {self.threshold:.3f}")
@@ -139,7 +129,7 @@ def broadcast_start(start: int, env: DistEnv, device: str) -> int:
     return int(value.item())
 
 
-def gathered(records: Iterator[shards.BatchRecord], plan: Plan, start: int, env: DistEnv, device: str, width: int,
+def gathered(records: Iterator[shards.BatchRecord], plan: Plan, *, start: int, env: DistEnv, device: str, width: int,
              label_dtype: str, every: Iterator[shards.BatchRecord] | None) -> Iterator[shards.BatchRecord]:
     """The labelled records in order, on rank 0. In one process, ``records`` as they come. Under
     torchrun every rank labels one batch of each round of ``world_size`` consecutive batches; their
@@ -151,7 +141,7 @@ def gathered(records: Iterator[shards.BatchRecord], plan: Plan, start: int, env:
     import torch.distributed as dist
 
     total = plan.epochs * plan.batches_per_epoch
-    dtype = torch.float16 if label_dtype == "float16" else torch.float32
+    dtype = LABEL_DTYPES[label_dtype]
     on = _collective_device(device)
     for round_start in range(start, total, env.world_size):
         padded = torch.zeros((plan.batch_size, width), dtype=dtype, device=on)

@@ -1,10 +1,11 @@
 """``relabel()``: an ImageFolder and teachers in, a shard set out, batch by batch.
 
 For every (epoch, batch): the sample order of SRe2L's sampler replay, the draws of
-:mod:`.draws` (or, with ``--replay``, those of an existing SRe2L relabel output), the crops made by
-the very code ``fkd-train`` uses (:class:`fkd_shards.train.stream.BatchMaker`), the model input of
-:meth:`Batch.model_input`, the teachers' mixed logits on it, one batch record. Crops are made in worker
-processes while the teachers run; under torchrun each rank labels whole batches and rank 0 writes.
+:mod:`fkd_shards.batches.draws` (or, with ``--replay``, those of an existing SRe2L relabel output),
+the crops made by the very code ``fkd-train`` uses (:class:`fkd_shards.batches.stream.BatchMaker`),
+the model input of :meth:`fkd_shards.batches.Batch.model_input`, the teachers' mixed logits on it,
+one batch record. Crops are made in worker processes while the teachers run; under torchrun each
+rank labels whole batches and rank 0 writes.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
-from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -22,147 +22,39 @@ import torch
 from tqdm import tqdm
 
 from fkd_shards import shards
-from fkd_shards.common.cli import MAX_WORKERS
+from fkd_shards.batches import draws
+from fkd_shards.batches.images import ImageTable, open_pixels
+from fkd_shards.batches.plan import plan_batch
+from fkd_shards.batches.stream import BatchMaker, make_batches
+from fkd_shards.common.distributed import DistEnv
 from fkd_shards.common.version import VERSION
 from fkd_shards.convert.imagefolder import ImageFolderListing, list_image_folder, read_checked_image
-from fkd_shards.convert.pipeline import (
-    RelabelReader,
-    ReplayCheck,
-    check_output_apart,
-    infer_input_size,
-    label_storage,
-    report_alignment,
-)
+from fkd_shards.convert.pipeline import RelabelReader, ReplayCheck, check_output_apart, report_alignment
 from fkd_shards.convert.replay import epoch_orders
-from fkd_shards.convert.sre2l import RelabelBatch, RelabelLayout, load_batch, read_sizes, scan_layout
+from fkd_shards.convert.sre2l import load_batch
+from fkd_shards.models.teachers import Ensemble, Teacher, check_single_row_chunks, load_teacher, parse_mix
 from fkd_shards.shards import format as fmt
-from fkd_shards.shards.alignment import default_threshold
-from fkd_shards.train.config import resolve_device
-from fkd_shards.train.distributed import DistEnv
-from fkd_shards.train.images import ImageTable, decode_cache_choice
-from fkd_shards.train.plan import plan_task
-from fkd_shards.train.stream import BatchMaker, make_batches
+from fkd_shards.shards.alignment import threshold as alignment_threshold
 
-from . import draws
-from .output import LabelWriter, broadcast_start, gathered
-from .teachers import Ensemble, Teacher, check_single_row_chunks, load_teacher, parse_mix
+from .errors import RelabelError
+from .options import Plan, RelabelOptions, check_options, make_plan
+from .output import LABEL_DTYPES, LabelWriter, broadcast_start, gathered
 
 
-class RelabelError(ValueError):
-    """Bad input or flags for the relabeller; the message names the file or flag."""
-
-
-@dataclass(frozen=True)
-class RelabelOptions:
-    """What to label and how; mirrors the ``fkd-relabel`` flags. None means "not given"."""
-
-    train_dir: str
-    output: str
-    teachers: tuple[tuple[str, str], ...]
-    teacher_mix: str = "mean"
-    batch_size: int | None = None
-    epochs: int | None = None
-    input_size: int | None = None
-    mix_type: str | None = None  # default cutmix
-    crop_scale: tuple[float, float] | None = None  # default (0.08, 1.0)
-    bn_mode: str = "eval"
-    teacher_chunks: int = 1
-    seed: int | None = None  # default 0
-    fkd_seed: int = 42
-    label_dtype: str = "float16"
-    label_codec: str = fmt.CODEC_RAW
-    codec_temperature: float = 20.0
-    device: str | None = None
-    workers: int = 8
-    amp: str = "off"
-    resume: bool = False
-    replay: str | None = None
-    shard_bytes: int = 64 * 10**6
-    overwrite: bool = False
-    min_alignment: float | None = None
-    progress: bool = True
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Everything derived before labelling starts: sizes, draws' settings, the source of the draws."""
-
-    num_images: int
-    batch_size: int
-    epochs: int
-    input_size: int
-    mix_type: str
-    crop_scale: tuple[float, float] | None  # None with --replay: the draws are the replayed files'
-    seed: int | None
-    layout: RelabelLayout | None  # the replayed relabel output, if any
-    first: RelabelBatch | None = None  # its batch 0 of epoch 0
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return -(-self.num_images // self.batch_size)
-
-
-def check_options(o: RelabelOptions) -> shards.codecs.Codec:
-    if not o.teachers:
-        raise RelabelError("--teacher MODEL WEIGHTS is required (repeat it for an ensemble)")
-    if o.teacher_chunks < 1:
-        raise RelabelError(f"--teacher-chunks must be at least 1, got {o.teacher_chunks}")
-    if o.replay is not None:
-        given = [flag for flag, value in (("--seed", o.seed), ("--crop-scale", o.crop_scale),
-                                          ("--mix-type", o.mix_type)) if value is not None]
-        if given:
-            raise RelabelError(f"{', '.join(given)} do(es) not apply with --replay: the draws come from {o.replay}")
-    else:
-        if o.batch_size is None or o.epochs is None:
-            raise RelabelError("--batch-size and --epochs are required (or --replay FKD_PATH, which has both)")
-    for flag, value in (("--batch-size", o.batch_size), ("--epochs", o.epochs)):
-        if value is not None and value <= 0:
-            raise RelabelError(f"{flag} must be positive, got {value}")
-    if o.epochs is not None and o.epochs > fmt.MAX_EPOCHS:
-        raise RelabelError(f"--epochs must be at most {fmt.MAX_EPOCHS}, got {o.epochs}")
-    if o.input_size is not None and not 0 < o.input_size <= fmt.MAX_INPUT_SIZE:
-        raise RelabelError(f"--input-size must be in [1, {fmt.MAX_INPUT_SIZE}], got {o.input_size}")
-    if o.crop_scale is not None and not 0 < o.crop_scale[0] <= o.crop_scale[1] <= 1:
-        raise RelabelError(f"--crop-scale must satisfy 0 < MIN <= MAX <= 1, got {list(o.crop_scale)}")
-    if o.seed is not None and not 0 <= o.seed < 2**63:
-        raise RelabelError(f"--seed must be in [0, 2**63), got {o.seed}")
-    if not 0 <= o.fkd_seed < 2**64:
-        raise RelabelError(f"--fkd-seed must be in [0, 2**64), got {o.fkd_seed}")
-    if not 0 <= o.workers <= MAX_WORKERS:
-        raise RelabelError(f"--workers must be in [0, {MAX_WORKERS}], got {o.workers}")
-    return label_storage(o.label_codec, o.codec_temperature, o.min_alignment)
-
-
-def make_plan(o: RelabelOptions, folder: ImageFolderListing, log) -> Plan:
-    """Sizes and draws' settings from the flags, or from the replayed relabel output (whose B, E,
-    N and mix type a contradicting flag may not override)."""
-    input_size = o.input_size or infer_input_size(folder, log)
-    if o.replay is None:
-        return Plan(len(folder.samples), o.batch_size, o.epochs, input_size, o.mix_type or fmt.MIX_CUTMIX,
-                    o.crop_scale or (0.08, 1.0), 0 if o.seed is None else o.seed, None)
-    layout = scan_layout(o.replay)
-    first, batch_size = read_sizes(layout, input_size, len(folder.samples), o.train_dir)
-    num_images = len(folder.samples)
-    for flag, given, found in (("--batch-size", o.batch_size, batch_size), ("--epochs", o.epochs, layout.epochs)):
-        if given is not None and given != found:
-            raise RelabelError(f"{flag} {given} contradicts {o.replay}, which has {found}")
-    return Plan(num_images, batch_size, layout.epochs, input_size, first.mix_type, None, None, layout, first)
-
-
-def check_replay(plan: Plan, table: ImageTable, o: RelabelOptions, num_classes: int, progress: bool, log) -> str:
+def check_replay(plan: Plan, table: ImageTable, o: RelabelOptions, *, num_classes: int, threshold: float, log) -> str:
     """``--replay``: every batch file read and checked as ``fkd-convert`` checks it (unique bytes,
     consistent sizes, crops with pixels, and the replay check on its own soft labels, which finds a
     wrong ``--fkd-seed`` or image folder) before any label is computed. Returns the digest of all
     the files, which a resumed run must find again. The files are read again while labelling (by
     every rank, for its batches): keeping their draws instead would hold every epoch's in memory."""
-    threshold = default_threshold(num_classes, plan.mix_type != fmt.MIX_NONE) if o.min_alignment is None \
-        else o.min_alignment
-    check = ReplayCheck(plan.layout, table.labels, table.shapes, plan.first, plan.batch_size, plan.num_images,
-                        plan.epochs, plan.input_size, threshold, o.min_alignment is not None, num_classes, o.fkd_seed)
+    check = ReplayCheck(layout=plan.layout, labels=table.labels, shapes=table.shapes, first=plan.first,
+                        batch_size=plan.batch_size, num_images=plan.num_images, epochs=plan.epochs,
+                        input_size=plan.input_size, threshold=threshold, threshold_given=o.min_alignment is not None,
+                        num_classes=num_classes, fkd_seed=o.fkd_seed)
     with ThreadPoolExecutor(2) as pool:
         reader = RelabelReader(check, pool, ahead=8)
         for _ in tqdm(reader.batches(), total=plan.epochs * plan.batches_per_epoch, desc="replay check",
-                      unit="batch", disable=not progress, file=sys.stderr):
+                      unit="batch", disable=not o.progress, file=sys.stderr):
             pass
     report_alignment(reader.alignment, check, log)
     return reader.digest
@@ -208,8 +100,8 @@ def skeletons(plan: Plan, table: ImageTable, mine: Iterator[tuple[int, int]], fk
                                    f"{plan.mix_type}")
             d = draws.BatchDraws(found.coords, found.flips, found.mix_index, found.mix_lam, found.mix_bbox)
         else:
-            d = draws.draw_batch(table.shapes[indices], plan.seed, epoch, b, plan.crop_scale, plan.mix_type,
-                                 plan.input_size)
+            d = draws.draw_batch(table.shapes[indices], plan.seed, epoch, b, scale=plan.crop_scale,
+                                 mix_type=plan.mix_type, input_size=plan.input_size)
         yield shards.BatchRecord(epoch=epoch, batch=b, indices=indices, coords=d.coords, flips=d.flips,
                                  mix_index=d.mix_index, mix_lam=d.mix_lam, mix_bbox=d.mix_bbox,
                                  soft_labels=np.zeros((len(indices), 0), np.float32))
@@ -229,30 +121,23 @@ class Timing:
                 f"writing {share(self.writing)} of {total:.1f} s")
 
 
-def label(records: Iterator[shards.BatchRecord], expected: Iterator[tuple[int, int]], maker: BatchMaker,
-          ensemble: Ensemble, o: RelabelOptions, plan: Plan, timing: Timing) -> Iterator[shards.BatchRecord]:
+def label(records: Iterator[shards.BatchRecord], expected: Iterator[tuple[int, int]], *, maker: BatchMaker,
+          ensemble: Ensemble, o: RelabelOptions, timing: Timing) -> Iterator[shards.BatchRecord]:
     """Each record with its soft labels: the teachers' logits on exactly the batch ``fkd-train`` builds
     from it, cast to the label dtype; a value that is not finite stops the run, naming the batch."""
-    pending: deque[shards.BatchRecord] = deque()
-
-    def tasks():
-        for record in records:
-            pending.append(record)  # the DataLoader runs ahead: records wait here for their crops
-            yield plan_task(record, plan.batch_size)
-
-    dtype = torch.float16 if o.label_dtype == "float16" else torch.float32
+    plans = (plan_batch(record, record.size) for record in records)  # whole batches: one rank labels each
+    dtype = LABEL_DTYPES[o.label_dtype]
     started = time.perf_counter()
-    for batch in make_batches(tasks(), maker, expected, o.workers):
+    for batch in make_batches(plans, maker, expected, workers=o.workers):
         ready = time.perf_counter()
         timing.waiting += ready - started
         soft = ensemble(batch.model_input(ensemble.device)).to(dtype).cpu().numpy()
         timing.forward += time.perf_counter() - ready
-        record = pending.popleft()
         if not np.isfinite(soft).all():
-            raise RelabelError(f"epoch {record.epoch} batch {record.batch}: the teachers' logits are not all finite "
+            raise RelabelError(f"epoch {batch.epoch} batch {batch.batch}: the teachers' logits are not all finite "
                                f"in {o.label_dtype} (a diverged teacher, or logits beyond float16: --label-dtype "
                                f"float32)")
-        yield replace(record, soft_labels=soft)
+        yield replace(batch.record, soft_labels=soft)
         started = time.perf_counter()
 
 
@@ -263,8 +148,8 @@ def device_name(device: str) -> str:
     return "cpu"
 
 
-def settings_of(o: RelabelOptions, plan: Plan, teachers: list[Teacher], weights: list[float], images_digest: str,
-                replay_digest: str | None, codec, device: str) -> dict:
+def settings_of(o: RelabelOptions, plan: Plan, teachers: list[Teacher], weights: list[float], *, images_digest: str,
+                replay_digest: str | None, codec: shards.codecs.Codec) -> dict:
     """Everything that decides the bytes written: a resumed run must agree on all of it."""
     return {
         "teachers": [{"model": t.name, "weights_sha256": t.sha256} for t in teachers], "teacher_mix": weights,
@@ -273,11 +158,11 @@ def settings_of(o: RelabelOptions, plan: Plan, teachers: list[Teacher], weights:
         "epochs": plan.epochs, "input_size": plan.input_size, "mix_type": plan.mix_type,
         "crop_scale": plan.crop_scale and list(plan.crop_scale), "seed": plan.seed, "fkd_seed": o.fkd_seed,
         "replay": o.replay, "replay_files": replay_digest, "images": images_digest, "shard_bytes": o.shard_bytes,
-        "device": device_name(device),
+        "device": device_name(o.device),
     }
 
 
-def provenance(o: RelabelOptions, plan: Plan, teachers: list[Teacher], weights: list[float], device: str) -> dict:
+def provenance(o: RelabelOptions, plan: Plan, teachers: list[Teacher], weights: list[float]) -> dict:
     """The manifest's ``relabel`` object: who labelled this set, how, on what, with which versions."""
     import PIL
     import torchvision
@@ -288,7 +173,7 @@ def provenance(o: RelabelOptions, plan: Plan, teachers: list[Teacher], weights: 
         "teacher_mix": o.teacher_mix, "bn_mode": o.bn_mode, "teacher_chunks": o.teacher_chunks, "amp": o.amp,
         "crop_scale": plan.crop_scale and list(plan.crop_scale), "mix_type": plan.mix_type,
         "seed": plan.seed, "fkd_seed": o.fkd_seed, "label_dtype": o.label_dtype,
-        "replay": o.replay, "device": device_name(device),
+        "replay": o.replay, "device": device_name(o.device),
         "draws": "numpy SeedSequence([seed, epoch, batch]).spawn(3): torch crops+flips, torch permutation, "
                  "numpy PCG64 lambda+box",
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__,
@@ -315,17 +200,17 @@ def relabel(o: RelabelOptions, env: DistEnv | None = None, log=print) -> shards.
                                f"{len(folder.classes)} class folders")
     weights = parse_mix(o.teacher_mix, len(teachers))
     table, digest = read_images(folder, o.progress and env.is_main)
+    threshold = alignment_threshold(o.min_alignment, len(folder.classes), plan.mix_type != fmt.MIX_NONE)
     # Checked once, by the rank that writes; a failure there stops the job under torchrun.
-    replay_digest = check_replay(plan, table, o, len(folder.classes), o.progress, say) \
+    replay_digest = check_replay(plan, table, o, num_classes=len(folder.classes), threshold=threshold, log=say) \
         if plan.layout is not None and env.is_main else None
-    device = resolve_device(o.device, env)
-    last_rows = plan.num_images - plan.batch_size * (plan.batches_per_epoch - 1)
-    check_single_row_chunks(teachers, o.bn_mode, o.teacher_chunks, {plan.batch_size, last_rows}, plan.input_size)
-    ensemble = Ensemble(teachers, weights, device, o.bn_mode, o.teacher_chunks, o.amp)
-    threshold = default_threshold(len(folder.classes), plan.mix_type != fmt.MIX_NONE) \
-        if o.min_alignment is None else o.min_alignment
-    settings = settings_of(o, plan, teachers, weights, digest, replay_digest, codec, device)
-    out = LabelWriter(o, plan, codec, settings, threshold, teachers[0].classes) if env.is_main else None
+    device = o.device
+    batch_rows = {plan.batch_rows(0), plan.batch_rows(plan.batches_per_epoch - 1)}  # the full and the last batch
+    check_single_row_chunks(teachers, o.bn_mode, o.teacher_chunks, batch_rows, plan.input_size)
+    ensemble = Ensemble(teachers, weights, device=device, bn_mode=o.bn_mode, chunks=o.teacher_chunks, amp=o.amp)
+    settings = settings_of(o, plan, teachers, weights, images_digest=digest, replay_digest=replay_digest, codec=codec)
+    out = LabelWriter(o, plan, codec=codec, settings=settings, threshold=threshold, width=teachers[0].classes) \
+        if env.is_main else None
     try:
         start = broadcast_start(out.start(table, say) if out else 0, env, device)
         say(f"fkd-relabel: N={plan.num_images} images, {len(folder.classes)} classes, S={plan.input_size}, "
@@ -335,17 +220,19 @@ def relabel(o: RelabelOptions, env: DistEnv | None = None, log=print) -> shards.
                                              f"seed {plan.seed}, crop scale {list(plan.crop_scale)}")
             + (f"; resuming at epoch {start // plan.batches_per_epoch} batch {start % plan.batches_per_epoch}"
                if start else ""))
-        cache, note = decode_cache_choice("auto", table, env.local_world_size, shared=o.workers > 0)
-        say(note)
-        maker = BatchMaker(table, plan.input_size, plan.mix_type, cache, shared=o.workers > 0)
+        pixels = open_pixels(table, mode="auto", workers=o.workers, local_ranks=env.local_world_size)
+        say(pixels.note)
+        maker = BatchMaker(pixels, plan.input_size, plan.mix_type)
         timing = Timing()
         labelled = label(skeletons(plan, table, positions(plan, start, env.rank, env.world_size), o.fkd_seed),
-                         positions(plan, start, env.rank, env.world_size), maker, ensemble, o, plan, timing)
+                         positions(plan, start, env.rank, env.world_size), maker=maker, ensemble=ensemble, o=o,
+                         timing=timing)
         began = time.perf_counter()
         with tqdm(total=plan.epochs * plan.batches_per_epoch - start, desc="batches", unit="batch",
                   disable=not (o.progress and env.is_main), file=sys.stderr) as bar:
-            written = gathered(labelled, plan, start, env, device, teachers[0].classes, o.label_dtype,
-                               skeletons(plan, table, positions(plan, start), o.fkd_seed) if out else None)
+            written = gathered(labelled, plan, start=start, env=env, device=device, width=teachers[0].classes,
+                               label_dtype=o.label_dtype,
+                               every=skeletons(plan, table, positions(plan, start), o.fkd_seed) if out else None)
             for record in written:
                 writing = time.perf_counter()
                 out.write(record, table.labels)
@@ -355,7 +242,7 @@ def relabel(o: RelabelOptions, env: DistEnv | None = None, log=print) -> shards.
         if out is None:
             return None
         say(timing.describe(time.perf_counter() - began))
-        return out.finish(folder, teachers[0].classes, provenance(o, plan, teachers, weights, device), say)
+        return out.finish(folder, teachers[0].classes, provenance(o, plan, teachers, weights), say)
     except BaseException:
         if out is not None:
             out.abort()

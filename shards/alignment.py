@@ -35,6 +35,11 @@ def default_threshold(num_classes: int, mixed: bool) -> float:
     return chance + 0.25 * (1.0 - chance)
 
 
+def threshold(min_alignment: float | None, num_classes: int, mixed: bool) -> float:
+    """The alignment a set must reach: ``--min-alignment`` when given, else :func:`default_threshold`."""
+    return default_threshold(num_classes, mixed) if min_alignment is None else min_alignment
+
+
 def near_chance(rate: float, num_classes: int, mixed: bool) -> bool:
     return rate < default_threshold(num_classes, mixed)
 

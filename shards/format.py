@@ -91,3 +91,13 @@ def image_key(index: int) -> str:
 def batch_key(epoch: int, batch: int) -> str:
     """Record key of (epoch, batch) in a label shard."""
     return f"e{epoch:05d}_b{batch:06d}"
+
+
+def batches_per_epoch(num_images: int, batch_size: int) -> int:
+    """Batches of one epoch: ceil(N / B), the last one short when B does not divide N."""
+    return -(-num_images // batch_size)
+
+
+def batch_rows(num_images: int, batch_size: int, batch: int) -> int:
+    """Row count of ``batch`` in every epoch: B, or fewer for the short last one."""
+    return min(batch_size, num_images - batch * batch_size)

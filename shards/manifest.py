@@ -68,11 +68,11 @@ class Manifest:
 
     @property
     def batches_per_epoch(self) -> int:
-        return math.ceil(self.num_images / self.batch_size)
+        return fmt.batches_per_epoch(self.num_images, self.batch_size)
 
     def batch_rows(self, batch: int) -> int:
         """Row count of ``batch`` in every epoch (only the last one is short)."""
-        return min(self.batch_size, self.num_images - batch * self.batch_size)
+        return fmt.batch_rows(self.num_images, self.batch_size, batch)
 
     def shards_of(self, kind: str) -> list[ShardInfo]:
         return [s for s in self.shards if s.kind == kind]

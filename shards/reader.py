@@ -8,7 +8,7 @@ label shards read on a thread.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -37,7 +37,7 @@ class ShardSet:
     shards too with ``cache_labels``) are kept on local disk and re-hashed whenever they are used.
     """
 
-    def __init__(self, location: str, cache_dir: str | None = None, cache_labels: bool = False, retries: int = 4,
+    def __init__(self, location: str, cache_dir: str | None = None, cache_labels: bool = False, *, retries: int = 4,
                  backoff_s: float = 0.5, timeout_s: float = 60.0, read_ahead: int = 1):
         self.location = location
         self.cache_dir = cache_dir
@@ -76,25 +76,8 @@ class ShardSet:
         if not 0 <= start_epoch <= end <= m.epochs:
             raise ValueError(f"epochs [{start_epoch}, {end}) are outside the set's [0, {m.epochs})")
         shards = [s for s in m.shards_of(fmt.LABELS_KIND) if start_epoch <= s.epoch < end]
-        seen = np.zeros(m.num_images, dtype=bool)
-        for shard, data in self._verified(shards, self.cache_labels):
-            url = self.url(shard)
-            if shard.first == 0:
-                seen[:] = False
-            batch = shard.first
-            for key, members in self._records(url, data, shard):
-                where = f"{url}: epoch {shard.epoch} batch {batch}"
-                if key != fmt.batch_key(shard.epoch, batch):
-                    raise ShardError(f"{where}: found record {escape(key[:40])!s}")
-                try:
-                    record = decode_batch(members, self.spec, shard.epoch, batch, m.batch_rows(batch))
-                except RecordError as exc:
-                    raise ShardError(f"{where}: {escape(exc)}") from None
-                if seen[record.indices].any() or len(np.unique(record.indices)) != record.size:
-                    raise ShardError(f"{where}: an image appears twice in the epoch")
-                seen[record.indices] = True
-                yield record
-                batch += 1
+        verified = ((shard, self.url(shard), data) for shard, data in self._verified(shards, self.cache_labels))
+        yield from batch_records(verified, self.spec, m.batch_rows)
 
     def images(self) -> Iterator[ImageRecord]:
         """Image records in sample-index order (``index`` runs from 0 to N-1), each checked."""
@@ -102,7 +85,7 @@ class ShardSet:
         for shard, data in self._verified(m.shards_of(fmt.IMAGES_KIND), True):
             url = self.url(shard)
             index = shard.first
-            for key, members in self._records(url, data, shard):
+            for key, members in _counted_records(url, data, shard):
                 if key != fmt.image_key(index):
                     raise ShardError(f"{url}: found record {escape(key[:40])}, expected image {index}")
                 try:
@@ -131,16 +114,45 @@ class ShardSet:
         except LocationError as exc:
             raise ShardError(str(exc)) from None
 
-    @staticmethod
-    def _records(url: str, data: bytes, shard: ShardInfo) -> Iterator[tuple[str, dict]]:
-        count = 0
-        try:
-            for key, members in records(data):
-                count += 1
-                if count > shard.count:
-                    raise ShardError(f"{url}: holds more than the {shard.count} records the manifest says")
-                yield key, members
-        except TarFormatError as exc:
-            raise ShardError(f"{url}: malformed tar ({exc})") from None
-        if count != shard.count:
-            raise ShardError(f"{url}: holds {count} records, manifest says {shard.count}")
+
+
+def batch_records(verified: Iterable[tuple[ShardInfo, str, bytes]], spec: BatchSpec,
+                  batch_rows: Callable[[int], int]) -> Iterator[BatchRecord]:
+    """The batch records of label shards, given as (shard, url, bytes) with the bytes verified
+    against the shard's size and hash, in order: every record's key, count and fields checked
+    (``batch_rows(b)``: the rows batch b must hold), and every image index at most once per epoch
+    (the sampler's order is a permutation). Used by :meth:`ShardSet.batches` and by a resumed
+    writer reading back the shards it kept."""
+    seen = np.zeros(spec.num_images, dtype=bool)
+    for shard, url, data in verified:
+        if shard.first == 0:
+            seen[:] = False
+        batch = shard.first
+        for key, members in _counted_records(url, data, shard):
+            where = f"{url}: epoch {shard.epoch} batch {batch}"
+            if key != fmt.batch_key(shard.epoch, batch):
+                raise ShardError(f"{where}: found record {escape(key[:40])!s}")
+            try:
+                record = decode_batch(members, spec, shard.epoch, batch, batch_rows(batch))
+            except RecordError as exc:
+                raise ShardError(f"{where}: {escape(exc)}") from None
+            if seen[record.indices].any() or len(np.unique(record.indices)) != record.size:
+                raise ShardError(f"{where}: an image appears twice in the epoch")
+            seen[record.indices] = True
+            yield record
+            batch += 1
+
+
+def _counted_records(url: str, data: bytes, shard: ShardInfo) -> Iterator[tuple[str, dict]]:
+    """The (key, members) records of a verified shard's bytes; exactly the manifest's count of them."""
+    count = 0
+    try:
+        for key, members in records(data):
+            count += 1
+            if count > shard.count:
+                raise ShardError(f"{url}: holds more than the {shard.count} records the manifest says")
+            yield key, members
+    except TarFormatError as exc:
+        raise ShardError(f"{url}: malformed tar ({exc})") from None
+    if count != shard.count:
+        raise ShardError(f"{url}: holds {count} records, manifest says {shard.count}")

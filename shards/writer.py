@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -25,7 +26,8 @@ from . import format as fmt
 from .codecs import Codec, Raw
 from .io import LocationError, LocationMissing, join, output_for, read_verified
 from .manifest import Manifest, ManifestError, ShardInfo, parse_json, validate_shard
-from .records import BatchRecord, ImageRecord, encode_batch, encode_image
+from .reader import ShardError, batch_records
+from .records import BatchRecord, BatchSpec, ImageRecord, encode_batch, encode_image
 
 if TYPE_CHECKING:
     import webdataset
@@ -258,6 +260,22 @@ class ShardSetWriter:
     def location_of(self, shard: ShardInfo) -> str:
         """Where a closed shard's bytes are: under its temporary name until the set is published."""
         return join(self.location, shard.name + (fmt.TEMP_SUFFIX if self.output.defers_publishing else ""))
+
+    def kept_batches(self, spec: BatchSpec, batch_rows: Callable[[int], int]) -> Iterator[BatchRecord]:
+        """The batch records of the label shards a resumed writer kept, in order, each shard read
+        back and verified against its recorded size and hash, then checked as a reader checks it
+        (:func:`.reader.batch_records`); a shard that fails is a :class:`ResumeError`."""
+        kept = [s for s in self.completed if s.kind == fmt.LABELS_KIND]
+
+        def verified():
+            for shard in kept:
+                where = self.location_of(shard)
+                yield shard, where, read_verified(where, shard.bytes, shard.sha256)
+
+        try:
+            yield from batch_records(verified(), spec, batch_rows)
+        except (ShardError, LocationError) as exc:
+            raise ResumeError(f"cannot continue: {exc}") from None
 
     def _save_progress(self, opening: str | None = None) -> None:
         opened = [s.name for s in self._open.values()] + ([opening] if opening else [])

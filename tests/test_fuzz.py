@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fkd_shards import shards
-from fkd_shards.train.stream import BatchStream, StreamError
+from fkd_shards.batches.stream import BatchStream, StreamError
 from tests.tamper import reseal, write_sealed
 
 CLEAN_ERRORS = (shards.ManifestError, shards.ShardError, StreamError)

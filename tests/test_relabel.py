@@ -20,10 +20,10 @@ import torchvision.transforms as T
 from PIL import Image
 
 from fkd_shards import shards
+from fkd_shards.batches import draws
+from fkd_shards.batches.stream import BatchStream
 from fkd_shards.demo.example import make_image_folder
-from fkd_shards.relabel import draws
 from fkd_shards.relabel.cli import main as relabel_main
-from fkd_shards.train.stream import BatchStream
 from tests.reference_relabel import write_sre2l_relabel
 
 SIZE = 16
@@ -261,14 +261,14 @@ def test_the_draws_are_torchvisions_and_have_the_right_distributions():
     shapes = np.array([[224, 224]] * 64)
     flips, lams, areas, mixups = [], [], [], []
     for b in range(60):
-        d = draws.draw_batch(shapes, 0, 0, b, (0.25, 1.0), "cutmix", 224)
+        d = draws.draw_batch(shapes, 0, 0, b, scale=(0.25, 1.0), mix_type="cutmix", input_size=224)
         flips += d.flips.tolist()
         lams.append(d.mix_lam)
         areas += (d.coords[:, 2] * d.coords[:, 3]).tolist()
         assert sorted(d.mix_index.tolist()) == list(range(64))
         x1, y1, x2, y2 = d.mix_bbox
         assert 0 <= x1 <= x2 <= 224 and 0 <= y1 <= y2 <= 224
-        mixups.append(draws.draw_batch(shapes, 0, 1, b, (0.25, 1.0), "mixup", 224).mix_lam)
+        mixups.append(draws.draw_batch(shapes, 0, 1, b, scale=(0.25, 1.0), mix_type="mixup", input_size=224).mix_lam)
     n = len(flips)
     assert abs(np.mean(flips) - 0.5) < 4 * math.sqrt(0.25 / n)
     assert 0.25 - 0.02 <= min(areas) and max(areas) <= 1.0 + 0.02  # whole pixels: the fraction is near the range
@@ -276,9 +276,9 @@ def test_the_draws_are_torchvisions_and_have_the_right_distributions():
     assert abs(np.mean(lams) - 0.5) < 4 * math.sqrt(1 / 12 / 60) and abs(np.var(lams) - 1 / 12) < 0.04
     assert abs(np.mean(mixups) - 0.5) < 4 * math.sqrt(0.0962 / 60)
     # Every batch has its own generators: the same (seed, epoch, batch) draws the same; others differ.
-    a, b = draws.draw_batch(shapes, 7, 3, 2, (0.08, 1), "cutmix", 224), draws.draw_batch(shapes, 7, 3, 2, (0.08, 1),
-                                                                                        "cutmix", 224)
-    c = draws.draw_batch(shapes, 7, 3, 3, (0.08, 1), "cutmix", 224)
+    knobs = {"scale": (0.08, 1), "mix_type": "cutmix", "input_size": 224}
+    a, b = draws.draw_batch(shapes, 7, 3, 2, **knobs), draws.draw_batch(shapes, 7, 3, 2, **knobs)
+    c = draws.draw_batch(shapes, 7, 3, 3, **knobs)
     assert np.array_equal(a.coords, b.coords) and a.mix_lam == b.mix_lam and not np.array_equal(a.coords, c.coords)
 
 

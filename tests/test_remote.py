@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from fkd_shards import shards
+from fkd_shards.batches.stream import BatchStream
 from fkd_shards.convert import ConvertOptions, convert
 from fkd_shards.convert.cli import main as convert_main
 from fkd_shards.train.cli import main as train_main
-from fkd_shards.train.stream import BatchStream
 from tests.conftest import INPUT_SIZE, listing
 from tests.servers import StaticServer
 

@@ -242,7 +242,7 @@ def test_an_unreadable_validation_image_is_named_after_the_epoch_is_saved(conver
 def test_a_validation_folder_that_loops_is_refused_before_training(tmp_path):
     from PIL import Image
 
-    from fkd_shards.train.distributed import DistEnv
+    from fkd_shards.common.distributed import DistEnv
     from fkd_shards.train.validate import ValidationError, val_loader
 
     for name in ("a", "b"):
@@ -409,8 +409,7 @@ def test_timm_students_train_and_a_model_that_cannot_take_the_crops_is_one_line(
 
 
 def test_students_with_auxiliary_heads_train_on_their_logits_or_are_refused_up_front(converted, tmp_path):
-    from fkd_shards.train.config import ConfigError
-    from fkd_shards.train.model import check_training_output
+    from fkd_shards.models.build import ModelError, check_training_output
 
     output, _, _ = converted()
     _run(output, tmp_path / "googlenet", "--epochs", "1", "--model", "googlenet")  # built without aux heads
@@ -426,7 +425,7 @@ def test_students_with_auxiliary_heads_train_on_their_logits_or_are_refused_up_f
             logits = self.fc(x.mean((2, 3)))
             return (logits, logits) if self.training else logits
 
-    with pytest.raises(ConfigError, match="--model two returns tuple, not a tensor of logits, in training mode"):
+    with pytest.raises(ModelError, match="--model two returns tuple, not a tensor of logits, in training mode"):
         check_training_output(TwoHeadsWhenTraining(), "--model two", 16)
 
 
@@ -496,7 +495,7 @@ def test_a_micro_batch_of_one_image_under_batch_norm_is_refused_before_training(
     err = _run(output, tmp_path / "a8", "--gradient-accumulation-steps", "8", code=1, capsys=capsys)
     assert "B / (ranks x --gradient-accumulation-steps) = 8 / (1 x 8) = 1 row; --gradient-accumulation-steps 1 " \
            "or 2 or 4 avoids it" in err
-    from fkd_shards.train.plan import micro_batch_sizes, single_row_micro_batch
+    from fkd_shards.batches.plan import micro_batch_sizes, single_row_micro_batch
 
     assert micro_batch_sizes(19, 20, 1, 19) == {19, 1}
     # Ranks take B / W rows each, in order: 8, 8, 4 rows over 2 ranks leave rank 1 empty in the last batch.

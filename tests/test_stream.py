@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 from fkd_shards import shards
+from fkd_shards.batches.crop import crop_resize_flip
+from fkd_shards.batches.images import ImageSource, ImageTable
+from fkd_shards.batches.plan import slice_rows
+from fkd_shards.batches.stream import BatchStream, StreamError
 from fkd_shards.shards.boxes import pixel_boxes
-from fkd_shards.train.crop import crop_resize_flip
-from fkd_shards.train.images import ImageSource, ImageTable
-from fkd_shards.train.plan import slice_rows
-from fkd_shards.train.stream import BatchStream, StreamError
 from tests.conftest import INPUT_SIZE
 from tests.reference import reference_batch
 
@@ -64,35 +64,35 @@ def test_workers_give_identical_stream_and_keep_order(converted, decode_cache):
 
 def test_decoded_cache_by_default_when_it_fits_the_memory_budget(converted, monkeypatch):
     output, _, _ = converted()
-    monkeypatch.setattr("fkd_shards.train.images.available_memory", lambda: 10**12)
+    monkeypatch.setattr("fkd_shards.batches.images.available_memory", lambda: 10**12)
     on = _stream(output, workers=0)
-    assert on.maker.cropper.source.cache and on.decode_cache_note.startswith("decoded cache: ")
-    monkeypatch.setattr("fkd_shards.train.images.available_memory", lambda: 2 * on.images.pixel_bytes - 2)
+    assert on.pixels.cache and on.pixels.note.startswith("decoded cache: ")
+    monkeypatch.setattr("fkd_shards.batches.images.available_memory", lambda: 2 * on.pixels.table.pixel_bytes - 2)
     off = _stream(output, workers=0)
-    assert not off.maker.cropper.source.cache and "would exceed" in off.decode_cache_note
-    assert _stream(output, workers=0, decode_cache=True).maker.cropper.source.cache  # asked for: kept
+    assert not off.pixels.cache and "would exceed" in off.pixels.note
+    assert _stream(output, workers=0, decode_cache=True).pixels.cache  # asked for: kept
     for a, b in zip(on, off):
         assert torch.equal(a.model_input(), b.model_input())
 
 
 def test_a_small_dev_shm_turns_the_shared_cache_off_or_is_an_error(converted, monkeypatch):
-    from fkd_shards.train.images import ImageError
+    from fkd_shards.batches.images import ImageError
 
     output, _, _ = converted()
-    monkeypatch.setattr("fkd_shards.train.images.shared_memory_free", lambda: 1000)  # a container's tiny /dev/shm
+    monkeypatch.setattr("fkd_shards.batches.images.shared_memory_free", lambda: 1000)  # a container's tiny /dev/shm
     auto = _stream(output, workers=2)
-    assert not auto.maker.cropper.source.cache and "the free space of /dev/shm" in auto.decode_cache_note
+    assert not auto.pixels.cache and "the free space of /dev/shm" in auto.pixels.note
     with pytest.raises(ImageError, match="do not fit the 0.00 GB free in /dev/shm; make it larger"):
         _stream(output, workers=2, decode_cache=True)
     inline = _stream(output, workers=0, decode_cache=True)  # no worker: ordinary memory, /dev/shm is not used
-    assert inline.maker.cropper.source.cache and not inline.maker.cropper.source.buffer.is_shared()
+    assert inline.pixels.cache and not inline.pixels.buffer.is_shared()
     assert all(torch.equal(a.model_input(), b.model_input()) for a, b in zip(auto, inline))
 
 
 def test_the_cache_decodes_each_image_on_first_use_only(converted):
     output, _, _ = converted(batch_size=8)
     stream = _stream(output, workers=0, decode_cache=True)
-    source = stream.maker.cropper.source
+    source = stream.pixels
     batches = iter(stream)
     first = next(batches)
     needed = len(np.unique(_samples_of(output, 0, 0)))
@@ -156,18 +156,16 @@ def test_slice_rows():
 
 
 def test_misaligned_worker_output_is_an_error(converted, monkeypatch):
-    from dataclasses import replace
-
-    import fkd_shards.train.stream as stream_module
+    from fkd_shards.batches.plan import BatchPlan
 
     output, _, _ = converted()
-    real = stream_module.plan_task
+    real = BatchPlan.crop_request
 
-    def shifted(record, *args):
-        task = real(record, *args)
-        return replace(task, batch=task.batch + (record.batch == 2))
+    def shifted(plan):
+        (epoch, batch), *rest = real(plan)
+        return ((epoch, batch + (batch == 2)), *rest)  # the worker says batch 3 where batch 2 belongs
 
-    monkeypatch.setattr(stream_module, "plan_task", shifted)
+    monkeypatch.setattr(BatchPlan, "crop_request", shifted)
     with pytest.raises(StreamError, match="a worker returned epoch 0 batch 3 where epoch 0 batch 2 belongs"):
         list(_stream(output, workers=0))
 
@@ -233,7 +231,7 @@ def test_device_crops_cover_both_resample_paths_and_slices(converted):
     output, _, truth = converted(batch_size=8)
     stream = _stream(output, workers=0, crop_device="cpu")
     record = next(iter(stream.shard_set.batches()))
-    shapes = stream.images.shapes[record.indices]
+    shapes = stream.pixels.table.shapes[record.indices]
     boxes = pixel_boxes(record.coords, shapes[:, 0], shapes[:, 1])
     by_pil = boxes[:, 3] - boxes[:, 1] > INPUT_SIZE
     assert by_pil.any() and not by_pil.all()  # the fixture exercises the torch path and the PIL one
@@ -249,14 +247,14 @@ def test_decoded_cache_reaches_workers_started_without_fork(converted):
     # is pickled to them (torch moves the cache into shared memory once) instead of inherited.
     output, _, _ = converted(mix_type="cutmix")
     code = (f"import torch, torch.multiprocessing as mp\n"
-            f"from fkd_shards.train.stream import BatchStream\n"
+            f"from fkd_shards.batches.stream import BatchStream\n"
             f"from fkd_shards.shards import ShardSet\n"
             f"if __name__ == '__main__':\n"
             f"    mp.set_start_method('forkserver', force=True)\n"
             f"    a = BatchStream(ShardSet({output!r}), workers=0, decode_cache=False, end_epoch=1)\n"
             f"    b = BatchStream(ShardSet({output!r}), workers=2, decode_cache=True, end_epoch=1)\n"
             f"    same = [torch.equal(x.model_input(), y.model_input()) for x, y in zip(a, b)]\n"
-            f"    print(len(same), all(same), b.maker.cropper.source.buffer.is_shared())\n")
+            f"    print(len(same), all(same), b.pixels.buffer.is_shared())\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
     assert done.stdout.split() == ["4", "True", "True"], done.stderr[-2000:]

@@ -11,13 +11,13 @@ import torchvision
 from torch import nn
 
 from fkd_shards import shards
+from fkd_shards.batches.stream import BatchStream
+from fkd_shards.common.distributed import DistEnv
 from fkd_shards.train import loop
 from fkd_shards.train.checkpoint import TrainState, build_scheduler
 from fkd_shards.train.cli import main as train_main
 from fkd_shards.train.config import build_parser, resolve
-from fkd_shards.train.distributed import DistEnv
 from fkd_shards.train.kd import kd_loss, lr_factor, parameter_groups, topk_correct
-from fkd_shards.train.stream import BatchStream
 from tests.conftest import INPUT_SIZE
 from tests.reference import reference_train
 

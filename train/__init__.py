@@ -1,1 +1,2 @@
-"""``fkd-train``: the ordered batch stream (``train.stream.BatchStream``) and the exact KD loop."""
+"""``fkd-train``: the exact KD loop over a shard set's batches (``fkd_shards.batches.BatchStream``),
+with its configuration, checkpoints, run directory, metrics and report."""

@@ -21,18 +21,19 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from fkd_shards import shards
 from fkd_shards.common.files import FileWriteError, write_atomically
-from fkd_shards.common.text import escape, first_line, shown
-from fkd_shards.common.torchfiles import TorchFileError, load_weights_only
+from fkd_shards.common.text import escape, first_line
+from fkd_shards.models.weights import WeightsError, check_finite, load_file, load_into, model_state
 
-from .config import TRAJECTORY_FIELDS, ConfigError, TrainConfig
+from .config import TRAJECTORY_FIELDS, TrainConfig
+from .kd import lr_factor
 from .rundir import BEST_NAME, CHECKPOINT_NAME
 
 INTEGRITY = "sha256-tensors-v1"
 REQUIRED = ("epoch", "state_dict", "optimizer", "scheduler", "rng")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint or weights file that cannot be used or written; the message names the file."""
+class CheckpointError(WeightsError):
+    """A checkpoint that cannot be used or written; the message names the file."""
 
 
 @dataclass
@@ -46,40 +47,6 @@ class TrainState:
     scaler: torch.amp.GradScaler
     first_epoch: int
     best_acc1: float
-
-
-# ---- files ---------------------------------------------------------------------------------------
-
-def load_file(path: str) -> dict:
-    """A checkpoint or state dict, loaded safely (``weights_only=True``); must be a dict."""
-    try:
-        state = load_weights_only(path, path)
-    except TorchFileError as exc:
-        raise CheckpointError(str(exc)) from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: expected a dict, found {escape(type(state).__name__)}")
-    return state
-
-
-STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")  # where checkpoints of common trainers keep it
-
-
-def model_state(state: dict, where: str) -> dict:
-    """The model's state dict from a bare state dict, or from a checkpoint that keeps it under one of
-    ``STATE_DICT_KEYS`` (this project's and SRe2L's ``state_dict``, timm's and others' ``model``),
-    without ``module.`` prefixes."""
-    weights = next((state[key] for key in STATE_DICT_KEYS if isinstance(state.get(key), dict)), state)
-    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise CheckpointError(f"{where}: holds no state dict of tensors (neither itself nor under "
-                              f"{', '.join(repr(k) for k in STATE_DICT_KEYS)})")
-    return {str(k).removeprefix("module."): v for k, v in weights.items()}
-
-
-def check_finite(weights: dict, where: str) -> None:
-    """Refuse weights holding NaN or inf: training on from them only spreads them."""
-    for name, value in weights.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise CheckpointError(f"{where}: {escape(name)} holds NaN or inf values; refused")
 
 
 def digest(obj: object) -> str:
@@ -139,44 +106,12 @@ def _torch_save(state: dict, f) -> None:
         raise
 
 
-def misfit(model: nn.Module, weights: dict) -> str:
-    """What keeps ``weights`` (tensors, from :func:`model_state`) from loading into ``model``,
-    briefly (counts and a first example of missing keys, unexpected keys and tensors of another
-    shape); empty when names and shapes fit."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in weights]
-    unexpected = [k for k in weights if k not in expected]
-    reshaped = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing, e.g. {shown(missing[0])}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected, e.g. {shown(unexpected[0])}")
-    if reshaped:
-        k = reshaped[0]
-        parts.append(f"{len(reshaped)} of another shape, e.g. {shown(k)} {list(weights[k].shape)} in the file, "
-                     f"{list(expected[k].shape)} in the model")
-    return "; ".join(parts)
-
-
 def write_weights(model: nn.Module, path: str) -> None:
     """A plain state dict (CPU tensors) that ``model.load_state_dict(torch.load(path))`` takes."""
     write(_to_cpu(model.state_dict()), path)
 
 
 # ---- save and restore --------------------------------------------------------------------------
-
-def resume_path(flag: str | None, output_dir: str) -> str | None:
-    """``--resume auto``: OUTPUT_DIR's checkpoint if there is one (else a fresh run); a file must exist."""
-    if flag is None:
-        return None
-    if flag == "auto":
-        path = os.path.join(output_dir, CHECKPOINT_NAME)
-        return path if os.path.exists(path) else None
-    if not os.path.isfile(flag):
-        raise ConfigError(f"--resume {flag}: no such file")
-    return flag
-
 
 def save(s: TrainState, epoch: int, cfg: TrainConfig, manifest: shards.Manifest, is_best: bool) -> str:
     """Write ``OUTPUT_DIR/checkpoint.pth.tar`` after ``epoch``, and ``model_best.pth.tar`` when best."""
@@ -223,12 +158,7 @@ def restore(s: TrainState, path: str, cfg: TrainConfig, manifest: shards.Manifes
     another shard set, another model, optimizer or schedule; otherwise every state is restored."""
     state = load_checkpoint(path)
     _check_compatible(state, cfg, manifest, path)
-    try:
-        weights = model_state(state, path)
-        s.plain.load_state_dict(weights)
-    except RuntimeError as exc:
-        reason = misfit(s.plain, weights) or first_line(exc, 200)
-        raise CheckpointError(f"{path}: does not fit --model {cfg.model} ({reason})") from None
+    load_into(s.plain, model_state(state, path), path, f"--model {cfg.model}")
     try:
         s.optimizer.load_state_dict(state["optimizer"])
         s.scaler.load_state_dict(state.get("scaler") or {})
@@ -245,8 +175,6 @@ def restore(s: TrainState, path: str, cfg: TrainConfig, manifest: shards.Manifes
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, first_epoch: int) -> LambdaLR:
     """LambdaLR stepped once per epoch, positioned at ``first_epoch``."""
-    from .kd import lr_factor
-
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
     return LambdaLR(optimizer, lambda e: lr_factor(e, cfg.epochs, cfg.cos), last_epoch=first_epoch - 1)

@@ -37,19 +37,20 @@ def _train(argv: list[str]) -> int:
     if not args.shards:
         raise _config_error("--shards LOCATION is required (a shard set written by fkd-convert or fkd-relabel)")
     from fkd_shards import shards
+    from fkd_shards.common import distributed
 
-    from . import distributed
-    from .config import resolve
+    from .config import resolve, wandb_api_key
     from .loop import train
 
     env = distributed.from_environment()
     shard_set = shards.ShardSet(args.shards, cache_dir=args.cache_dir, cache_labels=args.cache_labels)
-    cfg = resolve(args, shard_set.manifest, env)
+    api_key = wandb_api_key(args)
+    cfg = resolve(args, shard_set.manifest, env, api_key=api_key)
     if args.keep_topk != 1000 and env.is_main:
         print(f"{PROG}: note: --keep-topk is accepted for compatibility and unused, as in train_FKD.py")
     distributed.init(env, cfg.device)
     try:
-        train(cfg, shard_set, os.environ.get("WANDB_API_KEY") or args.wandb_api_key)
+        train(cfg, shard_set, api_key)
     finally:
         distributed.shutdown(env)
     return 0
@@ -75,8 +76,9 @@ def _inspect(argv: list[str]) -> int:
     print(f"location        {escape(args.location)}")
     print(shard_set.manifest.describe())
     if args.batch:
+        from fkd_shards.batches.stream import batch_at
+
         from .grid import render_batch, save_png
-        from .stream import batch_at
 
         epoch, number = args.batch
         m = shard_set.manifest
@@ -141,17 +143,19 @@ def _user_errors() -> tuple[type, ...]:
     """Errors about the input, the flags, the environment or the machine, as opposed to bugs (which
     keep their traceback)."""
     from fkd_shards import shards
+    from fkd_shards.batches.images import ImageError
+    from fkd_shards.batches.stream import StreamError
+    from fkd_shards.common.device import DeviceError
+    from fkd_shards.common.distributed import DistError
+    from fkd_shards.models.build import ModelError
+    from fkd_shards.models.weights import WeightsError
 
-    from .checkpoint import CheckpointError
     from .config import ConfigError
-    from .distributed import DistError
-    from .images import ImageError
     from .loop import TrainingError
     from .metrics import MetricsError
     from .report import ReportError
     from .rundir import RunDirError
-    from .stream import StreamError
     from .validate import ValidationError
 
-    return (ConfigError, CheckpointError, DistError, ImageError, TrainingError, MetricsError, ReportError, RunDirError,
-            StreamError, ValidationError, shards.ManifestError, shards.ShardError, OSError)
+    return (ConfigError, DeviceError, ModelError, WeightsError, DistError, ImageError, TrainingError, MetricsError,
+            ReportError, RunDirError, StreamError, ValidationError, shards.ManifestError, shards.ShardError, OSError)

@@ -13,15 +13,14 @@ import os
 from dataclasses import asdict, dataclass
 
 from fkd_shards.common.cli import MAX_WORKERS
+from fkd_shards.common.distributed import DistEnv
 from fkd_shards.common.version import VERSION
 
-from .distributed import DistEnv
+from .rundir import resume_path
 
 # What defines a run's trajectory: a resumed run must agree with its checkpoint on all of them.
 TRAJECTORY_FIELDS = ("model", "seed", "sgd", "learning_rate", "momentum", "weight_decay", "adamw_lr",
                      "adamw_weight_decay", "cos", "epochs", "temperature", "micro_batch_rows", "last_batch_loss")
-
-
 
 
 class ConfigError(ValueError):
@@ -30,42 +29,44 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    shards: str
-    output_dir: str
-    model: str
-    seed: int
-    epochs: int  # train epochs [start_epoch, epochs) of the set's
-    start_epoch: int
-    gradient_accumulation_steps: int
-    micro_batch_rows: int  # B / (world size x accumulation): the rows of one forward pass
-    dist: DistEnv
-    device: str  # this rank's device, e.g. "cuda:3"
-    workers: int
-    val_dir: str | None
-    val_every: int
-    cos: bool
-    sgd: bool
-    learning_rate: float
-    momentum: float
-    weight_decay: float
-    adamw_lr: float
-    adamw_weight_decay: float
-    temperature: float
-    last_batch_loss: str
-    amp: str
-    channels_last: bool
-    sync_bn: bool
-    init_weights: str | None
+    """Every setting of one ``fkd-train`` run, flags and derived values alike (see :func:`resolve`)."""
+
+    shards: str  # the shard set's directory or URL
+    output_dir: str  # where checkpoints, metrics and the summary go
+    model: str  # the student: a torchvision.models name or timm:NAME
+    seed: int  # seed of the student's init and every later draw, in [0, 2**63)
+    epochs: int  # train epochs [start_epoch, epochs) of the set's; the LR schedule spans [0, epochs)
+    start_epoch: int  # the first epoch of a fresh run (a resume continues after its checkpoint)
+    gradient_accumulation_steps: int  # A: micro-batches per optimizer step
+    micro_batch_rows: int  # B / (world size x A): the rows of one forward pass
+    dist: DistEnv  # this process's rank and world size under torchrun
+    device: str  # this rank's device, e.g. "cpu" or "cuda:3"
+    workers: int  # crop worker processes; 0 crops in the main process
+    val_dir: str | None  # ImageFolder to validate on, or None
+    val_every: int  # validate every this many epochs, and after the last
+    cos: bool  # cosine LR schedule per epoch (else linear decay)
+    sgd: bool  # SGD (else AdamW)
+    learning_rate: float  # SGD learning rate
+    momentum: float  # SGD momentum, in [0, 1]
+    weight_decay: float  # SGD weight decay
+    adamw_lr: float  # AdamW learning rate
+    adamw_weight_decay: float  # AdamW weight decay
+    temperature: float  # KD temperature T, > 0
+    last_batch_loss: str  # "original": the short last batch is divided by A too; "mean": by its micro-batches
+    amp: str  # autocast dtype: "off", "bf16" or "fp16"
+    channels_last: bool  # channels-last memory format for the student and its input
+    sync_bn: bool  # SyncBatchNorm across ranks
+    init_weights: str | None  # weights file the student starts from, or None
     resume: str | None  # the checkpoint to continue from (resolved), or None for a fresh run
     resume_asked: bool  # --resume was given (auto finds nothing in a directory where no epoch finished)
-    restart: bool
-    allow_misaligned: bool
-    decode_cache: str  # auto, on, off: decided once the images' size is known (images.decode_cache_choice)
-    device_crops: bool
-    cache_dir: str | None
-    cache_labels: bool
-    wandb_project: str
-    wandb_mode: str
+    restart: bool  # move a previous run's files aside and start over
+    allow_misaligned: bool  # train on a set whose replay alignment is near chance
+    decode_cache: str  # "auto", "on", "off": decided once the images' size is known (batches.images.open_pixels)
+    device_crops: bool  # crop and resize on the training device
+    cache_dir: str | None  # local directory for verified remote shards, or None
+    cache_labels: bool  # with cache_dir: cache the label shards too
+    wandb_project: str  # wandb project name
+    wandb_mode: str  # "online", "offline" or "disabled"
 
     def as_dict(self) -> dict:
         body = asdict(self)
@@ -184,10 +185,10 @@ def _check_number(flag: str, value: float, low: float = 0.0, high: float = math.
         raise ConfigError(f"{flag} must be a finite number in {bound}, {high:g}], got {value}")
 
 
-def resolve(args: argparse.Namespace, manifest, env: DistEnv) -> TrainConfig:
-    """Check the flags against each other, the manifest and the environment; derive the rest."""
-
-    from .checkpoint import resume_path
+def resolve(args: argparse.Namespace, manifest, env: DistEnv, *, api_key: str | None = None) -> TrainConfig:
+    """Check the flags against each other, the manifest and the environment; derive the rest.
+    ``api_key``: the wandb key found (:func:`wandb_api_key`), which makes wandb's default mode online."""
+    from fkd_shards.common.device import resolve_device
 
     m = manifest
     if args.batch_size is not None and args.batch_size != m.batch_size:
@@ -239,7 +240,6 @@ def resolve(args: argparse.Namespace, manifest, env: DistEnv) -> TrainConfig:
     device = resolve_device(args.device, env)
     if args.amp == "fp16" and not device.startswith("cuda"):
         raise ConfigError("--amp fp16 needs a CUDA device; use --amp bf16 on CPU")
-    api_key = os.environ.get("WANDB_API_KEY") or args.wandb_api_key
     return TrainConfig(
         shards=args.shards, output_dir=args.output_dir, model=args.model, seed=args.seed, epochs=epochs,
         start_epoch=args.start_epoch, gradient_accumulation_steps=steps,
@@ -256,23 +256,6 @@ def resolve(args: argparse.Namespace, manifest, env: DistEnv) -> TrainConfig:
     )
 
 
-def resolve_device(flag: str | None, env: DistEnv) -> str:
-    """This rank's device, always with an index for CUDA: the flag's, else CUDA when available;
-    under torchrun, GPU LOCAL_RANK. A device that does not exist is a :class:`ConfigError`."""
-    import torch
-
-    name = flag or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"--device {name!r} is not a device (cpu, cuda, cuda:N)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name} asked, but CUDA is not available")
-        index = env.local_rank if env.active else (device.index or 0)
-        if index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {name}: GPU {index} asked, {torch.cuda.device_count()} visible")
-        return f"cuda:{index}"
-    if device.type != "cpu" or device.index not in (None, 0):
-        raise ConfigError(f"--device {name}: only cpu and cuda devices are supported")
-    return "cpu"
+def wandb_api_key(args: argparse.Namespace) -> str | None:
+    """The wandb key: WANDB_API_KEY in the environment wins over ``--wandb-api-key``."""
+    return os.environ.get("WANDB_API_KEY") or args.wandb_api_key

@@ -7,10 +7,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from fkd_shards.batches.batch import Batch
+from fkd_shards.batches.mix import MEAN, STD
 from fkd_shards.common.files import write_atomically
-
-from .batch import Batch
-from .mix import MEAN, STD
 
 LINE_PX = 14
 

@@ -15,21 +15,22 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from fkd_shards import shards
+from fkd_shards.batches.batch import Batch
+from fkd_shards.batches.images import load_images, open_pixels
+from fkd_shards.batches.plan import single_row_micro_batch
+from fkd_shards.batches.stream import BatchStream
+from fkd_shards.common.distributed import sum_across_ranks
 from fkd_shards.common.files import FileWriteError
 from fkd_shards.common.text import escape
+from fkd_shards.models.build import build_model, check_micro_batches
+from fkd_shards.models.weights import load_into, load_state
 
 from . import checkpoint
-from .batch import Batch
 from .checkpoint import TrainState, build_scheduler
 from .config import TrainConfig
-from .distributed import sum_across_ranks
-from .images import decode_cache_choice, load_images
 from .kd import kd_loss, parameter_groups, topk_correct
 from .metrics import MetricsLog, start_wandb
-from .model import build_model, check_micro_batches, load_init_weights
-from .plan import single_row_micro_batch
 from .rundir import BEST_NAME, CHECKPOINT_NAME, FINAL_WEIGHTS_NAME, METRICS_NAME, SUMMARY_NAME, claim
-from .stream import BatchStream
 from .summary import RunSummary, summarize, write_summary
 from .validate import ValidationError, evaluate, val_loader
 
@@ -67,7 +68,7 @@ def train(cfg: TrainConfig, shard_set: shards.ShardSet, api_key: str | None = No
         try:
             batches = iter(stream)
             for epoch in range(s.first_epoch, cfg.epochs):
-                run_epoch(s, batches, epoch, cfg, m, val, metrics_log, say)
+                run_epoch(s, batches, epoch, cfg=cfg, manifest=m, val=val, metrics_log=metrics_log, say=say)
                 last_saved = epoch
                 if env.is_main and env.active:
                     say(f"rank 0 cropped {stream.cropped_fraction:.1%} of the rows of the batches it trained on "
@@ -83,10 +84,11 @@ def train(cfg: TrainConfig, shard_set: shards.ShardSet, api_key: str | None = No
             lock.release()
 
 
-def run_epoch(s: TrainState, batches, epoch: int, cfg: TrainConfig, m: shards.Manifest, val, metrics_log,
-              say) -> None:
+def run_epoch(s: TrainState, batches, epoch: int, *, cfg: TrainConfig, manifest: shards.Manifest, val,
+              metrics_log: MetricsLog | None, say) -> None:
     """Train one epoch, validate when due, then save the checkpoint and the metrics line; an
     unreadable validation image is raised after the epoch's training is saved."""
+    m = manifest
     totals, seconds = train_epoch(s, batches, epoch, cfg, m)
     metrics = _train_metrics(totals, cfg, epoch, s.scheduler.get_last_lr()[0], seconds)
     say(f"TRAIN Iter {epoch}: lr = {metrics['train/lr']:.6f},\tloss = {metrics['train/loss']:.6f},\t"
@@ -211,7 +213,7 @@ def build_state(cfg: TrainConfig, m: shards.Manifest) -> TrainState:
     check_micro_batches(model, cfg.model, m.input_size, single_row_micro_batch(
         m.batch_size, m.num_images, cfg.dist.world_size, cfg.gradient_accumulation_steps))
     if cfg.init_weights:
-        load_init_weights(model, cfg.init_weights, cfg.model)
+        load_into(model, load_state(cfg.init_weights), cfg.init_weights, f"--model {cfg.model}")
     model = model.to(cfg.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -263,14 +265,14 @@ def _interrupted(cfg: TrainConfig, last_saved: int | None) -> str:
 def _stream(cfg: TrainConfig, shard_set: shards.ShardSet, first_epoch: int, say) -> BatchStream:
     """The batch stream of epochs [first_epoch, E), with the decoded-cache choice made (and said) once."""
     env = cfg.dist
-    images = load_images(shard_set)
-    shared = cfg.workers > 0 and not cfg.device_crops  # worker processes read the cache
-    decode_cache, note = decode_cache_choice(cfg.decode_cache, images, env.local_world_size, shared)
-    stream = BatchStream(shard_set, first_epoch, cfg.epochs, cfg.workers, env.rank, env.world_size, images=images,
-                         decode_cache=decode_cache, pin_memory=cfg.device.startswith("cuda"),
-                         crop_device=cfg.device if cfg.device_crops else None, local_ranks=env.local_world_size)
+    crop_device = cfg.device if cfg.device_crops else None
+    pixels = open_pixels(load_images(shard_set), mode=cfg.decode_cache, workers=cfg.workers, crop_device=crop_device,
+                         local_ranks=env.local_world_size)
+    stream = BatchStream(shard_set, first_epoch, cfg.epochs, workers=cfg.workers, rank=env.rank,
+                         world_size=env.world_size, pixels=pixels, pin_memory=cfg.device.startswith("cuda"),
+                         crop_device=crop_device)
     m = shard_set.manifest
-    say(stream.decode_cache_note if cfg.device_crops else note)
+    say(pixels.note)
     say(f"fkd-train: {escape(cfg.model)} (seed {cfg.seed}) on {cfg.device}, N={m.num_images}, C={m.soft_label_width}, "
         f"S={m.input_size}, B={m.batch_size} = {env.world_size} rank(s) x {cfg.gradient_accumulation_steps} "
         f"micro-batches x {cfg.micro_batch_rows} rows, epochs {first_epoch}..{cfg.epochs - 1}, mix={m.mix_type}, "

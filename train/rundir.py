@@ -35,6 +35,19 @@ class RunDirError(ValueError):
     """An output directory that cannot be used for this run; the message says why and what to do."""
 
 
+def resume_path(flag: str | None, output_dir: str) -> str | None:
+    """``--resume auto``: OUTPUT_DIR's checkpoint if there is one (else a fresh run); a file must exist."""
+    if flag is None:
+        return None
+    if flag == "auto":
+        path = os.path.join(output_dir, CHECKPOINT_NAME)
+        return path if os.path.exists(path) else None
+    if not os.path.isfile(flag):
+        raise RunDirError(f"--resume {flag}: no such file")
+    return flag
+
+
+
 class RunLock:
     """An exclusive lock on an output directory, held until :meth:`release` or the process's end."""
 

@@ -15,12 +15,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 
+from fkd_shards.batches.mix import MEAN, STD
+from fkd_shards.common.distributed import DistEnv, sum_across_ranks
 from fkd_shards.common.files import FileReadError, read_bounded, refuse_directory_loops
 from fkd_shards.common.text import first_line
 
-from .distributed import DistEnv, sum_across_ranks
 from .kd import topk_correct
-from .mix import MEAN, STD
 
 MAX_VAL_IMAGE_BYTES = 256 * 2**20
 

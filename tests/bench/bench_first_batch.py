@@ -43,8 +43,8 @@ def _run_one(a) -> dict:
         next(iter(original_batches(samples, fkd_path, tasks, a.size, a.workers, mix=False)))
     else:
         from fkd_shards import shards
+        from fkd_shards.batches.stream import BatchStream
         from fkd_shards.convert import ConvertOptions, convert
-        from fkd_shards.train.stream import BatchStream
 
         shard_dir = os.path.join(root, "shards")
         if not os.path.exists(os.path.join(shard_dir, "manifest.json")):

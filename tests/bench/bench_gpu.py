@@ -72,9 +72,9 @@ def _relabel(train_dir: str, root: str, a, device: str) -> list[list]:
 
     import torchvision
 
+    from fkd_shards.batches.stream import BatchStream
     from fkd_shards.relabel.cli import main as relabel_main
     from fkd_shards.shards import ShardSet
-    from fkd_shards.train.stream import BatchStream
 
     classes = len(os.listdir(train_dir))
     torch.manual_seed(0)
@@ -120,9 +120,9 @@ def main() -> int:
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         print("bench_gpu: CUDA is not available; skipping")
         return 0
+    from fkd_shards.batches.stream import BatchStream
     from fkd_shards.convert import ConvertOptions, convert
     from fkd_shards.train.config import build_parser, resolve
-    from fkd_shards.train.stream import BatchStream
 
     batch = a.batch_size
     root = os.path.join(a.workdir, f"gpu-{a.images}-{batch}")
@@ -134,8 +134,8 @@ def main() -> int:
     if not os.path.exists(os.path.join(shard_dir, "manifest.json")):
         convert(ConvertOptions(train_dir, fkd_path, shard_dir, input_size=224, overwrite=True, progress=False),
                 log=lambda *_: None)
+    from fkd_shards.common.distributed import DistEnv
     from fkd_shards.shards import ShardSet
-    from fkd_shards.train.distributed import DistEnv
 
     shard_set = ShardSet(shard_dir)
     manifest = shard_set.manifest

@@ -40,8 +40,8 @@ def main() -> None:
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "fkd-bench"))
     a = p.parse_args()
     from fkd_shards import shards
+    from fkd_shards.batches.stream import BatchStream
     from fkd_shards.relabel.cli import main as relabel_main
-    from fkd_shards.train.stream import BatchStream
 
     root = os.path.join(a.workdir, f"relabel-{a.images}-{a.size}")
     train_dir, _, _ = make_fixture(root, images=a.images, classes=a.classes, size=a.size, batch_size=a.batch_size,

@@ -57,8 +57,8 @@ def _run_one(a) -> dict:
             model_input = _original_mix
         else:
             from fkd_shards import shards
+            from fkd_shards.batches.stream import BatchStream
             from fkd_shards.convert import ConvertOptions, convert
-            from fkd_shards.train.stream import BatchStream
 
             shard_dir = os.path.join(root, "shards")
             if not os.path.exists(os.path.join(shard_dir, "manifest.json")):

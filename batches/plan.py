@@ -1,5 +1,5 @@
 """Which rows of a batch a rank trains on, which images it must crop for them, and how the crops go
-back together: the layout a crop task carries through the workers."""
+back together: the :class:`BatchPlan` of a batch record."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fkd_shards import shards
+from fkd_shards.shards import format as fmt
 
 
 def slice_rows(batch_size: int, batch_rows: int, rank: int, world_size: int) -> range:
@@ -19,7 +20,7 @@ def slice_rows(batch_size: int, batch_rows: int, rank: int, world_size: int) -> 
 
 def last_batch_rows(batch_size: int, num_images: int) -> int:
     """The rows of each epoch's last batch: B, or fewer when B does not divide N."""
-    return num_images - batch_size * ((num_images - 1) // batch_size)
+    return fmt.batch_rows(num_images, batch_size, fmt.batches_per_epoch(num_images, batch_size) - 1)
 
 
 def micro_batch_sizes(batch_size: int, num_images: int, world_size: int, micro_rows: int) -> set[int]:
@@ -52,38 +53,40 @@ def single_row_micro_batch(batch_size: int, num_images: int, world_size: int, st
 
 
 @dataclass(frozen=True)
-class CropTask:
-    """One rank's share of one batch record: the images to crop (its rows plus their mix partners,
-    each once) and where each row and partner lands among the crops. Carries the rows' soft labels,
-    so that a worker returns a complete batch."""
+class BatchPlan:
+    """A batch as planned, in the main process: one rank's share of one batch record (the record
+    itself, with its soft labels, stays here), the images to crop for it (its rows plus their mix
+    partners, each once) and where each row and partner lands among the crops. Crop workers receive
+    only :meth:`crop_request`; what comes back is assembled with the plan into a :class:`Batch`."""
 
-    epoch: int
-    batch: int
-    batch_rows: int  # n, the full batch's row count
+    record: shards.BatchRecord
     rows: range  # this rank's rows of the batch
     samples: np.ndarray  # int64 (u,): sample index of each crop to make
     coords: np.ndarray  # float32 (u, 4)
     flips: np.ndarray  # bool (u,)
     own: np.ndarray | None  # int64 (m,): the rows' positions among the crops; None when they are all, in order
     partners: np.ndarray | None  # int64 (m,): each row's mix partner's position; None without mix
-    row_samples: np.ndarray  # int64 (m,): sample index of each row (its hard label's image)
-    soft_labels: np.ndarray  # (m, C), the record's decoded dtype
-    mix_lam: float | None
-    mix_bbox: tuple[int, int, int, int] | None
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """(epoch, batch): where the batch belongs in the stream."""
+        return self.record.epoch, self.record.batch
+
+    def crop_request(self) -> tuple[tuple[int, int], np.ndarray, np.ndarray, np.ndarray]:
+        """What a crop worker needs, and nothing else: (key, samples, coords, flips)."""
+        return self.key, self.samples, self.coords, self.flips
 
 
-def plan_task(record: shards.BatchRecord, batch_size: int, rank: int = 0, world_size: int = 1) -> CropTask:
-    """The crop task of rank ``rank``'s slice of ``record``."""
+def plan_batch(record: shards.BatchRecord, batch_size: int, rank: int = 0, world_size: int = 1) -> BatchPlan:
+    """The plan of rank ``rank``'s slice of ``record``."""
     rows = slice_rows(batch_size, record.size, rank, world_size)
     own = np.arange(rows.start, rows.stop, dtype=np.int64)
     partners = record.mix_index[own] if record.mix_index is not None else own[:0]
     needed, inverse = np.unique(np.concatenate([own, partners]), return_inverse=True)
     own_pos, partner_pos = inverse[: len(own)], inverse[len(own):]
     identity = len(needed) == len(own) and np.array_equal(own_pos, np.arange(len(own)))
-    return CropTask(
-        epoch=record.epoch, batch=record.batch, batch_rows=record.size, rows=rows,
-        samples=record.indices[needed], coords=record.coords[needed], flips=record.flips[needed],
-        own=None if identity else own_pos, partners=partner_pos if record.mix_index is not None else None,
-        row_samples=record.indices[own], soft_labels=record.soft_labels[rows.start:rows.stop],
-        mix_lam=record.mix_lam, mix_bbox=record.mix_bbox,
+    return BatchPlan(
+        record=record, rows=rows, samples=record.indices[needed], coords=record.coords[needed],
+        flips=record.flips[needed], own=None if identity else own_pos,
+        partners=partner_pos if record.mix_index is not None else None,
     )

@@ -122,11 +122,13 @@ _ORDERED_STORES = ("x86_64", "amd64", "i386", "i686", "x86")
 class ImageSource:
     """RGB pixels of images ``0..N-1`` by sample index, decoded on demand; see the module docstring."""
 
-    def __init__(self, table: ImageTable, cache: bool, shared: bool = True):
+    def __init__(self, table: ImageTable, cache: bool, *, shared: bool = True, note: str = ""):
         """``shared``: the cache lives in shared memory, for worker processes; without workers it is
-        ordinary memory (which /dev/shm's size does not limit)."""
+        ordinary memory (which /dev/shm's size does not limit). ``note``: a line that says how the
+        pixels are kept and why (see :func:`open_pixels`)."""
         self.table = table
         self.cache = cache
+        self.note = note
         sizes = table.shapes[:, 0] * table.shapes[:, 1] * 3
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.buffer = self.ready = None
@@ -209,3 +211,16 @@ def decode_cache_choice(mode: str, table: ImageTable, local_ranks: int, shared: 
                        f"({limit}); every crop decodes its image")
     return True, (f"decoded cache: {len(table)} images, {pixel_bytes / 1e6:.1f} MB of pixels, each decoded on first "
                   f"use into memory the crop workers share")
+
+
+def open_pixels(table: ImageTable, *, mode: str = "auto", workers: int = 0, crop_device: str | None = None,
+                local_ranks: int = 1) -> ImageSource:
+    """The pixel source of ``table``, the decoded cache decided once, here: ``mode`` (auto, on,
+    off) for crops made by ``workers`` processes (0: this one), by ``local_ranks`` processes per
+    node each with its own copy; with ``crop_device`` every image is decoded once (the device crops
+    read the whole set). The source's ``note`` says what was chosen and why."""
+    if crop_device:
+        return ImageSource(table, True, shared=False, note=f"decoded cache on {crop_device}: every image decoded once")
+    shared = workers > 0  # worker processes read the cache: it lives in shared memory
+    cache, note = decode_cache_choice(mode, table, local_ranks, shared)
+    return ImageSource(table, cache, shared=shared, note=note)

@@ -1,6 +1,6 @@
-"""The student: a torchvision classification model, or a timm one (``timm:NAME``, optional extra),
-randomly initialised (nothing is downloaded), sized to the set's classes, and checked to take the
-set's crop size before any training starts."""
+"""Building classifiers, students and teachers alike: a torchvision classification model, or a timm
+one (``timm:NAME``, optional extra), randomly initialised (nothing is downloaded), sized to the set's
+classes, and checked to take the set's crop size before any work starts."""
 
 from __future__ import annotations
 
@@ -11,9 +11,6 @@ from torch import nn
 
 from fkd_shards.common.text import first_line
 
-from .checkpoint import CheckpointError, check_finite, load_file, misfit, model_state
-from .config import ConfigError
-
 TIMM_PREFIX = "timm:"
 # torchvision models with auxiliary classifiers: in train mode they return a tuple of logits, which
 # a KD student has no use for. Their init_weights=True is torchvision's current default, made
@@ -21,18 +18,22 @@ TIMM_PREFIX = "timm:"
 AUX_HEAD_MODELS = ("googlenet", "inception_v3")
 
 
+class ModelError(ValueError):
+    """A model name that cannot be built, or a model that cannot take the set's crops or batches."""
+
+
 def build_classifier(name: str, num_classes: int, input_size: int | None = None,
                      aux_heads: bool = True) -> nn.Module:
     """A randomly initialised classifier (nothing is downloaded): a torchvision.models name, or
     ``timm:NAME`` with the timm extra, which models with a fixed grid (ViT, DeiT, Swin) build for
     ``input_size``. ``aux_heads=False`` builds GoogLeNet and Inception v3 without their auxiliary
-    classifiers. An unknown name is a :class:`ConfigError`."""
+    classifiers. An unknown name is a :class:`ModelError`."""
     if name.startswith(TIMM_PREFIX):
         return _timm_model(name.removeprefix(TIMM_PREFIX), num_classes, input_size)
     import torchvision
 
     if name not in torchvision.models.list_models(module=torchvision.models):
-        raise ConfigError(f"{name} is not a torchvision.models classification model (e.g. resnet18, mobilenet_v2, "
+        raise ModelError(f"{name} is not a torchvision.models classification model (e.g. resnet18, mobilenet_v2, "
                           f"efficientnet_b0; timm models as timm:NAME)")
     extra = {"aux_logits": aux_heads, "init_weights": True} if name in AUX_HEAD_MODELS else {}
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **extra)
@@ -43,8 +44,8 @@ def build_model(name: str, num_classes: int, input_size: int) -> nn.Module:
     generator: seed it first)."""
     try:
         model = build_classifier(name, num_classes, input_size, aux_heads=False)
-    except ConfigError as exc:
-        raise ConfigError(f"--model {exc}") from None
+    except ModelError as exc:
+        raise ModelError(f"--model {exc}") from None
     check_input_size(model, f"--model {name}", input_size)
     check_training_output(model, f"--model {name}", input_size)
     return model
@@ -54,9 +55,9 @@ def _timm_model(name: str, num_classes: int, input_size: int | None) -> nn.Modul
     try:
         import timm
     except ImportError:
-        raise ConfigError(f"timm:{name} needs timm: pip install 'fkd-shards[timm]'") from None
+        raise ModelError(f"timm:{name} needs timm: pip install 'fkd-shards[timm]'") from None
     if not timm.is_model(name):
-        raise ConfigError(f"timm:{name} is not a timm model (see timm.list_models())")
+        raise ModelError(f"timm:{name} is not a timm model (see timm.list_models())")
     if input_size is None:
         return timm.create_model(name, pretrained=False, num_classes=num_classes)
     try:
@@ -64,7 +65,7 @@ def _timm_model(name: str, num_classes: int, input_size: int | None) -> nn.Modul
     except TypeError:  # the model takes any size and has no img_size argument
         return timm.create_model(name, pretrained=False, num_classes=num_classes)
     except Exception as exc:  # timm raises assorted errors for sizes a model cannot be built for
-        raise ConfigError(f"timm:{name} cannot be built for {input_size}x{input_size} crops "
+        raise ModelError(f"timm:{name} cannot be built for {input_size}x{input_size} crops "
                           f"({first_line(exc, 150)})") from None
 
 
@@ -78,12 +79,12 @@ def check_input_size(model: nn.Module, label: str, input_size: int) -> None:
     try:
         out = model(torch.zeros(1, 3, input_size, input_size))
     except Exception as exc:  # shape assertions and errors differ per architecture
-        raise ConfigError(f"{label} cannot take this set's {input_size}x{input_size} crops "
+        raise ModelError(f"{label} cannot take this set's {input_size}x{input_size} crops "
                           f"({first_line(exc, 150)})") from None
     finally:
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
-        raise ConfigError(f"{label} does not return (batch, classes) logits")
+        raise ModelError(f"{label} does not return (batch, classes) logits")
 
 
 @torch.no_grad()
@@ -98,7 +99,7 @@ def check_training_output(model: nn.Module, label: str, input_size: int) -> None
     finally:
         torch.set_rng_state(rng)
     if not isinstance(out, torch.Tensor):
-        raise ConfigError(f"{label} returns {type(out).__name__}, not a tensor of logits, in training "
+        raise ModelError(f"{label} returns {type(out).__name__}, not a tensor of logits, in training "
                           "mode (a model with auxiliary or distillation heads)")
 
 
@@ -115,19 +116,7 @@ def check_micro_batches(model: nn.Module, name: str, input_size: int, single_row
         with torch.no_grad():
             probe(torch.zeros(1, 3, input_size, input_size))
     except (ValueError, RuntimeError) as exc:
-        raise ConfigError(f"--model {name} cannot batch-normalise a single image at {input_size}x{input_size} "
+        raise ModelError(f"--model {name} cannot batch-normalise a single image at {input_size}x{input_size} "
                           f"({first_line(exc, 100)}), and {single_row}") from None
     finally:
         torch.set_rng_state(rng)
-
-
-def load_init_weights(model: nn.Module, path: str, name: str) -> None:
-    """``--init-weights``: a state dict or checkpoint, loaded safely; a file that does not fit the
-    model or holds non-finite numbers is a one-line error."""
-    weights = model_state(load_file(path), path)
-    check_finite(weights, path)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        reason = misfit(model, weights) or first_line(exc, 200)
-        raise CheckpointError(f"{path}: does not fit --model {name} ({reason})") from None

@@ -21,9 +21,9 @@ from torch import nn
 
 from fkd_shards.common.files import FileReadError, open_regular
 from fkd_shards.common.text import escape, first_line
-from fkd_shards.train.checkpoint import CheckpointError, check_finite, load_file, misfit, model_state
-from fkd_shards.train.config import ConfigError
-from fkd_shards.train.model import TIMM_PREFIX, build_classifier, check_input_size
+
+from .build import TIMM_PREFIX, ModelError, build_classifier, check_input_size
+from .weights import WeightsError, load_into, load_state
 
 
 class TeacherError(ValueError):
@@ -54,7 +54,7 @@ def _sha256(path: str) -> str:
 def _build(name: str, num_classes: int, input_size: int | None = None) -> nn.Module:
     try:
         return build_classifier(name, num_classes, input_size)
-    except ConfigError as exc:
+    except ModelError as exc:
         raise TeacherError(f"--teacher {exc}") from None
 
 
@@ -79,7 +79,7 @@ def load_teacher(name: str, weights: str, input_size: int) -> Teacher:
     teacher = _load_teacher(name, weights, input_size)
     try:
         check_input_size(teacher.model, f"--teacher {name}", input_size)
-    except ConfigError as exc:
+    except ModelError as exc:
         raise TeacherError(str(exc)) from None
     return teacher
 
@@ -87,17 +87,12 @@ def load_teacher(name: str, weights: str, input_size: int) -> Teacher:
 def _load_teacher(name: str, weights: str, input_size: int) -> Teacher:
     if os.path.exists(weights) or os.sep in weights or weights.endswith((".pth", ".pt", ".tar", ".bin")):
         try:
-            state = model_state(load_file(weights), weights)
-            check_finite(state, weights)
-        except CheckpointError as exc:
+            state = load_state(weights)
+            classes = _class_count(name, state, weights)
+            model = _build(name, classes, input_size)
+            load_into(model, state, weights, f"--teacher {name}")
+        except WeightsError as exc:
             raise TeacherError(str(exc)) from None
-        classes = _class_count(name, state, weights)
-        model = _build(name, classes, input_size)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            reason = misfit(model, state) or first_line(exc, 200)
-            raise TeacherError(f"{weights}: does not fit --teacher {name} ({reason})") from None
         return Teacher(name, weights, _sha256(weights), classes, model.eval())
     return _torchvision_weights(name, weights)
 
@@ -179,7 +174,7 @@ class Ensemble:
     order the teachers were given (the first term is not added to zero, so that one teacher with
     weight 1 gives its own logits bit for bit, signed zeros included)."""
 
-    def __init__(self, teachers: list[Teacher], weights: list[float], device: str, bn_mode: str, chunks: int,
+    def __init__(self, teachers: list[Teacher], weights: list[float], *, device: str, bn_mode: str, chunks: int,
                  amp: str):
         self.teachers, self.weights, self.device, self.chunks, self.amp = teachers, weights, device, chunks, amp
         for t in teachers:

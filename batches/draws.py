@@ -85,7 +85,7 @@ def cutmix_box(size: int, lam: float, rng: np.random.Generator) -> tuple[int, in
             int(np.clip(cx + cut_w // 2, 0, size)), int(np.clip(cy + cut_h // 2, 0, size)))
 
 
-def draw_batch(shapes: np.ndarray, seed: int, epoch: int, batch: int, scale: tuple[float, float], mix_type: str,
+def draw_batch(shapes: np.ndarray, seed: int, epoch: int, batch: int, *, scale: tuple[float, float], mix_type: str,
                input_size: int) -> BatchDraws:
     """The draws of one batch whose images have ``shapes`` (n, 2) = (height, width), in row order."""
     crops, permutation, mix = generators(seed, epoch, batch)

@@ -7,7 +7,7 @@ import sys
 import threading
 from dataclasses import dataclass
 
-from fkd_shards.common.text import escape, shown
+from .text import escape, shown
 
 MAX_PROCESSES = 1 << 20  # bound of every rank and size variable, far above any real job
 WAIT_NOTE_S = 60.0  # seconds of rendezvous before a note says what it waits for

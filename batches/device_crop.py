@@ -56,7 +56,7 @@ def _stacked(tables: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, n
     return starts, weights
 
 
-def crop_resize_flip_batch(flat: torch.Tensor, offsets: np.ndarray, shapes: np.ndarray, samples: np.ndarray,
+def crop_resize_flip_batch(flat: torch.Tensor, offsets: np.ndarray, shapes: np.ndarray, *, samples: np.ndarray,
                            boxes: np.ndarray, flips: np.ndarray, size: int, chunk: int = 32) -> torch.Tensor:
     """uint8 (n, 3, size, size) on ``flat``'s device: PIL's crop, bilinear resize and flip.
 
@@ -125,7 +125,8 @@ class DeviceCropper:
         fast = np.nonzero(~tall)[0]
         if len(fast):
             crops[torch.as_tensor(fast, device=crops.device)] = crop_resize_flip_batch(
-                self.pixels, self.source.offsets, shapes, samples[fast], boxes[fast], flips[fast], self.size)
+                self.pixels, self.source.offsets, shapes, samples=samples[fast], boxes=boxes[fast], flips=flips[fast],
+                size=self.size)
         for k in np.nonzero(tall)[0]:
             hwc = crop_resize_flip(self.source.rgb(int(samples[k])), boxes[k], bool(flips[k]), self.size)
             crops[int(k)] = torch.tensor(hwc, device=crops.device).permute(2, 0, 1)

@@ -1,0 +1,182 @@
+"""The ordered batch stream: every batch exactly as the teacher labelled it, through the public
+DataLoader API.
+
+A batch's way: the label shards' records are read (verified, checked) in order in the main process
+(:meth:`ShardSet.batches`); each becomes a :class:`.plan.BatchPlan`, which stays in the main
+process; crop workers receive only its :meth:`~.plan.BatchPlan.crop_request` (sample indices,
+coords, flips) and return the crops; the plan and its crops are assembled into a :class:`.Batch`,
+whose :meth:`~.Batch.model_input` is what the model sees. The stream checks every batch's (epoch,
+batch) against the order it must come in: a misaligned batch is an error, never a silent wrong label.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from fkd_shards import shards
+
+from .batch import Batch
+from .crop import CpuCropper, CropError
+from .device_crop import DeviceCropper
+from .images import ImageError, ImageSource, load_images, open_pixels
+from .plan import BatchPlan, plan_batch
+
+
+class StreamError(RuntimeError):
+    """A batch that cannot be made (an image that does not decode, an empty crop box) or that came
+    back out of order; the message says which."""
+
+
+class BatchMaker:
+    """Crops a plan's images (on the CPU with PIL, or on ``crop_device``) and assembles the batch:
+    crops from the worker, everything else from the plan, in the main process."""
+
+    def __init__(self, pixels: ImageSource, input_size: int, mix_type: str, *, crop_device: str | None = None):
+        self.cropper = DeviceCropper(pixels, input_size, crop_device) if crop_device else \
+            CpuCropper(pixels, input_size)
+        self.on_device = crop_device is not None
+        self.labels = pixels.table.labels  # int64 (N,): each image's class
+        self.mix_type = mix_type
+
+    def crop(self, request: tuple, shared: bool = False) -> tuple[tuple[int, int], torch.Tensor | str]:
+        """(key, crops) for a plan's :meth:`~.plan.BatchPlan.crop_request`, or (key, a one-line
+        reason): a worker's exception would reach the main process wrapped in a traceback. The
+        crops are handed over (u, S, S, 3), their memory order, so that pinning keeps it."""
+        key, samples, coords, flips = request
+        try:
+            crops = self.cropper.crop(samples, coords, flips, shared=shared)
+        except (ImageError, CropError) as exc:
+            return key, f"epoch {key[0]} batch {key[1]}: {exc}"
+        return key, crops.permute(0, 2, 3, 1)
+
+    def assemble(self, plan: BatchPlan, crops: torch.Tensor) -> Batch:
+        """The delivered batch: ``crops`` as :meth:`crop` handed them over, everything else from ``plan``."""
+        record, rows = plan.record, slice(plan.rows.start, plan.rows.stop)
+        # Indexed in numpy: fresh arrays (a record's own may be read-only views of a shard's bytes).
+        partner_targets = None if plan.partners is None else torch.from_numpy(self.labels[plan.samples[plan.partners]])
+        return Batch(
+            plan=plan, crops=crops.permute(0, 3, 1, 2), targets=torch.from_numpy(self.labels[record.indices[rows]]),
+            partner_targets=partner_targets,
+            soft_labels=torch.tensor(record.soft_labels[rows], dtype=torch.float32),
+            mix_type=self.mix_type,
+        )
+
+
+class _CropDataset(Dataset):
+    """Map-style dataset for the DataLoader's workers: its 'index' is a plan's crop request."""
+
+    def __init__(self, maker: BatchMaker):
+        self.maker = maker
+
+    def __getitem__(self, request: tuple) -> tuple[tuple[int, int], torch.Tensor | str]:
+        # In a worker process the crops are made in shared memory: handing them over copies nothing.
+        return self.maker.crop(request, shared=get_worker_info() is not None)
+
+
+def _keep(item):
+    return item
+
+
+def make_batches(plans: Iterator[BatchPlan], maker: BatchMaker, positions: Iterator[tuple[int, int]], *,
+                 workers: int, prefetch_factor: int = 2, pin_memory: bool = False) -> Iterator[Batch]:
+    """The batches of ``plans``, in order, cropped by ``workers`` processes (0: in this one, as do
+    device crops). Each must come back at the next of ``positions``: a result out of order, or one
+    that failed, is a :class:`StreamError`."""
+    pending: deque[BatchPlan] = deque()  # the DataLoader runs ahead: plans wait here for their crops
+
+    def requests():
+        for plan in plans:
+            pending.append(plan)
+            yield plan.crop_request()
+
+    if workers == 0 or maker.on_device:
+        results = map(maker.crop, requests())
+    else:
+        # The public API's way to hand each worker an item of our choosing, in order: the requests
+        # go through the sampler slot (batch_size=None), and the DataLoader returns the results in
+        # the sampler's order. Its own generator: iterating a DataLoader draws a seed, which must
+        # not move the global RNG.
+        results = DataLoader(_CropDataset(maker), batch_size=None, sampler=requests(), num_workers=workers,
+                             collate_fn=_keep, prefetch_factor=prefetch_factor, pin_memory=pin_memory,
+                             generator=torch.Generator())
+    for key, crops in results:
+        if isinstance(crops, str):
+            raise StreamError(crops)
+        plan, position = pending.popleft(), next(positions, None)
+        if key != position or plan.key != position:
+            raise StreamError(f"a worker returned epoch {key[0]} batch {key[1]} where "
+                              f"{'nothing' if position is None else f'epoch {position[0]} batch {position[1]}'} "
+                              f"belongs")
+        yield maker.assemble(plan, crops)
+
+
+class BatchStream:
+    """Batches of epochs ``[start_epoch, end_epoch)`` of ``shard_set`` in (epoch, batch) order, for
+    rank ``rank`` of ``world_size``.
+
+    ``pixels``: the images' pixel source (:func:`.images.open_pixels`), made once by the caller; by
+    default the image shards are read here and ``decode_cache`` decides: keep each image's decoded
+    pixels after its first use, in memory the workers share (True), decode for every crop (False),
+    or decide by the memory available (None; ``pixels.note`` says what was chosen). ``crop_device``
+    (e.g. ``"cuda"``): crop, resize and flip there, bit-identical to PIL, instead of in worker
+    processes (the pixels must then be cached: ``open_pixels(..., crop_device=...)``).
+    """
+
+    def __init__(self, shard_set: shards.ShardSet, start_epoch: int = 0, end_epoch: int | None = None, *,
+                 workers: int = 2, rank: int = 0, world_size: int = 1, pixels: ImageSource | None = None,
+                 decode_cache: bool | None = None, crop_device: str | None = None, pin_memory: bool = False,
+                 prefetch_factor: int = 2, local_ranks: int = 1):
+        self.shard_set = shard_set
+        m = self.manifest = shard_set.manifest
+        self.start_epoch = start_epoch
+        self.end_epoch = m.epochs if end_epoch is None else end_epoch
+        if not 0 <= start_epoch <= self.end_epoch <= m.epochs:
+            raise ValueError(f"epochs [{start_epoch}, {self.end_epoch}) outside the set's [0, {m.epochs})")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        if m.batch_size % world_size:
+            raise ValueError(f"batch size {m.batch_size} is not divisible by world size {world_size}")
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        self.rank, self.world_size, self.workers = rank, world_size, workers
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.prefetch_factor = prefetch_factor
+        if pixels is None:
+            mode = "auto" if decode_cache is None else "on" if decode_cache else "off"
+            pixels = open_pixels(load_images(shard_set), mode=mode, workers=workers, crop_device=crop_device,
+                                 local_ranks=local_ranks)
+        self.pixels = pixels
+        self.maker = BatchMaker(pixels, m.input_size, m.mix_type, crop_device=crop_device)
+        self.cropped_fraction = 1.0  # share of the batches' rows this rank cropped, measured while iterating
+
+    def __len__(self) -> int:
+        return (self.end_epoch - self.start_epoch) * self.manifest.batches_per_epoch
+
+    def _plans(self) -> Iterator[BatchPlan]:
+        for record in self.shard_set.batches(self.start_epoch, self.end_epoch):
+            yield plan_batch(record, self.manifest.batch_size, self.rank, self.world_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        m = self.manifest
+        positions = ((e, b) for e in range(self.start_epoch, self.end_epoch) for b in range(m.batches_per_epoch))
+        cropped = total = 0
+        for batch in make_batches(self._plans(), self.maker, positions, workers=self.workers,
+                                  prefetch_factor=self.prefetch_factor, pin_memory=self.pin_memory):
+            cropped, total = cropped + batch.crops.shape[0], total + batch.batch_rows
+            self.cropped_fraction = cropped / total
+            yield batch
+
+
+def batch_at(shard_set: shards.ShardSet, epoch: int, batch: int) -> Batch:
+    """One batch, out of the stream's order (reads that epoch's label records up to it), cropped in
+    this process: what ``inspect`` draws."""
+    m = shard_set.manifest
+    if not (0 <= epoch < m.epochs and 0 <= batch < m.batches_per_epoch):
+        raise ValueError(f"epoch {epoch} batch {batch} outside the set's [0, {m.epochs}) x [0, {m.batches_per_epoch})")
+    maker = BatchMaker(open_pixels(load_images(shard_set), mode="off"), m.input_size, m.mix_type)
+    plans = (plan_batch(r, m.batch_size) for r in shard_set.batches(epoch, epoch + 1) if r.batch == batch)
+    return next(make_batches(plans, maker, iter([(epoch, batch)]), workers=0))
