@@ -122,12 +122,16 @@ _ORDERED_STORES = ("x86_64", "amd64", "i386", "i686", "x86")
 class ImageSource:
     """RGB pixels of images ``0..N-1`` by sample index, decoded on demand; see the module docstring."""
 
-    def __init__(self, table: ImageTable, cache: bool, *, shared: bool = True, note: str = ""):
+    def __init__(self, table: ImageTable, cache: bool, *, shared: bool = True, crop_device: str | None = None,
+                 note: str = ""):
         """``shared``: the cache lives in shared memory, for worker processes; without workers it is
-        ordinary memory (which /dev/shm's size does not limit). ``note``: a line that says how the
-        pixels are kept and why (see :func:`open_pixels`)."""
+        ordinary memory (which /dev/shm's size does not limit). ``crop_device``: the device whose
+        crops read these pixels (they are then all decoded and copied there), or None for the CPU.
+        ``note``: a line that says how the pixels are kept and why (see :func:`open_pixels`)."""
         self.table = table
         self.cache = cache
+        self.shared = shared and cache
+        self.crop_device = crop_device
         self.note = note
         sizes = table.shapes[:, 0] * table.shapes[:, 1] * 3
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -220,7 +224,8 @@ def open_pixels(table: ImageTable, *, mode: str = "auto", workers: int = 0, crop
     node each with its own copy; with ``crop_device`` every image is decoded once (the device crops
     read the whole set). The source's ``note`` says what was chosen and why."""
     if crop_device:
-        return ImageSource(table, True, shared=False, note=f"decoded cache on {crop_device}: every image decoded once")
+        return ImageSource(table, True, shared=False, crop_device=crop_device,
+                           note=f"decoded cache on {crop_device}: every image decoded once")
     shared = workers > 0  # worker processes read the cache: it lives in shared memory
     cache, note = decode_cache_choice(mode, table, local_ranks, shared)
     return ImageSource(table, cache, shared=shared, note=note)

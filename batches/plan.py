@@ -27,7 +27,7 @@ def micro_batch_sizes(batch_size: int, num_images: int, world_size: int, micro_r
     """Every row count a forward pass sees: each rank's slice of a full batch and of the short last
     one, cut into micro-batches of ``micro_rows`` (empty slices left out)."""
     sizes = set()
-    for rows in {batch_size, last_batch_rows(batch_size, num_images)}:
+    for rows in {fmt.batch_rows(num_images, batch_size, 0), last_batch_rows(batch_size, num_images)}:
         for rank in range(world_size):
             mine = len(slice_rows(batch_size, rows, rank, world_size))
             sizes |= {min(micro_rows, mine - start) for start in range(0, mine, micro_rows)}

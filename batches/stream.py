@@ -35,10 +35,10 @@ class BatchMaker:
     """Crops a plan's images (on the CPU with PIL, or on ``crop_device``) and assembles the batch:
     crops from the worker, everything else from the plan, in the main process."""
 
-    def __init__(self, pixels: ImageSource, input_size: int, mix_type: str, *, crop_device: str | None = None):
-        self.cropper = DeviceCropper(pixels, input_size, crop_device) if crop_device else \
+    def __init__(self, pixels: ImageSource, input_size: int, mix_type: str):
+        self.cropper = DeviceCropper(pixels, input_size, pixels.crop_device) if pixels.crop_device else \
             CpuCropper(pixels, input_size)
-        self.on_device = crop_device is not None
+        self.on_device = pixels.crop_device is not None
         self.labels = pixels.table.labels  # int64 (N,): each image's class
         self.mix_type = mix_type
 
@@ -104,6 +104,7 @@ def make_batches(plans: Iterator[BatchPlan], maker: BatchMaker, positions: Itera
                              collate_fn=_keep, prefetch_factor=prefetch_factor, pin_memory=pin_memory,
                              generator=torch.Generator())
     for key, crops in results:
+        key = tuple(key)  # pinning turns tuples into lists in some torch versions
         if isinstance(crops, str):
             raise StreamError(crops)
         plan, position = pending.popleft(), next(positions, None)
@@ -118,12 +119,12 @@ class BatchStream:
     """Batches of epochs ``[start_epoch, end_epoch)`` of ``shard_set`` in (epoch, batch) order, for
     rank ``rank`` of ``world_size``.
 
-    ``pixels``: the images' pixel source (:func:`.images.open_pixels`), made once by the caller; by
-    default the image shards are read here and ``decode_cache`` decides: keep each image's decoded
-    pixels after its first use, in memory the workers share (True), decode for every crop (False),
-    or decide by the memory available (None; ``pixels.note`` says what was chosen). ``crop_device``
-    (e.g. ``"cuda"``): crop, resize and flip there, bit-identical to PIL, instead of in worker
-    processes (the pixels must then be cached: ``open_pixels(..., crop_device=...)``).
+    ``pixels``: the images' pixel source, made once by the caller with :func:`.images.open_pixels`
+    (which decides the decoded cache and the crop device). Without it, the image shards are read
+    here and ``decode_cache`` decides: keep each image's decoded pixels after its first use, in
+    memory the workers share (True), decode for every crop (False), or decide by the memory
+    available (None; ``pixels.note`` says what was chosen); ``crop_device`` (e.g. ``"cuda"``): crop,
+    resize and flip there, bit-identical to PIL, instead of in worker processes.
     """
 
     def __init__(self, shard_set: shards.ShardSet, start_epoch: int = 0, end_epoch: int | None = None, *,
@@ -149,8 +150,13 @@ class BatchStream:
             mode = "auto" if decode_cache is None else "on" if decode_cache else "off"
             pixels = open_pixels(load_images(shard_set), mode=mode, workers=workers, crop_device=crop_device,
                                  local_ranks=local_ranks)
+        elif decode_cache is not None or crop_device is not None:
+            raise ValueError("decode_cache and crop_device are decided by open_pixels(); with pixels=, give neither")
+        if workers and pixels.cache and not pixels.shared and not pixels.crop_device:
+            raise ValueError("the pixels' cache is not in shared memory, which worker processes need: "
+                             "open_pixels(..., workers=N)")
         self.pixels = pixels
-        self.maker = BatchMaker(pixels, m.input_size, m.mix_type, crop_device=crop_device)
+        self.maker = BatchMaker(pixels, m.input_size, m.mix_type)
         self.cropped_fraction = 1.0  # share of the batches' rows this rank cropped, measured while iterating
 
     def __len__(self) -> int:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -234,7 +233,7 @@ def read_sizes(layout: RelabelLayout, input_size: int, folder_images: int, train
             f"{layout.batch_path(0, layout.batches_per_epoch - 1)}: {last.size} rows, more than "
             f"batch 0's {batch_size}"
         )
-    assert math.ceil(num_images / batch_size) == layout.batches_per_epoch
+    assert fmt.batches_per_epoch(num_images, batch_size) == layout.batches_per_epoch
     if num_images != folder_images:
         raise ConvertError(f"{layout.root}: relabel output covers {num_images} images but {train_dir} holds "
                            f"{folder_images}")

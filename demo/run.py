@@ -5,7 +5,6 @@ output in SRe2L's own layout, packed by fkd-convert)."""
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -28,15 +27,17 @@ from fkd_shards.relabel.cli import main as relabel_main
 from fkd_shards.shards import ShardSet
 from fkd_shards.train.checkpoint import build_scheduler
 from fkd_shards.train.cli import main as train_main
+from fkd_shards.train.config import ConfigError, parse_students, resolve
 from fkd_shards.train.config import build_parser as build_parser_of_train
-from fkd_shards.train.config import resolve
 from fkd_shards.train.loop import build_optimizer
+from fkd_shards.train.report import report, table
 from fkd_shards.train.validate import evaluate, val_loader
 
 from .data import load_splits, write_image_folder
 from .relabel import write_relabel
 from .teacher import MODEL, train_teacher
 
+DEFAULT_MODELS = ("resnet18", "mobilenet_v2")  # two small architectures, as a paper's table has several
 MAX_PER_CLASS = 100  # of about 128 images per digit left after the held-out 500; the rest train the teacher
 
 
@@ -87,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-epochs", type=int, default=12, help="teacher training epochs (default: 12)")
     p.add_argument("--batch-size", type=int, default=25, help="relabel batch size (default: 25)")
     p.add_argument("--input-size", type=int, default=24, help="crop size S in px (default: 24)")
-    p.add_argument("--model", default="resnet18", help="student, a torchvision.models name (default: resnet18)")
+    p.add_argument("--model", action="append", default=None, help="student, a torchvision.models name; repeat for "
+                   "several, trained on one data pass (default: resnet18 and mobilenet_v2)")
+    p.add_argument("--seeds", default="0,1", help="seeds of each student (default: 0,1)")
     p.add_argument("--temperature", type=float, default=4.0, help="KD temperature (default: 4)")
     p.add_argument("--codecs", nargs="*", default=[], metavar="CODEC",
                    help="also train on labels stored with these codecs (e.g. int8 topk:3)")
@@ -99,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(a: argparse.Namespace) -> dict[str, float]:
     """Every stage in order; returns the held-out top-1 (percent) of teacher and students."""
     started = time.perf_counter()
+    models = models_of(a)
+    first = models[0].partition("@")[0]  # the model's name, without its own learning rate
     train_dir, val_dir = os.path.join(a.out, "train"), os.path.join(a.out, "val")
     splits = load_splits(a.per_class, held_out=500)
     write_image_folder(train_dir, *splits.distilled)
@@ -122,9 +127,16 @@ def run(a: argparse.Namespace) -> dict[str, float]:
             _relabel(a, train_dir, teacher_path, codec, shard_dir)
         _step(f"{shard_dir}: soft labels ({codec}) written by {'fkd-convert' if a.via_convert else 'fkd-relabel'}",
               started)
-        by_codec[codec] = _soft_student(a, shard_dir, val_dir, os.path.join(a.out, "student-soft" + suffix))
-        _step(f"student on {codec} soft labels: {by_codec[codec]:.1f}%", started)
-    hard_acc = train_hard_labels(os.path.join(a.out, "shards"), val_dir, a.model, a.epochs)
+        if codec == "raw":  # every student and seed, on one data pass
+            by_codec[codec] = _soft_students(a, shard_dir, val_dir, os.path.join(a.out, "students"),
+                                             models=models, seeds=a.seeds)
+            _step("students on soft labels: " + ", ".join(f"{m} {v:.1f}%" for m, v in by_codec[codec].items())
+                  + " (mean over seeds)", started)
+        else:  # the first student alone
+            by_codec[codec] = _soft_students(a, shard_dir, val_dir, os.path.join(a.out, "student-soft" + suffix),
+                                             models=models[:1], seeds=a.seeds.split(",")[0])[first]
+            _step(f"{first} on {codec} soft labels: {by_codec[codec]:.1f}%", started)
+    hard_acc = train_hard_labels(os.path.join(a.out, "shards"), val_dir, first, a.epochs)
     _step(f"student on hard labels: {hard_acc:.1f}%; done", started)
     return {"teacher": teacher_acc, "soft": by_codec.pop("raw"), "hard": hard_acc, "codecs": by_codec,
             "teacher_images": len(splits.teacher[1]), "train_images": len(splits.distilled[1]),
@@ -159,14 +171,21 @@ def _relabel_via_convert(a: argparse.Namespace, train_dir: str, teacher, codec: 
         raise DemoError("fkd-convert failed (its message is above)")
 
 
-def _soft_student(a: argparse.Namespace, shard_dir: str, val_dir: str, out_dir: str) -> float:
-    """fkd-train through its CLI; the held-out top-1 of its last epoch."""
-    if train_main(["--shards", shard_dir, "--output-dir", out_dir, "--model", a.model, "-j", "0",
-                   "-T", str(a.temperature), "--val-dir", val_dir, "--val-every", str(a.epochs),
-                   "--device", "cpu"]) != 0:
+def _soft_students(a: argparse.Namespace, shard_dir: str, val_dir: str, out_dir: str, *, models: list[str],
+                   seeds: str) -> dict[str, float]:
+    """fkd-train through its CLI, every model x seed on one data pass; the mean over seeds of each
+    model's last held-out top-1."""
+    if train_main(["--shards", shard_dir, "--output-dir", out_dir, *[f for m in models for f in ("--model", m)],
+                   "--seeds", seeds, "-j", "0", "-T", str(a.temperature), "--val-dir", val_dir,
+                   "--val-every", str(a.epochs), "--device", "cpu"]) != 0:
         raise DemoError("fkd-train failed (its message is above)")
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return json.loads(f.read().splitlines()[-1])["val/top1"]
+    rows = table([out_dir])
+    return {row["model"]: row["final_top1"]["mean"] for row in rows}
+
+
+def models_of(a: argparse.Namespace) -> list[str]:
+    """The students' architectures: every --model, or the default two."""
+    return list(a.model or DEFAULT_MODELS)
 
 
 def check_flags(a: argparse.Namespace) -> None:
@@ -185,8 +204,10 @@ def check_flags(a: argparse.Namespace) -> None:
         except ConvertError as exc:
             raise DemoError(f"--codecs: {exc}") from None
     try:
-        build_model(a.model, 10, a.input_size)  # a name torchvision (or timm) does not know, or crops too small
-    except ModelError as exc:
+        parse_students(models_of(a), None, a.seeds)  # seeds, rates, a (model, seed) twice
+        for model in models_of(a):  # a name torchvision (or timm) does not know, or crops too small
+            build_model(model.partition("@")[0], 10, a.input_size)
+    except (ModelError, ConfigError) as exc:
         raise DemoError(str(exc)) from None
     if os.path.lexists(a.out) and not os.path.isdir(a.out):
         raise DemoError(f"{a.out}: exists and is not a directory; choose a new directory")
@@ -206,12 +227,17 @@ def _main(a: argparse.Namespace) -> int:
     check_flags(a)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     r = run(a)
+    print(f"\nThe students, soft labels (fkd-train, T={a.temperature:g}), seeds {escape(a.seeds)}, on one data pass "
+          f"(fkd-train report {escape(os.path.join(a.out, 'students'))}):")
+    print(report([os.path.join(a.out, "students")]))
     print(f"\nHeld-out accuracy ({r['held_out']} digits, chance 10%), {r['train_images']} training images, "
-          f"{a.epochs} epochs, {escape(a.model)}:")
+          f"{a.epochs} epochs:")
     print("| model | top-1 % |\n|---|---|")
     print(f"| teacher ({MODEL}, trained on {r['teacher_images']} images) | {r['teacher']:.1f} |")
-    print(f"| student, soft labels (fkd-train, T={a.temperature:g}) | {r['soft']:.1f} |")
+    for model, acc in r["soft"].items():
+        print(f"| student {escape(model)}, soft labels, mean over seeds | {acc:.1f} |")
+    first = escape(models_of(a)[0].partition("@")[0])
     for codec, acc in r["codecs"].items():
-        print(f"| student, soft labels stored as {escape(codec)} | {acc:.1f} |")
-    print(f"| student, hard labels only | {r['hard']:.1f} |")
+        print(f"| student {first}, soft labels stored as {escape(codec)} | {acc:.1f} |")
+    print(f"| student {first}, the same batches, hard labels only | {r['hard']:.1f} |")
     return 0

@@ -105,7 +105,7 @@ def check_training_output(model: nn.Module, label: str, input_size: int) -> None
 
 def check_micro_batches(model: nn.Module, name: str, input_size: int, single_row: str | None) -> None:
     """Batch norm in train mode cannot normalise one value per channel. Where a forward pass of a
-    single row occurs (``single_row`` says where, from :func:`plan.single_row_micro_batch`) and the
+    single row occurs (``single_row`` says where, from :func:`fkd_shards.batches.plan.single_row_micro_batch`) and the
     model's feature maps shrink to 1x1, say so before training, not as a traceback in the last batch
     of the first epoch. Tried on a copy, with the RNG put back, so that the check changes nothing."""
     if single_row is None or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):

@@ -94,27 +94,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from fkd_shards.common import distributed
-    from fkd_shards.common.device import resolve_device
 
     from .options import RelabelOptions
     from .pipeline import relabel
 
-    env = distributed.from_environment()
-    device = resolve_device(args.device, env)
     options = RelabelOptions(
         train_dir=args.train_dir, output=args.output, teachers=tuple(tuple(t) for t in args.teacher),
         teacher_mix=args.teacher_mix, batch_size=args.batch_size, epochs=args.epochs, input_size=args.input_size,
         mix_type=args.mix_type, crop_scale=tuple(args.crop_scale) if args.crop_scale else None, bn_mode=args.bn_mode,
         teacher_chunks=args.teacher_chunks, seed=args.seed, fkd_seed=args.fkd_seed, label_dtype=args.label_dtype,
-        label_codec=args.label_codec, codec_temperature=args.codec_temperature, device=device,
+        label_codec=args.label_codec, codec_temperature=args.codec_temperature, device=args.device,
         workers=args.workers, amp=args.amp, resume=args.resume, replay=args.replay, shard_bytes=args.shard_size,
         overwrite=args.overwrite, min_alignment=args.min_alignment, progress=not args.no_progress,
     )
-    distributed.init(env, device)
-    try:
-        manifest = relabel(options, env)
-    finally:
-        distributed.shutdown(env)
+    manifest = relabel(options, distributed.from_environment())
     if manifest is not None:
         total = sum(s.bytes for s in manifest.shards)
         print(f"wrote {len(manifest.shards)} shards ({total / 1e6:.1f} MB) and manifest.json to {escape(args.output)}: "

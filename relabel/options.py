@@ -35,7 +35,7 @@ class RelabelOptions:
     label_dtype: str = "float16"
     label_codec: str = fmt.CODEC_RAW
     codec_temperature: float = 20.0
-    device: str = "cpu"  # resolved (fkd_shards.common.device.resolve_device), e.g. "cuda:0"
+    device: str | None = None  # --device; None: CUDA when available (relabel() resolves it)
     workers: int = 8
     amp: str = "off"
     resume: bool = False

@@ -95,14 +95,14 @@ class LabelWriter:
     def alignment(self) -> list[float]:
         return [h / self.plan.num_images for h in self.hits]
 
-    def finish(self, folder: ImageFolderListing, width: int, relabel: dict, say) -> shards.Manifest:
+    def finish(self, folder: ImageFolderListing, relabel: dict, say) -> shards.Manifest:
         plan, o, alignment = self.plan, self.o, self.alignment()
         say(f"alignment (teacher argmax = image class or mix partner's): mean {sum(alignment) / len(alignment):.3f}, "
             f"min {min(alignment):.3f}, accepted at >= {self.threshold:.3f}")
         codec = self.writer.codec
         return self.writer.finish(shards.Manifest(
             num_images=plan.num_images, batch_size=plan.batch_size, num_classes=len(folder.classes),
-            soft_label_width=width, epochs=plan.epochs, input_size=plan.input_size, mix_type=plan.mix_type,
+            soft_label_width=self.width, epochs=plan.epochs, input_size=plan.input_size, mix_type=plan.mix_type,
             fkd_seed=o.fkd_seed, classes=list(folder.classes), soft_label_dtype=o.label_dtype, shards=[],
             alignment=[round(a, 6) for a in alignment], created_by=f"fkd-relabel {VERSION}", label_codec=codec.spec,
             label_codec_temperature=None if codec.spec == fmt.CODEC_RAW else o.codec_temperature,

@@ -26,6 +26,8 @@ from fkd_shards.batches import draws
 from fkd_shards.batches.images import ImageTable, open_pixels
 from fkd_shards.batches.plan import plan_batch
 from fkd_shards.batches.stream import BatchMaker, make_batches
+from fkd_shards.common import distributed
+from fkd_shards.common.device import resolve_device
 from fkd_shards.common.distributed import DistEnv
 from fkd_shards.common.version import VERSION
 from fkd_shards.convert.imagefolder import ImageFolderListing, list_image_folder, read_checked_image
@@ -149,7 +151,7 @@ def device_name(device: str) -> str:
 
 
 def settings_of(o: RelabelOptions, plan: Plan, teachers: list[Teacher], weights: list[float], *, images_digest: str,
-                replay_digest: str | None, codec: shards.codecs.Codec) -> dict:
+                replay_digest: str | None, codec: shards.codecs.Codec, device: str) -> dict:
     """Everything that decides the bytes written: a resumed run must agree on all of it."""
     return {
         "teachers": [{"model": t.name, "weights_sha256": t.sha256} for t in teachers], "teacher_mix": weights,
@@ -158,11 +160,11 @@ def settings_of(o: RelabelOptions, plan: Plan, teachers: list[Teacher], weights:
         "epochs": plan.epochs, "input_size": plan.input_size, "mix_type": plan.mix_type,
         "crop_scale": plan.crop_scale and list(plan.crop_scale), "seed": plan.seed, "fkd_seed": o.fkd_seed,
         "replay": o.replay, "replay_files": replay_digest, "images": images_digest, "shard_bytes": o.shard_bytes,
-        "device": device_name(o.device),
+        "device": device_name(device),
     }
 
 
-def provenance(o: RelabelOptions, plan: Plan, teachers: list[Teacher], weights: list[float]) -> dict:
+def provenance(o: RelabelOptions, plan: Plan, teachers: list[Teacher], weights: list[float], device: str) -> dict:
     """The manifest's ``relabel`` object: who labelled this set, how, on what, with which versions."""
     import PIL
     import torchvision
@@ -173,7 +175,7 @@ def provenance(o: RelabelOptions, plan: Plan, teachers: list[Teacher], weights: 
         "teacher_mix": o.teacher_mix, "bn_mode": o.bn_mode, "teacher_chunks": o.teacher_chunks, "amp": o.amp,
         "crop_scale": plan.crop_scale and list(plan.crop_scale), "mix_type": plan.mix_type,
         "seed": plan.seed, "fkd_seed": o.fkd_seed, "label_dtype": o.label_dtype,
-        "replay": o.replay, "device": device_name(o.device),
+        "replay": o.replay, "device": device_name(device),
         "draws": "numpy SeedSequence([seed, epoch, batch]).spawn(3): torch crops+flips, torch permutation, "
                  "numpy PCG64 lambda+box",
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__,
@@ -184,8 +186,17 @@ def provenance(o: RelabelOptions, plan: Plan, teachers: list[Teacher], weights: 
 def relabel(o: RelabelOptions, env: DistEnv | None = None, log=print) -> shards.Manifest | None:
     """Label and write; returns the manifest on rank 0 (None elsewhere). Raises :class:`RelabelError`
     (and the shard format's errors) for bad input; a failed run leaves no manifest, and its finished
-    shards stay for ``--resume``."""
+    shards stay for ``--resume``. Under torchrun (``env``), the process group lives as long as the call."""
     env = env or DistEnv()
+    device = resolve_device(o.device, env)
+    distributed.init(env, device)
+    try:
+        return _relabel(o, env, device, log)
+    finally:
+        distributed.shutdown(env)
+
+
+def _relabel(o: RelabelOptions, env: DistEnv, device: str, log) -> shards.Manifest | None:
     say = log if env.is_main else (lambda *_: None)
     codec = check_options(o)
     check_output_apart(o.output, {"--train-dir": o.train_dir, "--replay": o.replay})
@@ -204,11 +215,11 @@ def relabel(o: RelabelOptions, env: DistEnv | None = None, log=print) -> shards.
     # Checked once, by the rank that writes; a failure there stops the job under torchrun.
     replay_digest = check_replay(plan, table, o, num_classes=len(folder.classes), threshold=threshold, log=say) \
         if plan.layout is not None and env.is_main else None
-    device = o.device
     batch_rows = {plan.batch_rows(0), plan.batch_rows(plan.batches_per_epoch - 1)}  # the full and the last batch
     check_single_row_chunks(teachers, o.bn_mode, o.teacher_chunks, batch_rows, plan.input_size)
     ensemble = Ensemble(teachers, weights, device=device, bn_mode=o.bn_mode, chunks=o.teacher_chunks, amp=o.amp)
-    settings = settings_of(o, plan, teachers, weights, images_digest=digest, replay_digest=replay_digest, codec=codec)
+    settings = settings_of(o, plan, teachers, weights, images_digest=digest, replay_digest=replay_digest, codec=codec,
+                           device=device)
     out = LabelWriter(o, plan, codec=codec, settings=settings, threshold=threshold, width=teachers[0].classes) \
         if env.is_main else None
     try:
@@ -242,7 +253,7 @@ def relabel(o: RelabelOptions, env: DistEnv | None = None, log=print) -> shards.
         if out is None:
             return None
         say(timing.describe(time.perf_counter() - began))
-        return out.finish(folder, teachers[0].classes, provenance(o, plan, teachers, weights), say)
+        return out.finish(folder, provenance(o, plan, teachers, weights, device), say)
     except BaseException:
         if out is not None:
             out.abort()

@@ -40,10 +40,6 @@ def threshold(min_alignment: float | None, num_classes: int, mixed: bool) -> flo
     return default_threshold(num_classes, mixed) if min_alignment is None else min_alignment
 
 
-def near_chance(rate: float, num_classes: int, mixed: bool) -> bool:
-    return rate < default_threshold(num_classes, mixed)
-
-
 def lower_tail(hits: int, rows: int, rate: float) -> float:
     """P(X <= hits) for X ~ Binomial(rows, rate), summed in log space (exact for any batch size)."""
     if hits >= rows or rate <= 0.0:

@@ -14,7 +14,7 @@ from fkd_shards.common.text import escape, shown
 
 from . import codecs
 from . import format as fmt
-from .alignment import default_threshold
+from .alignment import threshold as alignment_threshold
 
 
 class ManifestError(ValueError):
@@ -95,9 +95,7 @@ class Manifest:
         below the recorded threshold, or (sets that record none) near chance, is reported."""
         if not self.alignment or self.min_alignment == 0:
             return None
-        threshold = self.min_alignment
-        if threshold is None:
-            threshold = default_threshold(self.num_classes, self.mixed)
+        threshold = alignment_threshold(self.min_alignment, self.num_classes, self.mixed)
         worst = min(range(len(self.alignment)), key=self.alignment.__getitem__)
         if self.alignment[worst] >= threshold:
             return None

@@ -15,10 +15,12 @@ def test_demo_small(tmp_path):
     m = shards.ShardSet(str(out / "shards")).manifest
     assert m.created_by.startswith("fkd-relabel") and m.relabel["teachers"][0]["model"] == "resnet18"
     assert (m.num_images, m.batch_size, m.epochs) == (50, 25, 6)
-    assert os.path.exists(out / "teacher.pth") and os.path.exists(out / "student-soft" / "final_weights.pth")
+    assert os.path.exists(out / "teacher.pth")
+    students = ["resnet18-seed0", "resnet18-seed1", "mobilenet_v2-seed0", "mobilenet_v2-seed1"]
+    assert all(os.path.exists(out / "students" / name / "final_weights.pth") for name in students)
     assert len(os.listdir(out / "train")) == 10 and len(os.listdir(out / "val")) == 10
     assert result["teacher"] > 60
-    assert result["soft"] > 30  # chance is 10%
+    assert result["soft"]["resnet18"] > 30  # chance is 10%
 
 
 def test_demo_via_convert_packs_the_original_layout(tmp_path):
@@ -43,6 +45,7 @@ def test_bad_flags_and_an_unusable_out_are_one_line_before_any_stage(tmp_path, c
                           ([str(tmp_path / "a"), "--input-size", "4"], "--input-size must be in [8, 256], got 4"),
                           ([str(tmp_path / "a"), "--temperature", "inf"], "--temperature must be finite and positive"),
                           ([str(tmp_path / "a"), "--model", "nosuch"], "--model nosuch is not a torchvision"),
+                          ([str(tmp_path / "a"), "--seeds", "0,0"], "--model resnet18 with seed 0 is asked twice"),
                           ([str(tmp_path / "a"), "--codecs", "int8", "foo"], "--codecs: --label-codec: label codec"),
                           ([str(taken)], f"{taken}: not empty; choose a new directory"),
                           ([str(a_file)], f"{a_file}: exists and is not a directory")):

@@ -184,3 +184,16 @@ def _rank_pid(launcher: int, rank: int) -> int:
                         continue
         time.sleep(0.05)
     raise AssertionError(f"no worker with RANK={rank}")
+
+
+def test_two_ranks_train_several_students_each_as_alone(converted, tmp_path):
+    output, _, _ = converted(batch_size=8)
+    multi = subprocess.run(_torchrun(2, _args(output, tmp_path / "multi", "--epochs", "2", "--seeds", "0,1")),
+                           env=_env(), capture_output=True, text=True, timeout=600)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    solo = subprocess.run(_torchrun(2, _args(output, tmp_path / "solo", "--epochs", "2", "--seed", "1")),
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    assert solo.returncode == 0, solo.stderr[-3000:]
+    a, b = _params(tmp_path / "multi" / "resnet18-seed1"), _params(tmp_path / "solo")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(_params(tmp_path / "multi" / "resnet18-seed0")["fc.weight"], a["fc.weight"])

@@ -337,9 +337,13 @@ def test_report_groups_seeds_with_mean_and_std(converted, tmp_path, capsys):
     assert f"{mean:.2f} ± {std:.2f}" in table[2]
     assert "sgd=false" in table[2] and "sgd=true" in table[3]  # the column that tells the rows apart
     assert train_main(["report", *runs, runs[0]]) == 0
-    assert "0,1,2,0 (n=4, seed 0 repeated)" in capsys.readouterr().out
-    assert train_main(["report", str(tmp_path)]) == 1
-    assert "no summary.json (not a finished fkd-train run)" in capsys.readouterr().err
+    assert "0,0,1,2 (n=4, seed 0 repeated)" in capsys.readouterr().out  # seeds in order
+    assert train_main(["report", str(tmp_path)]) == 0  # a directory holding runs: the runs inside
+    assert capsys.readouterr().out.strip().splitlines() == table
+    (tmp_path / "empty").mkdir()
+    assert train_main(["report", str(tmp_path / "empty")]) == 1
+    assert "no summary.json (not a finished fkd-train run), no students.json, and no run directory inside" in \
+        capsys.readouterr().err
 
 
 def test_report_and_the_metrics_log_read_only_bounded_regular_files(tmp_path, capsys):

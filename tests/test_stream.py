@@ -170,6 +170,20 @@ def test_misaligned_worker_output_is_an_error(converted, monkeypatch):
         list(_stream(output, workers=0))
 
 
+def test_results_whose_tuples_became_lists_still_arrive_in_order(converted, monkeypatch):
+    # torch's pin-memory thread turned tuples into lists before 2.9: the key (epoch, batch) must still match.
+    from fkd_shards.batches.stream import BatchMaker
+
+    output, _, _ = converted()
+    real = BatchMaker.crop
+    monkeypatch.setattr(BatchMaker, "crop", lambda self, request, shared=False: [list(x) if isinstance(x, tuple)
+                                                                                else x for x in real(self, request)])
+    listed = list(_stream(output, workers=0))
+    monkeypatch.setattr(BatchMaker, "crop", real)
+    assert [(b.epoch, b.batch) for b in listed] == [(e, k) for e in range(3) for k in range(4)]
+    assert all(torch.equal(a.model_input(), b.model_input()) for a, b in zip(listed, _stream(output, workers=0)))
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_an_image_that_does_not_decode_is_one_line_naming_it(converted, tmp_path, workers):
     output, _, _ = converted()

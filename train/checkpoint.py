@@ -119,7 +119,7 @@ def save(s: TrainState, epoch: int, cfg: TrainConfig, manifest: shards.Manifest,
         "epoch": epoch + 1, "state_dict": s.plain.state_dict(), "best_acc1": s.best_acc1,
         "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
         "scaler": s.scaler.state_dict(), "position": {"epoch": epoch + 1, "batch": 0},
-        "rng": _rng_state(cfg.device), "seed": cfg.seed, "shard_set": manifest.content_id(),
+        "rng": rng_state(cfg.device), "seed": cfg.seed, "shard_set": manifest.content_id(),
         "config": cfg.as_dict(),
     })
     check_finite(state["state_dict"], f"the model after epoch {epoch}")
@@ -164,7 +164,7 @@ def restore(s: TrainState, path: str, cfg: TrainConfig, manifest: shards.Manifes
         s.scaler.load_state_dict(state.get("scaler") or {})
         scheduler = build_scheduler(cfg, s.optimizer, state["epoch"])
         scheduler.load_state_dict(state["scheduler"])
-        _restore_rng(state["rng"], cfg.device)
+        set_rng_state(state["rng"], cfg.device)
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: optimizer, schedule or RNG state does not fit this run "
                               f"({first_line(exc, 150)})") from None
@@ -206,14 +206,15 @@ def _legacy_identity(m: shards.Manifest) -> dict:
             "mix_type": m.mix_type, "fkd_seed": m.fkd_seed, "input_size": m.input_size, "classes": list(m.classes)}
 
 
-def _rng_state(device: str) -> dict:
+def rng_state(device: str) -> dict:
+    """The global generators' states: torch's CPU one, and the device's on CUDA."""
     state = {"torch": torch.get_rng_state()}
     if device.startswith("cuda"):
         state["cuda"] = torch.cuda.get_rng_state(torch.device(device))
     return state
 
 
-def _restore_rng(state: dict, device: str) -> None:
+def set_rng_state(state: dict, device: str) -> None:
     torch.set_rng_state(state["torch"])
     if device.startswith("cuda") and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], torch.device(device))

@@ -39,18 +39,17 @@ def _train(argv: list[str]) -> int:
     from fkd_shards import shards
     from fkd_shards.common import distributed
 
-    from .config import resolve, wandb_api_key
+    from .config import resolve_students, wandb_api_key
     from .loop import train
 
     env = distributed.from_environment()
     shard_set = shards.ShardSet(args.shards, cache_dir=args.cache_dir, cache_labels=args.cache_labels)
-    api_key = wandb_api_key(args)
-    cfg = resolve(args, shard_set.manifest, env, api_key=api_key)
+    configs = resolve_students(args, shard_set.manifest, env)
     if args.keep_topk != 1000 and env.is_main:
         print(f"{PROG}: note: --keep-topk is accepted for compatibility and unused, as in train_FKD.py")
-    distributed.init(env, cfg.device)
+    distributed.init(env, configs[0].device)
     try:
-        train(cfg, shard_set, api_key)
+        train(configs, shard_set, wandb_api_key(args))
     finally:
         distributed.shutdown(env)
     return 0
@@ -91,10 +90,10 @@ def _inspect(argv: list[str]) -> int:
     return 0
 
 
-def _check_picture_path(path: str) -> None:
-    """``--out`` is a PNG: it may replace an earlier picture, never a file of another kind."""
+def _check_picture_path(path: str, flag: str = "--out") -> None:
+    """A picture is a PNG: it may replace an earlier picture, never a file of another kind."""
     if not path.lower().endswith(".png"):
-        raise _config_error(f"--out {path}: the picture is a PNG; name it *.png")
+        raise _config_error(f"{flag} {path}: the picture is a PNG; name it *.png")
     if os.path.lexists(path):
         try:
             with open(path, "rb") as f:
@@ -102,19 +101,31 @@ def _check_picture_path(path: str) -> None:
         except OSError:
             is_png = False
         if not is_png:
-            raise _config_error(f"--out {path}: exists and is not a PNG; choose another name")
+            raise _config_error(f"{flag} {path}: exists and is not a PNG; choose another name")
 
 
 def _report(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog=f"{PROG} report", description="One table over finished runs: runs that "
-                                "differ only in --seed are grouped, with the mean and standard deviation of "
-                                "their final and best top-1.")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output directories of fkd-train runs")
-    p.add_argument("--csv", action="store_true", help="comma-separated values instead of a Markdown table")
+                                "differ only in --seed are grouped, with the mean and sample standard deviation of "
+                                "their final and best top-1, and n.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output directories of fkd-train runs: one run, the "
+                   "directory of several students (students.json), or a directory holding runs")
+    p.add_argument("--format", default="markdown", choices=["markdown", "text", "csv", "json"],
+                   help="markdown (default; pastes into a README as it is), text, csv (one number per cell), json")
+    p.add_argument("--csv", action="store_true", help=argparse.SUPPRESS)  # before --format existed
+    p.add_argument("--plot", metavar="PNG", help="also draw the table as a bar chart with error bars (a PNG)")
     args = p.parse_args(argv)
-    from .report import report
+    if args.plot is not None:
+        _check_picture_path(args.plot, "--plot")
+    from .report import render, table
 
-    print(report(args.runs, csv=args.csv))
+    rows = table(args.runs)
+    print(render(rows, "csv" if args.csv else args.format))
+    if args.plot is not None:
+        from .plot import plot_table
+
+        plot_table(rows, args.plot)
+        print(f"wrote {escape(args.plot)}", file=sys.stderr)
     return 0
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from fkd_shards.common.cli import MAX_WORKERS
 from fkd_shards.common.distributed import DistEnv
@@ -32,7 +32,8 @@ class TrainConfig:
     """Every setting of one ``fkd-train`` run, flags and derived values alike (see :func:`resolve`)."""
 
     shards: str  # the shard set's directory or URL
-    output_dir: str  # where checkpoints, metrics and the summary go
+    output_dir: str  # where this student's checkpoints, metrics and summary go
+    run_dir: str  # --output-dir: output_dir itself, or the directory holding several students' directories
     model: str  # the student: a torchvision.models name or timm:NAME
     seed: int  # seed of the student's init and every later draw, in [0, 2**63)
     epochs: int  # train epochs [start_epoch, epochs) of the set's; the LR schedule spans [0, epochs)
@@ -67,6 +68,7 @@ class TrainConfig:
     cache_labels: bool  # with cache_dir: cache the label shards too
     wandb_project: str  # wandb project name
     wandb_mode: str  # "online", "offline" or "disabled"
+    student: str  # the student's name, MODEL-seedS (its directory when a run trains several)
 
     def as_dict(self) -> dict:
         body = asdict(self)
@@ -117,10 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--train-dir", help=argparse.SUPPRESS)
     data.add_argument("--fkd-path", help=argparse.SUPPRESS)
     model = p.add_argument_group("model")
-    model.add_argument("--model", default="resnet18", metavar="NAME", help="torchvision.models name, or timm:NAME "
-                       "with the timm extra (default: resnet18); random init, no download")
-    model.add_argument("--seed", type=int, default=0, help="seed of everything random in training, the "
+    model.add_argument("--model", action="append", default=None, metavar="NAME[@lr=LR]", help="torchvision.models "
+                       "name, or timm:NAME with the timm extra (default: resnet18); random init, no download. Repeat "
+                       "for several students trained on one data pass; @lr=LR gives a student its own learning "
+                       "rate (SGD's --learning-rate, or AdamW's --adamw-lr)")
+    model.add_argument("--seed", type=int, default=None, help="seed of everything random in training, the "
                        "student's init first (default: 0)")
+    model.add_argument("--seeds", default=None, metavar="S1,S2,...", help="one student per model and seed, e.g. "
+                       "0,1,2 (instead of --seed)")
     model.add_argument("--init-weights", default=None, metavar="FILE", help="start from these weights (a state "
                        "dict or checkpoint)")
     model.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster on "
@@ -152,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "train_FKD.py")
     out = p.add_argument_group("checkpoints and output")
     out.add_argument("--output-dir", default="./save/1024", metavar="DIR", help="checkpoints, metrics.jsonl, "
-                     "final_weights.pth, summary.json (default: ./save/1024)")
+                     "final_weights.pth, summary.json (default: ./save/1024); with several students, one directory "
+                     "per student inside it (MODEL-seedS) and students.json")
     out.add_argument("--resume", default=None, metavar="auto|FILE", help="continue a run: 'auto' takes "
                      "OUTPUT_DIR's checkpoint if there is one")
     out.add_argument("--restart", action="store_true", help="start over in an output directory that holds a "
@@ -185,9 +192,10 @@ def _check_number(flag: str, value: float, low: float = 0.0, high: float = math.
         raise ConfigError(f"{flag} must be a finite number in {bound}, {high:g}], got {value}")
 
 
-def resolve(args: argparse.Namespace, manifest, env: DistEnv, *, api_key: str | None = None) -> TrainConfig:
-    """Check the flags against each other, the manifest and the environment; derive the rest.
-    ``api_key``: the wandb key found (:func:`wandb_api_key`), which makes wandb's default mode online."""
+def resolve_students(args: argparse.Namespace, manifest, env: DistEnv) -> list[TrainConfig]:
+    """Check the flags against each other, the manifest and the environment; derive the rest: one
+    config per student (models x seeds, :func:`parse_students`), identical but for the student's
+    model, seed, learning rate, output directory and checkpoint to resume."""
     from fkd_shards.common.device import resolve_device
 
     m = manifest
@@ -213,8 +221,7 @@ def resolve(args: argparse.Namespace, manifest, env: DistEnv, *, api_key: str | 
     if m.batch_size % (env.world_size * steps):
         raise ConfigError(f"--batch-size {m.batch_size} is not divisible by world size {env.world_size} x "
                           f"--gradient-accumulation-steps {steps}")
-    if not 0 <= args.seed < 2**63:
-        raise ConfigError(f"--seed must be in [0, 2**63), got {args.seed}")
+    students = parse_students(args.model, args.seed, args.seeds)
     if args.val_every <= 0:
         raise ConfigError(f"--val-every must be positive, got {args.val_every}")
     if not 0 <= args.workers <= MAX_WORKERS:
@@ -229,6 +236,9 @@ def resolve(args: argparse.Namespace, manifest, env: DistEnv, *, api_key: str | 
         raise ConfigError("--cache-labels needs --cache-dir")
     if args.restart and args.resume:
         raise ConfigError("--restart and --resume contradict each other")
+    if len(students) > 1 and args.resume not in (None, "auto"):
+        raise ConfigError(f"--resume {args.resume} names one checkpoint, and there are {len(students)} students: "
+                          f"continue them with --resume auto")
     from fkd_shards.common.files import within
     from fkd_shards.shards.io import is_local, local_path
 
@@ -240,20 +250,93 @@ def resolve(args: argparse.Namespace, manifest, env: DistEnv, *, api_key: str | 
     device = resolve_device(args.device, env)
     if args.amp == "fp16" and not device.startswith("cuda"):
         raise ConfigError("--amp fp16 needs a CUDA device; use --amp bf16 on CPU")
-    return TrainConfig(
-        shards=args.shards, output_dir=args.output_dir, model=args.model, seed=args.seed, epochs=epochs,
+    base = TrainConfig(
+        shards=args.shards, output_dir=args.output_dir, run_dir=args.output_dir, model=students[0].model,
+        seed=students[0].seed, epochs=epochs,
         start_epoch=args.start_epoch, gradient_accumulation_steps=steps,
         micro_batch_rows=m.batch_size // (env.world_size * steps), dist=env, device=device, workers=args.workers,
         val_dir=args.val_dir, val_every=args.val_every, cos=args.cos, sgd=args.sgd,
         learning_rate=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay,
         adamw_lr=args.adamw_lr, adamw_weight_decay=args.adamw_weight_decay, temperature=args.temperature,
         last_batch_loss=args.last_batch_loss, amp=args.amp, channels_last=args.channels_last,
-        sync_bn=args.sync_bn, init_weights=args.init_weights, resume=resume_path(args.resume, args.output_dir),
+        sync_bn=args.sync_bn, init_weights=args.init_weights, resume=None,
         resume_asked=args.resume is not None, restart=args.restart, allow_misaligned=args.allow_misaligned,
         decode_cache=args.decode_cache, device_crops=args.device_crops, cache_dir=args.cache_dir,
         cache_labels=args.cache_labels, wandb_project=args.wandb_project,
-        wandb_mode=args.wandb_mode or ("online" if api_key else "disabled"),
+        wandb_mode=args.wandb_mode or ("online" if wandb_api_key(args) else "disabled"), student=students[0].name,
     )
+    configs = []
+    for spec in students:
+        output_dir = args.output_dir if len(students) == 1 else os.path.join(args.output_dir, spec.name)
+        rate = {} if spec.lr is None else {"learning_rate" if args.sgd else "adamw_lr": spec.lr}
+        configs.append(replace(base, model=spec.model, seed=spec.seed, output_dir=output_dir, student=spec.name,
+                               resume=resume_path(args.resume, output_dir), **rate))
+    return configs
+
+
+def resolve(args: argparse.Namespace, manifest, env: DistEnv) -> TrainConfig:
+    """:func:`resolve_students` for a run of one student (one ``--model``, one seed)."""
+    configs = resolve_students(args, manifest, env)
+    if len(configs) != 1:
+        raise ConfigError(f"{len(configs)} students asked where one is expected")
+    return configs[0]
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """One student of a run: a model, a seed and, when it has its own, a learning rate."""
+
+    model: str  # a torchvision.models name or timm:NAME
+    seed: int
+    lr: float | None  # NAME@lr=LR: this student's learning rate; None: the optimizer's flag
+
+    @property
+    def name(self) -> str:
+        """The student's directory name inside OUTPUT_DIR: MODEL-seedS (a timm: prefix as timm-)."""
+        return f"{self.model.replace(':', '-').replace('/', '-')}-seed{self.seed}"
+
+
+def parse_students(models: list[str] | None, seed: int | None, seeds: str | None) -> list[StudentSpec]:
+    """Every (model, seed) pair of ``--model`` (repeatable, ``NAME@lr=LR``) and ``--seed`` or
+    ``--seeds S1,S2,...``, models first; a pair given twice, a bad seed or rate is a :class:`ConfigError`."""
+    if seed is not None and seeds is not None:
+        raise ConfigError("--seed and --seeds contradict each other: give one")
+    if seeds is None:
+        seed_list = [0 if seed is None else seed]
+    else:
+        try:
+            seed_list = [int(text) for text in seeds.split(",")]
+        except ValueError:
+            raise ConfigError(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    for value in seed_list:
+        if not 0 <= value < 2**63:
+            raise ConfigError(f"--seed must be in [0, 2**63), got {value}")
+    students = [StudentSpec(name, s, lr) for name, lr in map(_model_spec, models or ["resnet18"]) for s in seed_list]
+    names = [(spec.model, spec.seed) for spec in students]
+    for k, pair in enumerate(names):
+        if pair in names[:k]:
+            raise ConfigError(f"--model {pair[0]} with seed {pair[1]} is asked twice; each (model, seed) trains once")
+    return students
+
+
+def _model_spec(text: str) -> tuple[str, float | None]:
+    """``NAME`` or ``NAME@lr=LR``."""
+    name, at, option = text.partition("@")
+    if not name:
+        raise ConfigError(f"--model {text!r}: no model name")
+    if not at:
+        return name, None
+    key, _, value = option.partition("=")
+    if key != "lr" or "_" in value:  # float() reads 1_0 as 10
+        raise ConfigError(f"--model {text!r}: expected NAME or NAME@lr=LR (e.g. mobilenet_v2@lr=0.05)")
+    try:
+        lr = float(value)
+    except ValueError:
+        raise ConfigError(f"--model {text!r}: {value!r} is not a learning rate") from None
+    _check_number(f"--model {name}@lr", lr)
+    return name, lr
+
+
 
 
 def wandb_api_key(args: argparse.Namespace) -> str | None:

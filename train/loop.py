@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -30,9 +31,19 @@ from .checkpoint import TrainState, build_scheduler
 from .config import TrainConfig
 from .kd import kd_loss, parameter_groups, topk_correct
 from .metrics import MetricsLog, start_wandb
-from .rundir import BEST_NAME, CHECKPOINT_NAME, FINAL_WEIGHTS_NAME, METRICS_NAME, SUMMARY_NAME, claim
+from .rundir import (
+    BEST_NAME,
+    CHECKPOINT_NAME,
+    FINAL_WEIGHTS_NAME,
+    METRICS_NAME,
+    STUDENTS_NAME,
+    SUMMARY_NAME,
+    claim,
+    claim_students,
+)
+from .students import Student, students_table
 from .summary import RunSummary, summarize, write_summary
-from .validate import ValidationError, evaluate, val_loader
+from .validate import ValidationError, evaluate_many, val_loader
 
 
 class TrainingError(RuntimeError):
@@ -43,119 +54,212 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C, with what is on disk: the message says which checkpoint a resume continues from."""
 
 
-def train(cfg: TrainConfig, shard_set: shards.ShardSet, api_key: str | None = None, log=print) -> RunSummary | None:
-    """Train epochs [first, E): from ``--start-epoch``, or after the epoch ``--resume``'s checkpoint
-    completed. Rank 0 prints, writes and logs; every rank trains its slice of each batch."""
-    m, env = shard_set.manifest, cfg.dist
+def train(configs: TrainConfig | list[TrainConfig], shard_set: shards.ShardSet, api_key: str | None = None,
+          log=print) -> list[RunSummary]:
+    """Train every student of ``configs`` (one per model and seed, identical in everything else) on one
+    pass over the batches of epochs [first, E): from ``--start-epoch``, or each after the epoch its
+    ``--resume`` checkpoint completed. Each batch is made once and every student steps on it, in the
+    order given. Rank 0 prints, writes and logs; every rank trains its slice of each batch for every
+    student. A student whose loss stops being finite is stopped, the others go on; the run then ends
+    with a :class:`TrainingError` naming it (with one student, at once)."""
+    configs = [configs] if isinstance(configs, TrainConfig) else list(configs)
+    cfg, m = configs[0], shard_set.manifest
+    env, several = cfg.dist, len(configs) > 1
     say = log if env.is_main else (lambda *_: None)
-    lock = claim(cfg.output_dir, cfg.resume_asked, cfg.resume, cfg.restart) if env.is_main else None
+    students = [Student(c, several=several) for c in configs]
+    root = cfg.run_dir
+    locks = []
     started = time.perf_counter()
-    last_saved = None  # the last epoch whose checkpoint is on disk, for the Ctrl-C message
     try:
+        if env.is_main:  # every directory is claimed before any student trains
+            if several:
+                locks.append(claim_students(root, [_listed(st.cfg) for st in students], cfg.restart))
+            locks += [claim(st.cfg.output_dir, st.cfg.resume_asked, st.cfg.resume, st.cfg.restart) for st in students]
         val = val_loader(cfg.val_dir, m.classes, m.input_size, m.batch_size, min(cfg.workers, 4), env) \
             if cfg.val_dir else None
-        s = build_state(cfg, m)
-        if cfg.resume:
-            last_saved = s.first_epoch - 1
-            best = f", best top-1 so far {s.best_acc1:.2f}%" if s.best_acc1 > 0 else ""
-            say(f"fkd-train: resumed from epoch {s.first_epoch} of {escape(cfg.resume)} (epochs "
-                f"0..{s.first_epoch - 1} done{best})")
-        if s.first_epoch >= cfg.epochs:
-            say(f"fkd-train: already trained {s.first_epoch} of {cfg.epochs} epochs; nothing to do")
-            return None
-        stream = _stream(cfg, shard_set, s.first_epoch, say)
-        metrics_log = _metrics_log(cfg, s.first_epoch, api_key) if env.is_main else None
+        for st in students:
+            st.state = build_state(st.cfg, m)
+            st.keep_rng()
+            _announce_resume(st, say)
+        todo = [st for st in students if st.state.first_epoch < cfg.epochs]
+        for st in students:
+            if st not in todo:
+                say(f"fkd-train: {_who(st)}already trained {st.state.first_epoch} of {cfg.epochs} epochs; "
+                    f"nothing to do")
+        if not todo:
+            return []
+        first_epoch = min(st.state.first_epoch for st in todo)
+        stream = _stream(cfg, shard_set, first_epoch, [st.cfg for st in todo], say)
         try:
+            for st in todo:
+                st.metrics_log = _metrics_log(st.cfg, st.state.first_epoch, api_key) if env.is_main else None
             batches = iter(stream)
-            for epoch in range(s.first_epoch, cfg.epochs):
-                run_epoch(s, batches, epoch, cfg=cfg, manifest=m, val=val, metrics_log=metrics_log, say=say)
-                last_saved = epoch
+            for epoch in range(first_epoch, cfg.epochs):
+                if all(st.failed for st in todo):
+                    break
+                run_epoch(todo, batches, epoch, manifest=m, val=val, say=say)
                 if env.is_main and env.active:
                     say(f"rank 0 cropped {stream.cropped_fraction:.1%} of the rows of the batches it trained on "
                         f"(its rows plus their mix partners; 1/K = {1 / env.world_size:.1%})")
         finally:
-            if metrics_log is not None:
-                metrics_log.close()
-        return _finish(cfg, m, s, val is not None, time.perf_counter() - started, say)
+            for st in todo:
+                if st.metrics_log is not None:
+                    st.metrics_log.close()
+        wall_s = time.perf_counter() - started
+        summaries = {st.name: _finish(st, m, val is not None, wall_s, say=None if several else say)
+                     for st in todo if st.failed is None}
+        if several:
+            say(students_table(students, summaries))
+            say(f"students: {escape(os.path.join(root, STUDENTS_NAME))}; the table over seeds: fkd-train report "
+                f"{escape(root)}")
+        failed = [st for st in students if st.failed]
+        if failed:
+            raise TrainingError(f"{len(failed)} of {len(students)} students stopped (their loss stopped being "
+                                f"finite): {', '.join(st.name for st in failed)}; the others finished")
+        return list(summaries.values())
     except KeyboardInterrupt:
-        raise Interrupted(_interrupted(cfg, last_saved)) from None
+        raise Interrupted(_interrupted(students)) from None
     finally:
-        if lock is not None:
+        for lock in locks:
             lock.release()
 
 
-def run_epoch(s: TrainState, batches, epoch: int, *, cfg: TrainConfig, manifest: shards.Manifest, val,
-              metrics_log: MetricsLog | None, say) -> None:
-    """Train one epoch, validate when due, then save the checkpoint and the metrics line; an
-    unreadable validation image is raised after the epoch's training is saved."""
+def run_epoch(students: list[Student], batches, epoch: int, *, manifest: shards.Manifest, val,
+              say) -> None:
+    """Train one epoch for every student that trains in it, validate when due, then save each one's
+    checkpoint and metrics line; an unreadable validation image is raised after the epoch's
+    training is saved."""
     m = manifest
-    totals, seconds = train_epoch(s, batches, epoch, cfg, m)
-    metrics = _train_metrics(totals, cfg, epoch, s.scheduler.get_last_lr()[0], seconds)
-    say(f"TRAIN Iter {epoch}: lr = {metrics['train/lr']:.6f},\tloss = {metrics['train/loss']:.6f},\t"
-        f"Top-1 err = {100 - metrics['train/Top1']:.6f},\tTop-5 err = {100 - metrics['train/Top5']:.6f},"
-        f"\ttrain_time = {seconds:.6f}")
-    s.scheduler.step()
+    active = [st for st in students if st.trains(epoch)]
+    seconds = train_epoch(active, batches, epoch, m)
+    cfg = active[0].cfg if active else students[0].cfg
+    active = [st for st in active if st.failed is None]
+    metrics = {}
+    for st in active:
+        line = metrics[st.name] = _train_metrics(st.totals, st.cfg, epoch, st.state.scheduler.get_last_lr()[0],
+                                                 seconds)
+        say(f"{_who(st)}TRAIN Iter {epoch}: lr = {line['train/lr']:.6f},\tloss = {line['train/loss']:.6f},\t"
+            f"Top-1 err = {100 - line['train/Top1']:.6f},\tTop-5 err = {100 - line['train/Top5']:.6f},\t"
+            f"train_time = {seconds:.6f}")
+        st.state.scheduler.step()
     failed = None
-    if val is not None and (epoch % cfg.val_every == 0 or epoch == cfg.epochs - 1):
+    if active and val is not None and (epoch % cfg.val_every == 0 or epoch == cfg.epochs - 1):
         try:
-            metrics.update(evaluate(s.model, val, cfg.device, cfg.dist), **{"val/epoch": epoch})
+            results = evaluate_many([st.state.model for st in active], val, cfg.device, cfg.dist)
         except ValidationError as exc:
             failed = exc
         else:
-            say(f"TEST Iter {epoch}: loss = {metrics['val/loss']:.6f},\tTop-1 err = "
-                f"{100 - metrics['val/top1']:.6f},\tTop-5 err = {100 - metrics['val/top5']:.6f}")
-    is_best = metrics.get("val/top1", -1.0) > s.best_acc1
-    s.best_acc1 = max(s.best_acc1, metrics.get("val/top1", 0.0))
-    if cfg.dist.is_main:
-        checkpoint.save(s, epoch, cfg, m, is_best)
-        metrics_log.log(metrics)
+            for st, result in zip(active, results):
+                metrics[st.name].update(result, **{"val/epoch": epoch})
+                say(f"{_who(st)}TEST Iter {epoch}: loss = {result['val/loss']:.6f},\tTop-1 err = "
+                    f"{100 - result['val/top1']:.6f},\tTop-5 err = {100 - result['val/top5']:.6f}")
+    for st in active:
+        s, line = st.state, metrics[st.name]
+        is_best = line.get("val/top1", -1.0) > s.best_acc1
+        s.best_acc1 = max(s.best_acc1, line.get("val/top1", 0.0))
+        if cfg.dist.is_main:
+            with st.own_rng():  # the checkpoint keeps this student's random state
+                checkpoint.save(s, epoch, st.cfg, m, is_best)
+            st.metrics_log.log(line)
+        st.last_saved = epoch
     if failed is not None:
         raise failed
 
 
-def train_epoch(s: TrainState, batches, epoch: int, cfg: TrainConfig, m: shards.Manifest) -> tuple[EpochTotals, float]:
-    """One epoch of loaded batches; returns the totals and the seconds it took. A loss that is not
-    finite stops the run before the epoch's checkpoint is written, naming the batch (checked where
-    the progress bar reads the device anyway, and at the end: no sync per step)."""
-    s.model.train()
-    totals = EpochTotals.zeros(cfg.device)
-    bad = torch.zeros(m.batches_per_epoch, dtype=torch.bool, device=cfg.device)
+def train_epoch(students: list[Student], batches, epoch: int, m: shards.Manifest) -> float:
+    """One epoch of loaded batches, every student stepping on each in turn; returns the seconds it
+    took, and leaves each student's totals in ``totals``. A loss that is not finite stops its
+    student before the epoch's checkpoint is written, naming the batch (checked where the progress
+    bar reads the device anyway, and at the end: no sync per step); with one student, the run."""
+    cfg = students[0].cfg if students else None
+    for st in students:
+        st.state.model.train()
+        st.totals = EpochTotals.zeros(st.cfg.device)
+        st.bad = torch.zeros(m.batches_per_epoch, dtype=torch.bool, device=st.cfg.device)
     started = time.perf_counter()
     with tqdm(total=m.batches_per_epoch, desc=f"epoch {epoch}", unit="batch", leave=False,
-              disable=not cfg.dist.is_main) as bar:
+              disable=not (cfg and cfg.dist.is_main)) as bar:
         for k in range(m.batches_per_epoch):
             batch = next(batches)
             assert (batch.epoch, batch.batch) == (epoch, k), (batch.epoch, batch.batch, epoch, k)
-            try:
-                bad[k] = ~torch.isfinite(train_step(s, batch, cfg, totals))
-            except (torch.OutOfMemoryError, RuntimeError) as exc:
-                # torch reports a CPU allocation failure as a plain RuntimeError; only its text tells.
-                if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
-                    raise
-                raise TrainingError(f"out of memory at epoch {epoch} batch {k}: a smaller micro-batch "
-                                    f"(--gradient-accumulation-steps) or --amp bf16 needs less") from None
+            inputs = None
+            for st in students:
+                if st.failed is not None:
+                    continue
+                if inputs is None:
+                    inputs = step_inputs(batch, st.cfg)
+                    version = inputs.x._version
+                with st.own_rng():
+                    st.bad[k] = ~torch.isfinite(_step_or_oom(st, batch, inputs, epoch, k))
+                if inputs.x._version != version:  # a model wrote into its input: the next one gets a fresh one
+                    inputs = None
             bar.update(1)
             if bar.n % 10 == 0 or bar.n == m.batches_per_epoch:  # .item() waits for the device
-                _check_finite_loss(bad, epoch, cfg)
-                seen = totals.rows.item()
-                bar.set_postfix(loss=f"{totals.loss.item() / max(seen, 1):.4f}",
-                                img_s=f"{seen * cfg.dist.world_size / (time.perf_counter() - started):.0f}")
-    _check_finite_loss(sum_across_ranks(bad.int(), cfg.dist).bool(), epoch, cfg)
-    return totals, time.perf_counter() - started
+                for st in students:
+                    if st.failed is None:
+                        _stop_if_not_finite(st, st.bad, epoch)
+                _show_progress(bar, students, started)
+    for st in students:
+        if st.failed is None:
+            _stop_if_not_finite(st, sum_across_ranks(st.bad.int(), st.cfg.dist).bool(), epoch)
+    return time.perf_counter() - started
 
 
-def train_step(s: TrainState, batch: Batch, cfg: TrainConfig, totals: EpochTotals) -> torch.Tensor:
+def _step_or_oom(st: Student, batch: Batch, inputs: StepInputs, epoch: int, k: int) -> torch.Tensor:
+    try:
+        return train_step(st.state, batch, st.cfg, st.totals, inputs=inputs)
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        # torch reports a CPU allocation failure as a plain RuntimeError; only its text tells.
+        if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
+            raise
+        raise TrainingError(f"out of memory at epoch {epoch} batch {k}: a smaller micro-batch "
+                            f"(--gradient-accumulation-steps) or --amp bf16 needs less") from None
+
+
+def _show_progress(bar, students: list[Student], started: float) -> None:
+    if not students:  # none trains in this epoch (they resume later): the batches pass by
+        return
+    cfg = students[0].cfg
+    rows = [st.totals.rows.item() for st in students]
+    images = max(rows, default=0) * cfg.dist.world_size / max(time.perf_counter() - started, 1e-9)
+    if len(students) == 1:
+        st = students[0]
+        bar.set_postfix(loss=f"{st.totals.loss.item() / max(rows[0], 1):.4f}", img_s=f"{images:.0f}")
+        return
+    losses = {st.short: ("stopped" if st.failed else f"{st.totals.loss.item() / max(seen, 1):.3f}")
+              for st, seen in zip(students, rows)}
+    bar.set_postfix(ordered_dict={**losses, "img_s": f"{images:.0f}"})  # in the students' order
+
+
+@dataclass
+class StepInputs:
+    """A batch on the device, as every student's step takes it: model input, soft labels, targets."""
+
+    x: torch.Tensor  # float32 (m, 3, S, S): normalised and mixed
+    soft: torch.Tensor  # float32 (m, C)
+    targets: torch.Tensor  # int64 (m,)
+
+
+def step_inputs(batch: Batch, cfg: TrainConfig) -> StepInputs:
+    """The batch's tensors on ``cfg.device``, in the memory format the students take."""
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    return StepInputs(batch.model_input(cfg.device, memory_format), batch.soft_labels.to(cfg.device, non_blocking=True),
+                      batch.targets.to(cfg.device, non_blocking=True))
+
+
+def train_step(s: TrainState, batch: Batch, cfg: TrainConfig, totals: EpochTotals, *,
+               inputs: StepInputs | None = None) -> torch.Tensor:
     """One loaded batch: zero_grad, micro-batches of B/(K*A) rows each with its own forward and
     loss/A backward, then one optimizer step. Returns the sum of the micro-batch losses (on the device).
 
     Every rank runs as many micro-steps as rank 0 (which holds the most rows); a rank whose part
     of the short last batch is empty runs empty forwards with a zero loss, so that collective calls
-    (the gradient all-reduce on the last micro-step, SyncBatchNorm) match across ranks.
+    (the gradient all-reduce on the last micro-step, SyncBatchNorm) match across ranks. ``inputs``:
+    the batch's tensors on the device (:func:`step_inputs`), made once for every student.
     """
     device, micro_rows, accumulation = cfg.device, cfg.micro_batch_rows, cfg.gradient_accumulation_steps
-    x = batch.model_input(device, torch.channels_last if cfg.channels_last else torch.contiguous_format)
-    soft = batch.soft_labels.to(device, non_blocking=True)
-    targets = batch.targets.to(device, non_blocking=True)
+    inputs = inputs or step_inputs(batch, cfg)
+    x, soft, targets = inputs.x, inputs.soft, inputs.targets
     rank0_rows = min(micro_rows * accumulation, batch.batch_rows)
     micro_steps = max(1, math.ceil(rank0_rows / micro_rows))
     divisor = float(accumulation)  # the original's: the short last batch is divided by A too
@@ -239,11 +343,21 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     return torch.optim.AdamW(parameter_groups(model, cfg.adamw_weight_decay), lr=cfg.adamw_lr)
 
 
-def _check_finite_loss(bad: torch.Tensor, epoch: int, cfg: TrainConfig) -> None:
-    if bool(bad.any()):
-        k = int(bad.nonzero()[0])
-        raise TrainingError(f"the loss stopped being finite (NaN or inf) at epoch {epoch} batch {k}: no checkpoint "
-                            f"was written for epoch {epoch} (too high a learning rate or temperature?)")
+def _stop_if_not_finite(st: Student, bad: torch.Tensor, epoch: int) -> None:
+    """A student whose loss was not finite in a batch of ``epoch`` stops: with others beside it, it
+    is marked failed and said so (they go on); alone, the run ends with a :class:`TrainingError`."""
+    if not bool(bad.any()):
+        return
+    k = int(bad.nonzero()[0])
+    reason = (f"the loss stopped being finite (NaN or inf) at epoch {epoch} batch {k}: no checkpoint was written for "
+              f"epoch {epoch} (too high a learning rate or temperature?)")
+    if not st.several:
+        raise TrainingError(reason)
+    st.failed = reason
+    kept = "nothing" if st.last_saved is None else f"its checkpoint holds epochs 0..{st.last_saved}"
+    if st.cfg.dist.is_main:
+        print(f"fkd-train: student {escape(st.name)} stopped: {reason}; {kept}; the other students go on",
+              file=sys.stderr, flush=True)
 
 
 def _train_metrics(totals: EpochTotals, cfg: TrainConfig, epoch: int, lr: float, seconds: float) -> dict:
@@ -255,25 +369,31 @@ def _train_metrics(totals: EpochTotals, cfg: TrainConfig, epoch: int, lr: float,
             "train/epoch": epoch, "train/images_per_s": rows / seconds, "train/rows": int(rows), "seed": cfg.seed}
 
 
-def _interrupted(cfg: TrainConfig, last_saved: int | None) -> str:
-    if last_saved is None:
+def _interrupted(students: list[Student]) -> str:
+    saved = [st for st in students if st.last_saved is not None]
+    if not saved:
         return "interrupted before the first checkpoint was written; nothing to resume"
-    return (f"interrupted; {escape(os.path.join(cfg.output_dir, CHECKPOINT_NAME))} holds epochs 0..{last_saved}: "
-            f"continue with --resume auto")
+    if not saved[0].several:
+        st = saved[0]
+        return (f"interrupted; {escape(os.path.join(st.cfg.output_dir, CHECKPOINT_NAME))} holds epochs "
+                f"0..{st.last_saved}: continue with --resume auto")
+    held = ", ".join(f"{escape(st.name)} 0..{st.last_saved}" for st in saved)
+    return f"interrupted; the students' checkpoints hold epochs {held}: continue with --resume auto"
 
 
-def _stream(cfg: TrainConfig, shard_set: shards.ShardSet, first_epoch: int, say) -> BatchStream:
+def _stream(cfg: TrainConfig, shard_set: shards.ShardSet, first_epoch: int, configs: list[TrainConfig],
+            say) -> BatchStream:
     """The batch stream of epochs [first_epoch, E), with the decoded-cache choice made (and said) once."""
     env = cfg.dist
     crop_device = cfg.device if cfg.device_crops else None
     pixels = open_pixels(load_images(shard_set), mode=cfg.decode_cache, workers=cfg.workers, crop_device=crop_device,
                          local_ranks=env.local_world_size)
     stream = BatchStream(shard_set, first_epoch, cfg.epochs, workers=cfg.workers, rank=env.rank,
-                         world_size=env.world_size, pixels=pixels, pin_memory=cfg.device.startswith("cuda"),
-                         crop_device=crop_device)
+                         world_size=env.world_size, pixels=pixels, pin_memory=cfg.device.startswith("cuda"))
     m = shard_set.manifest
     say(pixels.note)
-    say(f"fkd-train: {escape(cfg.model)} (seed {cfg.seed}) on {cfg.device}, N={m.num_images}, C={m.soft_label_width}, "
+    who = ", ".join(f"{escape(c.model)} (seed {c.seed})" for c in configs)
+    say(f"fkd-train: {who} on {cfg.device}, N={m.num_images}, C={m.soft_label_width}, "
         f"S={m.input_size}, B={m.batch_size} = {env.world_size} rank(s) x {cfg.gradient_accumulation_steps} "
         f"micro-batches x {cfg.micro_batch_rows} rows, epochs {first_epoch}..{cfg.epochs - 1}, mix={m.mix_type}, "
         f"T={cfg.temperature}, {'SGD' if cfg.sgd else 'AdamW'}, amp={cfg.amp}")
@@ -286,19 +406,40 @@ def _metrics_log(cfg: TrainConfig, first_epoch: int, api_key: str | None) -> Met
     return MetricsLog(cfg.output_dir, first_epoch, run)
 
 
-def _finish(cfg: TrainConfig, m: shards.Manifest, s: TrainState, validated: bool, wall_s: float,
-            say) -> RunSummary:
-    """The final weights file, summary.json and the closing lines (rank 0)."""
+def _finish(st: Student, m: shards.Manifest, validated: bool, wall_s: float, say) -> RunSummary:
+    """A student's final weights file, summary.json and (``say``, when given) closing lines (rank 0)."""
+    cfg = st.cfg
     summary = summarize(cfg, m, wall_s)
     if not cfg.dist.is_main:
         return summary
-    checkpoint.write_weights(s.plain, os.path.join(cfg.output_dir, FINAL_WEIGHTS_NAME))
+    checkpoint.write_weights(st.state.plain, os.path.join(cfg.output_dir, FINAL_WEIGHTS_NAME))
     files = {"final weights (state dict)": FINAL_WEIGHTS_NAME, "checkpoint": CHECKPOINT_NAME,
              "best": BEST_NAME if validated else None, "metrics": METRICS_NAME, "summary": SUMMARY_NAME}
     try:
         write_summary(summary, cfg.output_dir)
     except FileWriteError as exc:
         files["summary"] = None
-        say(f"fkd-train: warning: {exc}; the run itself is complete")
-    say(summary.describe(files, cfg.output_dir))
+        print(f"fkd-train: warning: {exc}; the run itself is complete", file=sys.stderr)
+    if say is not None:
+        say(summary.describe(files, cfg.output_dir))
     return summary
+
+
+def _announce_resume(st: Student, say) -> None:
+    if st.cfg.resume:
+        s = st.state
+        st.last_saved = s.first_epoch - 1
+        best = f", best top-1 so far {s.best_acc1:.2f}%" if s.best_acc1 > 0 else ""
+        say(f"fkd-train: {_who(st)}resumed from epoch {s.first_epoch} of {escape(st.cfg.resume)} (epochs "
+            f"0..{s.first_epoch - 1} done{best})")
+
+
+def _who(st: Student) -> str:
+    """How a line names its student: not at all in a run of one."""
+    return f"{escape(st.name)}: " if st.several else ""
+
+
+def _listed(cfg: TrainConfig) -> dict:
+    """A student as ``students.json`` lists it."""
+    return {"name": cfg.student, "model": cfg.model, "seed": cfg.seed,
+            "learning_rate": cfg.learning_rate if cfg.sgd else cfg.adamw_lr, "optimizer": "SGD" if cfg.sgd else "AdamW"}

@@ -85,7 +85,9 @@ def start_wandb(project: str, name: str, mode: str, config: dict, api_key: str |
         sys.argv = [arg.replace(api_key, "***") for arg in argv]
     try:
         # dir: wandb writes into its "wandb" folder there (rundir.WANDB_DIR), not the current directory.
+        # reinit="create_new": each student of a run has a run of its own, side by side in this process.
         return wandb.init(project=project, name=name, mode=mode, config=safe_config, dir=output_dir,
+                          reinit="create_new",
                           settings=wandb.Settings(login_timeout=WANDB_TIMEOUT_S, init_timeout=WANDB_TIMEOUT_S,
                                                   silent=True))
     except wandb.errors.Error as exc:

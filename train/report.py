@@ -16,7 +16,7 @@ from fkd_shards.common.text import escape
 from fkd_shards.shards.manifest import parse_json
 
 from .config import TRAJECTORY_FIELDS
-from .rundir import SUMMARY_NAME
+from .rundir import STUDENTS_NAME, SUMMARY_NAME, RunDirError, read_students
 
 MAX_SUMMARY_BYTES = 1 << 20  # ours are about 2 KB
 
@@ -65,51 +65,133 @@ def _cell(value: object) -> str:
     return escape(value).replace("|", "\\|")
 
 
-def _mean_std(values: list[float], runs: int) -> str:
-    """mean ± sample std; "(of k)" when only k of the group's runs have the number (no --val-dir)."""
+def _stats(values: list[float]) -> dict | None:
+    """Mean, sample standard deviation (None for one value) and count; None without values."""
     if not values:
-        return "-"
+        return None
     mean = sum(values) / len(values)
-    of = f" (of {len(values)})" if len(values) < runs else ""
-    if len(values) == 1:
-        return f"{mean:.2f}{of}"
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    return f"{mean:.2f} ± {std:.2f}{of}"
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+    return {"mean": mean, "std": std, "n": len(values)}
 
 
-def _seeds(members: list[dict]) -> str:
-    seeds = [_cell(m.get("seed")) for m in members]
-    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
-    return ",".join(seeds) + f" (n={len(members)}" + (f", seed {', '.join(repeated)} repeated)" if repeated else ")")
+def _mean_std(stats: dict | None, runs: int) -> str:
+    """mean ± sample std; "(of k)" when only k of the group's runs have the number (no --val-dir)."""
+    if stats is None:
+        return "-"
+    of = f" (of {stats['n']})" if stats["n"] < runs else ""
+    if stats["std"] is None:
+        return f"{stats['mean']:.2f}{of}"
+    return f"{stats['mean']:.2f} ± {stats['std']:.2f}{of}"
 
 
-def report(runs: list[str], csv: bool = False) -> str:
-    """The table, as Markdown (or CSV), one row per group of runs in the order first seen."""
+def _seed_list(members: list[dict]) -> list:
+    """The group's seeds, in order (numbers first), each as often as it was run."""
+    seeds = [m.get("seed") for m in members]
+    return sorted(seeds, key=lambda s: (not isinstance(s, int) or isinstance(s, bool), s if isinstance(s, int)
+                                        and not isinstance(s, bool) else 0, str(s)))
+
+
+def _seeds(seeds: list) -> str:
+    cells = [_cell(s) for s in seeds]
+    repeated = sorted({c for c in cells if cells.count(c) > 1})
+    return ",".join(cells) + f" (n={len(cells)}" + (f", seed {', '.join(repeated)} repeated)" if repeated else ")")
+
+
+def find_runs(locations: list[str]) -> list[str]:
+    """The run directories behind ``locations``: a run (its ``summary.json``), the output directory of
+    several students (its ``students.json``), or a directory whose subdirectories hold runs."""
+    runs = []
+    for location in locations:
+        if os.path.lexists(os.path.join(location, SUMMARY_NAME)):
+            runs.append(location)
+            continue
+        try:
+            students = read_students(os.path.join(location, STUDENTS_NAME))
+        except RunDirError as exc:
+            raise ReportError(str(exc)) from None
+        if students is not None:
+            runs += [os.path.join(location, s["name"]) for s in students]
+            continue
+        inside = sorted(os.path.join(location, name) for name in _listdir(location)
+                        if os.path.lexists(os.path.join(location, name, SUMMARY_NAME)))
+        if not inside:
+            raise ReportError(f"{location}: no {SUMMARY_NAME} (not a finished fkd-train run), no {STUDENTS_NAME}, and "
+                              f"no run directory inside")
+        runs += inside
+    return runs
+
+
+def _listdir(location: str) -> list[str]:
+    try:
+        return os.listdir(location)
+    except OSError as exc:
+        raise ReportError(f"{location}: {exc.strerror or exc}") from None
+
+
+def table(runs: list[str]) -> list[dict]:
+    """One row per group of runs (in the order first seen): what tells the group apart, its seeds,
+    and the statistics of its final and best top-1 and of its images/s."""
     groups: dict[tuple, list[dict]] = {}
-    for run in runs:
+    for run in find_runs(runs):
         summary = _load(run)
         groups.setdefault(_group_key(summary), []).append(summary)
-    # Settings that differ between rows (other than the model) get a column, so that no two rows
-    # look the same: e.g. "temperature=20, sgd=true".
+    # Settings that differ between rows (other than the model) are shown, so that no two rows look
+    # the same: e.g. "temperature=20, sgd=true".
     settings = [dict(_settings(members[0])) for members in groups.values()]
-    varying = [name for name in settings[0] if name != "model" and len({s[name] for s in settings}) > 1]
-    header = ["model", "shards", "epochs", *(["settings"] if varying else []), "seeds", "final top-1 %",
-              "best top-1 %", "images/s"]
+    varying = [name for name in settings[0] if name != "model" and len({s[name] for s in settings}) > 1] \
+        if settings else []
     rows = []
     for members, values in zip(groups.values(), settings):
         first = members[0]
-        finals, bests = _numbers(members, "final_top1"), _numbers(members, "best_top1")
         rates = _numbers(members, "images_per_s")
-        differs = [_cell(", ".join(f"{name}={values[name]}" for name in varying))] if varying else []
-        rows.append([_cell(first.get("model")), _cell(first.get("shards")), _cell(first.get("epochs_done")),
-                     *differs, _seeds(members), _mean_std(finals, len(members)), _mean_std(bests, len(members)),
-                     f"{sum(rates) / len(rates):.0f}" if rates else "-"])
-    if csv:
-        return _csv([header, *rows])
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in [header, *rows]]
+        rows.append({"model": first.get("model"), "shards": first.get("shards"), "epochs": first.get("epochs_done"),
+                     "settings": {name: json.loads(values[name]) for name in varying},
+                     "seeds": _seed_list(members), "runs": len(members),
+                     "final_top1": _stats(_numbers(members, "final_top1")),
+                     "best_top1": _stats(_numbers(members, "best_top1")),
+                     "images_per_s": sum(rates) / len(rates) if rates else None})
+    return rows
+
+
+FORMATS = ("markdown", "text", "csv", "json")
+
+
+def report(runs: list[str], fmt: str = "markdown") -> str:
+    """The table of the runs behind ``runs`` (:func:`table`), rendered (:func:`render`)."""
+    return render(table(runs), fmt)
+
+
+def render(rows: list[dict], fmt: str = "markdown") -> str:
+    """Rows of :func:`table` as Markdown (pastes into a README as it is), aligned plain text, CSV
+    (one number per cell) or JSON."""
+    if fmt == "json":
+        return json.dumps(rows, indent=1, default=str)
+    varying = bool(rows and rows[0]["settings"])
+    first = ["model", "shards", "epochs", *(["settings"] if varying else []), "seeds"]
+    cells = [[_cell(r["model"]), _cell(r["shards"]), _cell(r["epochs"]),
+              *([_cell(", ".join(f"{k}={json.dumps(v)}" for k, v in r["settings"].items()))] if varying else []),
+              _seeds(r["seeds"]) if fmt != "csv" else " ".join(_cell(s) for s in r["seeds"])] for r in rows]
+    rates = ["-" if r["images_per_s"] is None else f"{r['images_per_s']:.0f}" for r in rows]
+    if fmt == "csv":
+        numbers = [[_number(r[key], part) for key in ("final_top1", "best_top1") for part in ("mean", "std", "n")]
+                   for r in rows]
+        header = [*first, "final top-1 mean", "final top-1 std", "final top-1 n", "best top-1 mean",
+                  "best top-1 std", "best top-1 n", "images/s"]
+        return _csv([header, *[c + n + [rate] for c, n, rate in zip(cells, numbers, rates)]])
+    header = [*first, "final top-1 %", "best top-1 %", "images/s"]
+    cells = [c + [_mean_std(r["final_top1"], r["runs"]), _mean_std(r["best_top1"], r["runs"]), rate]
+             for c, r, rate in zip(cells, rows, rates)]
+    widths = [max(len(r[i]) for r in [header, *cells]) for i in range(len(header))]
+    if fmt == "text":
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *cells])
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in [header, *cells]]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def _number(stats: dict | None, part: str) -> str:
+    value = None if stats is None else stats[part]
+    return "" if value is None else f"{value:.4f}" if part != "n" else str(value)
 
 
 def _csv(rows: list[list[str]]) -> str:

@@ -12,11 +12,20 @@ writers use.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
 
-from fkd_shards.common.files import TEMP_SUFFIX, FileWriteError, make_directory
+from fkd_shards.common.files import (
+    TEMP_SUFFIX,
+    FileMissingError,
+    FileReadError,
+    FileWriteError,
+    make_directory,
+    read_bounded,
+    write_atomically,
+)
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 BEST_NAME = "model_best.pth.tar"
@@ -25,6 +34,8 @@ METRICS_NAME = "metrics.jsonl"
 SUMMARY_NAME = "summary.json"
 WANDB_DIR = "wandb"
 LOCK_NAME = ".fkd-train.lock"
+STUDENTS_NAME = "students.json"  # in OUTPUT_DIR of a run of several students: who is in which directory
+MAX_STUDENTS_BYTES = 1 << 20
 RUN_FILES = (CHECKPOINT_NAME, BEST_NAME, FINAL_WEIGHTS_NAME, METRICS_NAME, SUMMARY_NAME, WANDB_DIR)
 # common.files.temp_name's pattern (and the older NAME.PID.partial) for each file a run writes.
 _TEMP = re.compile("({})".format("|".join(re.escape(n) for n in RUN_FILES)) + r"\.\d+(\.[0-9a-f]{12})?"
@@ -45,7 +56,6 @@ def resume_path(flag: str | None, output_dir: str) -> str | None:
     if not os.path.isfile(flag):
         raise RunDirError(f"--resume {flag}: no such file")
     return flag
-
 
 
 class RunLock:
@@ -92,6 +102,9 @@ def claim(directory: str, resume_asked: bool, resume: str | None, restart: bool)
         for name in os.listdir(directory):
             if _TEMP.fullmatch(name):
                 os.remove(os.path.join(directory, name))
+        if os.path.lexists(os.path.join(directory, STUDENTS_NAME)):
+            raise RunDirError(f"{directory}: holds the runs of several students ({STUDENTS_NAME}); choose another "
+                              f"--output-dir for a run of one student")
         existing = [name for name in RUN_FILES if os.path.lexists(os.path.join(directory, name))]
         own = os.path.join(directory, CHECKPOINT_NAME)
         continuing = resume_asked and (resume is None or (os.path.exists(own) and os.path.samefile(resume, own)))
@@ -107,6 +120,69 @@ def claim(directory: str, resume_asked: bool, resume: str | None, restart: bool)
         lock.release()
         raise
     return lock
+
+
+def claim_students(directory: str, students: list[dict], restart: bool) -> RunLock:
+    """The output directory of a run of several students (each then claims its own directory
+    inside it, :func:`claim`): locked, and ``students.json`` naming them written. A directory that
+    holds a single run, or other students (without ``restart``), is refused."""
+    try:
+        make_directory(directory)
+    except FileWriteError as exc:
+        raise RunDirError(f"output directory {exc}") from None
+    lock = RunLock(directory)
+    try:
+        single = [name for name in RUN_FILES if os.path.lexists(os.path.join(directory, name))]
+        if single:
+            raise RunDirError(f"{directory}: holds the run of one student ({', '.join(single)}); choose another "
+                              f"--output-dir for several students")
+        path = os.path.join(directory, STUDENTS_NAME)
+        before = _student_names(path)
+        names = [s["name"] for s in students]
+        if before is not None and sorted(before) != sorted(names) and not restart:
+            raise RunDirError(f"{directory}: holds the students {', '.join(before[:6])}; this run asks for "
+                              f"{', '.join(names[:6])}: ask for the same --model and --seeds to continue them, "
+                              f"use another --output-dir, or --restart")
+        body = {"format": "fkd-train-students", "students": students}
+        try:
+            write_atomically(path, (json.dumps(body, indent=1) + "\n").encode())
+        except FileWriteError as exc:
+            raise RunDirError(str(exc)) from None
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def read_students(path: str) -> list[dict] | None:
+    """The students a ``students.json`` names (each a dict with at least a string ``name``, the
+    directory beside it), or None when there is no such file; anything else is a :class:`RunDirError`."""
+    try:
+        data = read_bounded(path, MAX_STUDENTS_BYTES)
+    except FileMissingError:
+        return None
+    except FileReadError as exc:
+        raise RunDirError(str(exc)) from None
+    try:
+        body = json.loads(data.decode("utf-8"))
+        students = body["students"]
+        if not isinstance(students, list) or not all(isinstance(s, dict) and _plain_name(s.get("name"))
+                                                     for s in students):
+            raise ValueError
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
+        raise RunDirError(f"{path}: not a students.json written by fkd-train") from None
+    return students
+
+
+def _plain_name(name: object) -> bool:
+    """A student's directory name: one path component of ours, never ``..`` or a path elsewhere."""
+    return isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_.+-]{1,200}", name) is not None \
+        and name not in (".", "..")
+
+
+def _student_names(path: str) -> list[str] | None:
+    students = read_students(path)
+    return None if students is None else [s["name"] for s in students]
 
 
 def _move_aside(directory: str, names: list[str]) -> str:

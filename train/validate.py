@@ -69,27 +69,39 @@ def val_loader(val_dir: str, classes: list[str], input_size: int, batch_size: in
                       generator=torch.Generator())
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: str, env: DistEnv) -> dict[str, float]:
     """Cross-entropy, top-1 and top-5 (percent) over the whole validation set."""
-    model.eval()
-    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1, top-5, rows
+    return evaluate_many([model], loader, device, env)[0]
+
+
+@torch.no_grad()
+def evaluate_many(models: list[nn.Module], loader: DataLoader, device: str, env: DistEnv) -> list[dict[str, float]]:
+    """:func:`evaluate` for several models on one pass over the validation set: each batch is
+    decoded once and every model scores it, each summing exactly as it would alone."""
+    for model in models:
+        model.eval()
+    totals = [torch.zeros(4, dtype=torch.float64) for _ in models]  # loss sum, top-1, top-5, rows
     try:
         for images, targets in loader:
             if (targets < 0).any():
                 _raise_unreadable(loader, int(-targets[targets < 0][0]) - 1)
             images, targets = images.to(device), targets.to(device)
-            out = model(images)
-            top1, top5 = topk_correct(out, targets, (1, 5))
-            loss_sum = F.cross_entropy(out, targets, reduction="sum")
-            counts = torch.stack([loss_sum.double(), top1.double(), top5.double()]).cpu()
-            totals += torch.cat([counts, torch.tensor([len(targets)], dtype=torch.float64)])
+            for model, total in zip(models, totals):
+                out = model(images)
+                top1, top5 = topk_correct(out, targets, (1, 5))
+                loss_sum = F.cross_entropy(out, targets, reduction="sum")
+                counts = torch.stack([loss_sum.double(), top1.double(), top5.double()]).cpu()
+                total += torch.cat([counts, torch.tensor([len(targets)], dtype=torch.float64)])
     finally:
-        model.train()
-    totals = sum_across_ranks(totals.to(device), env).cpu()
-    rows = max(totals[3].item(), 1.0)
-    return {"val/loss": totals[0].item() / rows, "val/top1": 100 * totals[1].item() / rows,
-            "val/top5": 100 * totals[2].item() / rows}
+        for model in models:
+            model.train()
+    results = []
+    for total in totals:
+        total = sum_across_ranks(total.to(device), env).cpu()
+        rows = max(total[3].item(), 1.0)
+        results.append({"val/loss": total[0].item() / rows, "val/top1": 100 * total[1].item() / rows,
+                        "val/top5": 100 * total[2].item() / rows})
+    return results
 
 
 def _raise_unreadable(loader: DataLoader, index: int) -> None:
