@@ -10,6 +10,12 @@ from fkd_shards.common.text import escape, first_line, shown
 from fkd_shards.common.torchfiles import TorchFileError, load_weights_only
 
 STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")  # where checkpoints of common trainers keep it
+# What a weights file may hold: dense CPU tensors of the dtypes models and optimizers use. Anything
+# else (meta, sparse or quantized tensors, float8, complex) cannot be checked for finiteness, hashed
+# or loaded into a model as it is, and is refused by name instead of failing later in a traceback.
+PLAIN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8, torch.int8, torch.int16,
+                torch.int32, torch.int64, torch.bool)
+MAX_DEPTH = 64  # of containers in a loaded file; ours nest four deep
 
 
 class WeightsError(ValueError):
@@ -24,7 +30,29 @@ def load_file(path: str) -> dict:
         raise WeightsError(str(exc)) from None
     if not isinstance(state, dict):
         raise WeightsError(f"{path}: expected a dict, found {escape(type(state).__name__)}")
+    check_plain(state, path)
     return state
+
+
+def check_plain(obj: object, where: str, key: str = "", depth: int = 0) -> None:
+    """Every tensor inside ``obj`` (dicts, lists, tuples) dense, on the CPU, of a :data:`PLAIN_DTYPES`
+    dtype; a :class:`WeightsError` names the first that is not, by its key."""
+    if depth > MAX_DEPTH:
+        raise WeightsError(f"{where}: nested more than {MAX_DEPTH} containers deep")
+    if isinstance(obj, torch.Tensor):
+        kind = ("meta" if obj.is_meta else "sparse" if obj.layout != torch.strided else "quantized"
+                if obj.is_quantized else "non-CPU" if obj.device.type != "cpu" else None)
+        if kind is None and obj.dtype not in PLAIN_DTYPES:
+            kind = str(obj.dtype).removeprefix("torch.")
+        if kind is not None:
+            raise WeightsError(f"{where}: {escape(key or 'a tensor')} is a {kind} tensor; only dense tensors of "
+                               f"float, integer or bool dtypes are loaded")
+    elif isinstance(obj, dict):
+        for name, value in obj.items():
+            check_plain(value, where, f"{key}.{name}" if key else str(name), depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for k, value in enumerate(obj):
+            check_plain(value, where, f"{key}[{k}]", depth + 1)
 
 
 def model_state(state: dict, where: str) -> dict:

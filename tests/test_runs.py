@@ -550,3 +550,30 @@ def test_running_out_of_memory_in_a_step_is_one_line(converted, tmp_path, monkey
     monkeypatch.setattr(loop, "train_step", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):  # any other RuntimeError keeps its traceback
         _run(output, tmp_path / "other")
+
+
+@pytest.mark.parametrize("kind", ["meta", "sparse", "float8", "complex"])
+def test_weights_files_with_tensors_that_are_not_plain_are_one_line_everywhere(converted, relabel_case, tmp_path,
+                                                                                capsys, kind):
+    from fkd_shards.relabel.cli import main as relabel_main
+
+    output, _, _ = converted()
+    weights = torchvision.models.resnet18(num_classes=4).state_dict()
+    odd = {"meta": lambda t: torch.empty_like(t, device="meta"), "sparse": lambda t: t.to_sparse(),
+           "float8": lambda t: t.to(torch.float8_e4m3fn), "complex": lambda t: t.to(torch.complex64)}[kind]
+    weights["fc.weight"] = odd(weights["fc.weight"])
+    path = tmp_path / "odd.pth"
+    torch.save(weights, path)
+    train_dir = relabel_case(name="teach")[0]
+    for argv, main in ((["--shards", output, "--output-dir", str(tmp_path / "run"), "-j", "0", "--device", "cpu",
+                         "--init-weights", str(path)], train_main),
+                       (["export", str(path), str(tmp_path / "out.pth")], train_main),
+                       (["--train-dir", train_dir, "--output", str(tmp_path / "labels"), "--teacher", "resnet18",
+                         str(path), "--batch-size", "6", "--epochs", "1", "--input-size", "16", "--device", "cpu", "-j",
+                         "0"], relabel_main)):
+        assert main(argv) == 1
+        errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+        assert len(errors) == 1 and f"odd.pth: fc.weight is a {kind.replace('float8', 'float8_e4m3fn')}" in errors[0] \
+            and "only dense tensors of float, integer or bool dtypes are loaded" in errors[0], errors
+    assert not (tmp_path / "out.pth").exists() and not (tmp_path / "run" / "checkpoint.pth.tar").exists()
+    assert not (tmp_path / "labels" / "manifest.json").exists()

@@ -10,6 +10,9 @@
 2. fkd-relabel with a resnet50 teacher: images/s of the whole run against the teacher forward alone on
    the same model inputs (how close to teacher-bound), fp32 and bf16.
 3. ``torchrun --nproc-per-node=<GPUs> -m fkd_shards.train ... --device cuda`` for one epoch (NCCL).
+4. ``--students K`` resnet18s (``--seeds 0..K-1``, bf16 + channels-last) in one fkd-train run against
+   one solo run, each a whole process: K x the solo time over the one run's time (goal >= 0.9: the
+   data path paid once, the GPU busy with students).
 (The second command line is a smoke run of this script on the CPU, with gloo.)
 Prints a table last. Not a test: nothing about time is asserted.
 """
@@ -106,6 +109,27 @@ def _relabel(train_dir: str, root: str, a, device: str) -> list[list]:
     return rows
 
 
+def _students(shard_dir: str, manifest, root: str, a, device: str) -> list[list]:
+    """Section 4: whole fkd-train processes, timed from outside (start-up and data path included)."""
+    if a.students <= 0:
+        return []
+    gpu = device.startswith("cuda")
+    common = ["--shards", shard_dir, "--device", device, "-j", str(a.workers), "--model", "resnet18",
+              "--amp", "bf16" if gpu else "off", *(["--channels-last"] if gpu else [])]
+    seconds = {}
+    for run, seeds in (("solo", "0"), ("together", ",".join(map(str, range(a.students))))):
+        started = now()
+        done = subprocess.run([sys.executable, "-m", "fkd_shards.train", *common, "--seeds", seeds, "--output-dir",
+                               os.path.join(root, f"students-{run}"), "--restart"], capture_output=True, text=True)
+        if done.returncode != 0:
+            return [[run, "FAILED: " + done.stderr[-300:], "", ""]]
+        seconds[run] = now() - started
+    images = manifest.num_images * manifest.epochs
+    return [["1 student", f"{seconds['solo']:.1f}", f"{images / seconds['solo']:.0f}", ""],
+            [f"{a.students} students", f"{seconds['together']:.1f}", f"{images * a.students / seconds['together']:.0f}",
+             f"{a.students * seconds['solo'] / seconds['together']:.2f}"]]
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda")
@@ -115,6 +139,7 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
     p.add_argument("--teacher", default="resnet50", help="fkd-relabel's teacher")
+    p.add_argument("--students", type=int, default=4, help="resnet18 students of section 4 (0: skip it)")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "fkd-bench"))
     a = p.parse_args()
     if a.device.startswith("cuda") and not torch.cuda.is_available():
@@ -168,6 +193,7 @@ def main() -> int:
                           "--shards", shard_dir, "--output-dir", os.path.join(root, "ddp"), "--epochs", "1",
                           "--device", device, "-j", str(max(1, a.workers // gpus))],
                          capture_output=True, text=True)
+    student_rows = _students(shard_dir, manifest, root, a, device)
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU (smoke run)"
     print_table(f"{name}, batch {batch}, 224 px, {a.steps} steps, "
                 f"{a.workers} workers, {os.cpu_count()} CPUs",
@@ -175,6 +201,9 @@ def main() -> int:
                  "device crops img/s"], rows)
     print_table(f"fkd-relabel, {a.teacher} teacher, {a.images} images, batch {batch}, 224 px",
                 ["amp", "relabel img/s", "teacher alone img/s", "teacher share"], relabel_rows)
+    if student_rows:
+        print_table(f"{a.students} resnet18 students in one run against one solo run, {epochs} epochs, bf16 + "
+                    f"channels-last", ["run", "wall s", "student-images/s", "K x solo time / one run's"], student_rows)
     print(f"\ntorchrun --nproc-per-node={gpus} ({'NCCL' if device.startswith('cuda') else 'gloo'}), 1 epoch: "
           f"{'OK' if ddp.returncode == 0 else 'FAILED: ' + ddp.stderr[-1500:]}")
     return 0 if ddp.returncode == 0 else 1
