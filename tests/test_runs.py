@@ -577,3 +577,30 @@ def test_weights_files_with_tensors_that_are_not_plain_are_one_line_everywhere(c
             and "only dense tensors of float, integer or bool dtypes are loaded" in errors[0], errors
     assert not (tmp_path / "out.pth").exists() and not (tmp_path / "run" / "checkpoint.pth.tar").exists()
     assert not (tmp_path / "labels" / "manifest.json").exists()
+
+
+def test_no_progress_leaves_the_epoch_lines_only(converted, tmp_path, capsys):
+    output, _, _ = converted()
+    _run(output, tmp_path / "bars", "--epochs", "1")
+    assert "epoch 0:" in capsys.readouterr().err  # the bar
+    _run(output, tmp_path / "quiet", "--epochs", "1", "--no-progress")
+    said = capsys.readouterr()
+    assert "epoch 0:" not in said.err and "\r" not in said.err and "TRAIN Iter 0" in said.out
+
+
+def test_export_of_a_run_directory_takes_its_best_checkpoint_and_says_which(converted, tmp_path, capsys):
+    output, samples, _ = converted()
+    val = os.path.dirname(os.path.dirname(samples[0][0]))
+    out = tmp_path / "run"
+    _run(output, out, "--epochs", "2", "--val-dir", val, "--val-every", "1")
+    capsys.readouterr()
+    best = torch.load(out / "model_best.pth.tar", weights_only=True)
+    assert train_main(["export", str(out), str(tmp_path / "w.pth")]) == 0
+    said = capsys.readouterr().out
+    assert f"from {out / 'model_best.pth.tar'} (after epoch {best['epoch'] - 1}, best top-1 so far " \
+           f"{best['best_acc1']:.2f}%)" in said
+    assert _same(_weights(tmp_path / "w.pth"), best["state_dict"])
+    (tmp_path / "empty").mkdir()
+    assert train_main(["export", str(tmp_path / "empty"), str(tmp_path / "x.pth")]) == 1
+    assert "holds neither model_best.pth.tar nor checkpoint.pth.tar (not a run directory)" in capsys.readouterr().err
+    assert not (tmp_path / "x.pth").exists()

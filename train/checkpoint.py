@@ -220,13 +220,24 @@ def set_rng_state(state: dict, device: str) -> None:
         torch.cuda.set_rng_state(state["cuda"], torch.device(device))
 
 
-def export_weights(path: str, out: str) -> int:
-    """``fkd-train export``: the model weights of a checkpoint (or any state dict) as a plain state
-    dict at ``out``; returns the number of tensors written."""
+def export_weights(path: str, out: str) -> str:
+    """``fkd-train export``: the model weights of a checkpoint (or any state dict), or of a run
+    directory's best checkpoint (its last when it has none), as a plain state dict at ``out``;
+    returns what was written, in words (tensors, and the checkpoint's epoch and top-1)."""
+    if os.path.isdir(path):
+        best, last = os.path.join(path, BEST_NAME), os.path.join(path, CHECKPOINT_NAME)
+        if not os.path.lexists(best) and not os.path.lexists(last):
+            raise CheckpointError(f"{path}: holds neither {BEST_NAME} nor {CHECKPOINT_NAME} (not a run directory)")
+        path = best if os.path.lexists(best) else last
     state = load_file(path)
     if "integrity" in state:
         state = load_checkpoint(path)
     weights = model_state(state, path)
     check_finite(weights, path)
     write(_to_cpu(weights), out)
-    return len(weights)
+    said = f"{len(weights)} tensors from {escape(path)}"
+    if isinstance(state.get("epoch"), int) and "optimizer" in state:  # one of our checkpoints: say which
+        best = state.get("best_acc1")
+        top1 = f", best top-1 so far {best:.2f}%" if isinstance(best, float) and best > 0 else ""
+        said += f" (after epoch {state['epoch'] - 1}{top1})"
+    return said

@@ -132,15 +132,16 @@ def _report(argv: list[str]) -> int:
 def _export(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog=f"{PROG} export", description="Write the model weights of a checkpoint as "
                                 "a plain state dict, which torchvision/timm models load directly.")
-    p.add_argument("checkpoint", help="checkpoint.pth.tar or model_best.pth.tar of a run")
+    p.add_argument("checkpoint", help="a run directory (its model_best.pth.tar, else its checkpoint.pth.tar), or a "
+                   "checkpoint or weights file")
     p.add_argument("out", help="weights file to write (refused if it exists)")
     args = p.parse_args(argv)
     if os.path.lexists(args.out):
         raise _config_error(f"{args.out}: exists; choose another name")
     from .checkpoint import export_weights
 
-    count = export_weights(args.checkpoint, args.out)
-    print(f"wrote {escape(args.out)}: {count} tensors (model.load_state_dict(torch.load(PATH)))")
+    said = export_weights(args.checkpoint, args.out)
+    print(f"wrote {escape(args.out)}: {said}; model.load_state_dict(torch.load(PATH))")
     return 0
 
 

@@ -114,8 +114,9 @@ def train(configs: TrainConfig | list[TrainConfig], shard_set: shards.ShardSet, 
                 f"{escape(root)}")
         failed = [st for st in students if st.failed]
         if failed:
+            others = "; the others finished" if len(failed) < len(students) else ""
             raise TrainingError(f"{len(failed)} of {len(students)} students stopped (their loss stopped being "
-                                f"finite): {', '.join(st.name for st in failed)}; the others finished")
+                                f"finite): {', '.join(st.name for st in failed)}{others}")
         return list(summaries.values())
     except KeyboardInterrupt:
         raise Interrupted(_interrupted(students)) from None
@@ -178,7 +179,7 @@ def train_epoch(students: list[Student], batches, epoch: int, m: shards.Manifest
         st.bad = torch.zeros(m.batches_per_epoch, dtype=torch.bool, device=st.cfg.device)
     started = time.perf_counter()
     with tqdm(total=m.batches_per_epoch, desc=f"epoch {epoch}", unit="batch", leave=False,
-              disable=not (cfg and cfg.dist.is_main)) as bar:
+              disable=not (cfg and cfg.dist.is_main and cfg.progress)) as bar:
         for k in range(m.batches_per_epoch):
             batch = next(batches)
             assert (batch.epoch, batch.batch) == (epoch, k), (batch.epoch, batch.batch, epoch, k)
