@@ -113,7 +113,7 @@ def test_a_diverging_student_is_named_and_its_neighbours_finish(case, capsys):
     err = _run(output, tmp / "mixed", "--model", "resnet18", "--model", "mobilenet_v3_small@lr=1e30", "--seeds", "1",
                code=1, capsys=capsys)
     assert "student mobilenet_v3_small-seed1 stopped: the loss stopped being finite (NaN or inf) at epoch 0" in err
-    assert "nothing; the other students go on" in err
+    assert "it has no checkpoint; the other students go on" in err
     assert "fkd-train: error: 1 of 2 students stopped (their loss stopped being finite): " \
            "mobilenet_v3_small-seed1" in err
     assert not (tmp / "mixed" / "mobilenet_v3_small-seed1" / "checkpoint.pth.tar").exists()
@@ -128,7 +128,10 @@ def test_a_diverging_student_is_named_and_its_neighbours_finish(case, capsys):
     (["--model", "resnet18@momentum=1"], "expected NAME or NAME@lr=LR"),
     (["--model", "resnet18@lr=1_0"], "expected NAME or NAME@lr=LR"),
     (["--seeds", "0,x"], "--seeds '0,x': expected comma-separated integers"),
-    (["--seeds", "0,-1"], "--seed must be in [0, 2**63), got -1"),
+    (["--seeds", "0,-1"], "--seeds: seed -1 is outside [0, 2**63)"),
+    (["--seeds", ",".join(map(str, range(101)))], "101 students asked; at most 100 train in one run"),
+    (["--model", "resnet18 @lr=0.1"], "--model 'resnet18 ': a model name is made of letters, digits"),
+    (["--model", "résnet"], "--model 'résnet': a model name is made of letters, digits"),
     (["--seed", "1", "--seeds", "0,1"], "--seed and --seeds contradict each other"),
     (["--seeds", "0,1", "--resume", "x.pth"], "names one checkpoint, and there are 2 students"),
 ])
@@ -181,3 +184,49 @@ def test_the_report_of_a_students_directory_is_the_table(case, capsys):
     (tmp / "multi" / "students.json").write_text('{"students": [{"name": "../elsewhere"}]}')
     assert train_main(["report", str(tmp / "multi")]) == 1
     assert "students.json: not a students.json written by fkd-train" in capsys.readouterr().err
+
+
+def test_a_refused_run_touches_no_directory_even_with_restart(case, capsys):
+    output, _, tmp = case
+    _run(output, tmp / "run", "--model", "resnet18", "--seeds", "0,1", "--epochs", "1")
+    before = sorted(str(p.relative_to(tmp)) for p in (tmp / "run").rglob("*"))
+    for bad in ("mobilenet_v3_smal", "alexnet"):  # unknown; too big for 16 px crops
+        err = _run(output, tmp / "run", "--model", "resnet18", "--model", bad, "--seeds", "0,1", "--epochs", "1",
+                   "--restart", code=1, capsys=capsys)
+        assert f"--model {bad}" in err
+    assert sorted(str(p.relative_to(tmp)) for p in (tmp / "run").rglob("*")) == before
+    _run(output, tmp / "run", "--model", "resnet18", "--seeds", "0,2", "--epochs", "1", "--restart")
+    assert (tmp / "run" / "previous-1" / "students.json").exists()  # the other students' list is kept
+
+
+def test_ctrl_c_waits_for_the_epochs_checkpoints_best_copies_and_metrics(case, monkeypatch, capsys):
+    import signal
+
+    output, val, tmp = case
+    real = checkpoint.save
+
+    def save_then_interrupt(*args, **kwargs):
+        path = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)  # as if Ctrl-C came right after the first student's checkpoint
+        return path
+
+    monkeypatch.setattr(checkpoint, "save", save_then_interrupt)
+    assert train_main(["--shards", output, "--output-dir", str(tmp / "run"), "-j", "0", "--device", "cpu",
+                       "--epochs", "2", "--model", "resnet18", "--seeds", "0,1", "--val-dir", val]) == 130
+    assert "the students' checkpoints hold epochs resnet18-seed0 0..0, resnet18-seed1 0..0" in capsys.readouterr().err
+    for name in NAMES[:2]:  # both students' epoch 0 complete: checkpoint, best copy, metrics line
+        assert _state(tmp / "run" / name)["epoch"] == 1
+        assert (tmp / "run" / name / "model_best.pth.tar").exists() and len(_metrics(tmp / "run" / name)) == 1
+
+
+def test_the_report_finds_students_inside_a_directory_and_leaves_out_the_unfinished(case, capsys):
+    output, _, tmp = case
+    _run(output, tmp / "all" / "multi", "--model", "resnet18", "--model", "mobilenet_v3_small@lr=1e30",
+         "--seeds", "0", "--epochs", "1", code=1)
+    _run(output, tmp / "all" / "solo", "--model", "resnet18", "--seed", "1", "--epochs", "1")
+    capsys.readouterr()
+    assert train_main(["report", str(tmp / "all"), "--format", "json"]) == 0
+    said = capsys.readouterr()
+    rows = json.loads(said.out)
+    assert [(r["model"], r["seeds"]) for r in rows] == [("resnet18", [0, 1])]
+    assert "mobilenet_v3_small-seed0: no summary.json (stopped or not finished); left out" in said.err

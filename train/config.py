@@ -16,11 +16,14 @@ from fkd_shards.common.cli import MAX_WORKERS
 from fkd_shards.common.distributed import DistEnv
 from fkd_shards.common.version import VERSION
 
-from .rundir import resume_path
+from .rundir import plain_name, resume_path
 
 # What defines a run's trajectory: a resumed run must agree with its checkpoint on all of them.
 TRAJECTORY_FIELDS = ("model", "seed", "sgd", "learning_rate", "momentum", "weight_decay", "adamw_lr",
                      "adamw_weight_decay", "cos", "epochs", "temperature", "micro_batch_rows", "last_batch_loss")
+
+
+MAX_STUDENTS = 100  # of one run: a paper's table has a few architectures x three seeds
 
 
 class ConfigError(ValueError):
@@ -313,8 +316,12 @@ def parse_students(models: list[str] | None, seed: int | None, seeds: str | None
             raise ConfigError(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
     for value in seed_list:
         if not 0 <= value < 2**63:
-            raise ConfigError(f"--seed must be in [0, 2**63), got {value}")
+            raise ConfigError(f"--seeds: seed {value} is outside [0, 2**63)" if seeds is not None else
+                              f"--seed must be in [0, 2**63), got {value}")
     students = [StudentSpec(name, s, lr) for name, lr in map(_model_spec, models or ["resnet18"]) for s in seed_list]
+    if len(students) > MAX_STUDENTS:
+        raise ConfigError(f"{len(students)} students asked; at most {MAX_STUDENTS} train in one run (each holds its "
+                          f"model, gradients and optimizer state in memory)")
     names = [(spec.model, spec.seed) for spec in students]
     for k, pair in enumerate(names):
         if pair in names[:k]:
@@ -327,6 +334,9 @@ def _model_spec(text: str) -> tuple[str, float | None]:
     name, at, option = text.partition("@")
     if not name:
         raise ConfigError(f"--model {text!r}: no model name")
+    if not plain_name(StudentSpec(name, 0, None).name):  # it names the student's directory
+        raise ConfigError(f"--model {name!r}: a model name is made of letters, digits and . _ + - : / (a "
+                          f"torchvision.models name, or timm:NAME)")
     if not at:
         return name, None
     key, _, value = option.partition("=")

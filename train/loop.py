@@ -21,7 +21,7 @@ from fkd_shards.batches.images import load_images, open_pixels
 from fkd_shards.batches.plan import single_row_micro_batch
 from fkd_shards.batches.stream import BatchStream
 from fkd_shards.common.distributed import sum_across_ranks
-from fkd_shards.common.files import FileWriteError
+from fkd_shards.common.files import FileWriteError, interrupts_deferred
 from fkd_shards.common.text import escape
 from fkd_shards.models.build import build_model, check_micro_batches
 from fkd_shards.models.weights import load_into, load_state
@@ -71,6 +71,9 @@ def train(configs: TrainConfig | list[TrainConfig], shard_set: shards.ShardSet, 
     locks = []
     started = time.perf_counter()
     try:
+        for st in students:  # every student is built (and checked) before any directory is touched
+            st.state = build_state(st.cfg, m, restore=False)
+            st.keep_rng()
         if env.is_main:  # every directory is claimed before any student trains
             if several:
                 locks.append(claim_students(root, [_listed(st.cfg) for st in students], cfg.restart))
@@ -78,8 +81,12 @@ def train(configs: TrainConfig | list[TrainConfig], shard_set: shards.ShardSet, 
         val = val_loader(cfg.val_dir, m.classes, m.input_size, m.batch_size, min(cfg.workers, 4), env) \
             if cfg.val_dir else None
         for st in students:
-            st.state = build_state(st.cfg, m)
-            st.keep_rng()
+            if st.cfg.resume:
+                with st.own_rng():  # the checkpoint's random state becomes the student's
+                    st.state = checkpoint.restore(st.state, st.cfg.resume, st.cfg, m)
+            elif several and st.cfg.resume_asked:
+                say(f"fkd-train: {_who(st)}no checkpoint in {escape(st.cfg.output_dir)} yet; it starts from epoch "
+                    f"{cfg.start_epoch}")
             _announce_resume(st, say)
         todo = [st for st in students if st.state.first_epoch < cfg.epochs]
         for st in students:
@@ -154,15 +161,18 @@ def run_epoch(students: list[Student], batches, epoch: int, *, manifest: shards.
                 metrics[st.name].update(result, **{"val/epoch": epoch})
                 say(f"{_who(st)}TEST Iter {epoch}: loss = {result['val/loss']:.6f},\tTop-1 err = "
                     f"{100 - result['val/top1']:.6f},\tTop-5 err = {100 - result['val/top5']:.6f}")
-    for st in active:
-        s, line = st.state, metrics[st.name]
-        is_best = line.get("val/top1", -1.0) > s.best_acc1
-        s.best_acc1 = max(s.best_acc1, line.get("val/top1", 0.0))
-        if cfg.dist.is_main:
-            with st.own_rng():  # the checkpoint keeps this student's random state
-                checkpoint.save(s, epoch, st.cfg, m, is_best)
-            st.metrics_log.log(line)
-        st.last_saved = epoch
+    # Ctrl-C waits until every student's checkpoint, best copy and metrics line of the epoch are
+    # written: a resume then finds them all, and the interruption's message says so.
+    with interrupts_deferred():
+        for st in active:
+            s, line = st.state, metrics[st.name]
+            is_best = line.get("val/top1", -1.0) > s.best_acc1
+            s.best_acc1 = max(s.best_acc1, line.get("val/top1", 0.0))
+            if cfg.dist.is_main:
+                with st.own_rng():  # the checkpoint keeps this student's random state
+                    checkpoint.save(s, epoch, st.cfg, m, is_best)
+                st.metrics_log.log(line)
+            st.last_saved = epoch
     if failed is not None:
         raise failed
 
@@ -310,9 +320,9 @@ class EpochTotals:
         return cls(*(torch.zeros((), dtype=torch.float64, device=device) for _ in range(4)))
 
 
-def build_state(cfg: TrainConfig, m: shards.Manifest) -> TrainState:
+def build_state(cfg: TrainConfig, m: shards.Manifest, *, restore: bool = True) -> TrainState:
     """Student, optimizer, scheduler and scaler: fresh from ``--seed`` (and ``--init-weights``), or
-    restored from ``--resume``'s checkpoint."""
+    restored from ``--resume``'s checkpoint (``restore``; else the caller restores it later)."""
     torch.manual_seed(cfg.seed)  # the student's init and every later draw (dropout) start here
     model = build_model(cfg.model, m.soft_label_width, m.input_size)
     check_micro_batches(model, cfg.model, m.input_size, single_row_micro_batch(
@@ -335,7 +345,7 @@ def build_state(cfg: TrainConfig, m: shards.Manifest) -> TrainState:
     scaler = torch.amp.GradScaler(torch.device(cfg.device).type, enabled=cfg.amp == "fp16")
     s = TrainState(model, plain, optimizer, build_scheduler(cfg, optimizer, cfg.start_epoch), scaler,
                    cfg.start_epoch, 0.0)
-    return checkpoint.restore(s, cfg.resume, cfg, m) if cfg.resume else s
+    return checkpoint.restore(s, cfg.resume, cfg, m) if cfg.resume and restore else s
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -355,10 +365,10 @@ def _stop_if_not_finite(st: Student, bad: torch.Tensor, epoch: int) -> None:
     if not st.several:
         raise TrainingError(reason)
     st.failed = reason
-    kept = "nothing" if st.last_saved is None else f"its checkpoint holds epochs 0..{st.last_saved}"
-    if st.cfg.dist.is_main:
-        print(f"fkd-train: student {escape(st.name)} stopped: {reason}; {kept}; the other students go on",
-              file=sys.stderr, flush=True)
+    kept = "it has no checkpoint" if st.last_saved is None else f"its checkpoint holds epochs 0..{st.last_saved}"
+    if st.cfg.dist.is_main:  # above the progress bar, not into it
+        tqdm.write(f"fkd-train: student {escape(st.name)} stopped: {reason}; {kept}; the other students go on",
+                   file=sys.stderr)
 
 
 def _train_metrics(totals: EpochTotals, cfg: TrainConfig, epoch: int, lr: float, seconds: float) -> dict:

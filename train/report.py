@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 from fkd_shards.common.files import FileMissingError, FileReadError, read_bounded
 from fkd_shards.common.text import escape
@@ -97,27 +98,40 @@ def _seeds(seeds: list) -> str:
     return ",".join(cells) + f" (n={len(cells)}" + (f", seed {', '.join(repeated)} repeated)" if repeated else ")")
 
 
-def find_runs(locations: list[str]) -> list[str]:
-    """The run directories behind ``locations``: a run (its ``summary.json``), the output directory of
-    several students (its ``students.json``), or a directory whose subdirectories hold runs."""
+def find_runs(locations: list[str], note=lambda line: print(line, file=sys.stderr)) -> list[str]:
+    """The finished runs behind ``locations``: a run (its ``summary.json``), the output directory of
+    several students (its ``students.json``; students without a summary, stopped or unfinished, are
+    left out with a ``note``), or a directory whose subdirectories are either."""
     runs = []
     for location in locations:
-        if os.path.lexists(os.path.join(location, SUMMARY_NAME)):
-            runs.append(location)
-            continue
-        try:
-            students = read_students(os.path.join(location, STUDENTS_NAME))
-        except RunDirError as exc:
-            raise ReportError(str(exc)) from None
-        if students is not None:
-            runs += [os.path.join(location, s["name"]) for s in students]
-            continue
-        inside = sorted(os.path.join(location, name) for name in _listdir(location)
-                        if os.path.lexists(os.path.join(location, name, SUMMARY_NAME)))
-        if not inside:
+        found = _runs_in(location, note)
+        if found is None:
+            inside = [os.path.join(location, name) for name in sorted(_listdir(location))]
+            found = [run for path in inside if os.path.isdir(path) for run in _runs_in(path, note) or []]
+        if not found:
             raise ReportError(f"{location}: no {SUMMARY_NAME} (not a finished fkd-train run), no {STUDENTS_NAME}, and "
                               f"no run directory inside")
-        runs += inside
+        runs += found
+    return runs
+
+
+def _runs_in(location: str, note) -> list[str] | None:
+    """The finished runs at ``location`` when it is a run or a directory of students, else None."""
+    if os.path.lexists(os.path.join(location, SUMMARY_NAME)):
+        return [location]
+    try:
+        students = read_students(os.path.join(location, STUDENTS_NAME))
+    except RunDirError as exc:
+        raise ReportError(str(exc)) from None
+    if students is None:
+        return None
+    runs = []
+    for student in students:
+        run = os.path.join(location, student["name"])
+        if os.path.lexists(os.path.join(run, SUMMARY_NAME)):
+            runs.append(run)
+        else:
+            note(f"fkd-train report: {escape(run)}: no {SUMMARY_NAME} (stopped or not finished); left out")
     return runs
 
 

@@ -143,6 +143,8 @@ def claim_students(directory: str, students: list[dict], restart: bool) -> RunLo
             raise RunDirError(f"{directory}: holds the students {', '.join(before[:6])}; this run asks for "
                               f"{', '.join(names[:6])}: ask for the same --model and --seeds to continue them, "
                               f"use another --output-dir, or --restart")
+        if before is not None and sorted(before) != sorted(names):  # --restart with other students: keep the list
+            _move_aside(directory, [STUDENTS_NAME])
         body = {"format": "fkd-train-students", "students": students}
         try:
             write_atomically(path, (json.dumps(body, indent=1) + "\n").encode())
@@ -166,7 +168,7 @@ def read_students(path: str) -> list[dict] | None:
     try:
         body = json.loads(data.decode("utf-8"))
         students = body["students"]
-        if not isinstance(students, list) or not all(isinstance(s, dict) and _plain_name(s.get("name"))
+        if not isinstance(students, list) or not all(isinstance(s, dict) and plain_name(s.get("name"))
                                                      for s in students):
             raise ValueError
     except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
@@ -174,7 +176,7 @@ def read_students(path: str) -> list[dict] | None:
     return students
 
 
-def _plain_name(name: object) -> bool:
+def plain_name(name: object) -> bool:
     """A student's directory name: one path component of ours, never ``..`` or a path elsewhere."""
     return isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_.+-]{1,200}", name) is not None \
         and name not in (".", "..")

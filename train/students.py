@@ -40,8 +40,8 @@ class Student:
 
     @property
     def short(self) -> str:
-        """For the progress bar: the model's name (without timm:), up to 12 characters, and the seed."""
-        return f"{self.cfg.model.removeprefix('timm:')[:12]}/{self.cfg.seed}"
+        """For the progress bar: the model's name (without timm:) and the seed."""
+        return f"{self.cfg.model.removeprefix('timm:')}/{self.cfg.seed}"
 
     def trains(self, epoch: int) -> bool:
         """Whether it takes its steps in ``epoch``: not stopped, and not ahead of it (resumed later)."""
