@@ -604,3 +604,11 @@ def test_export_of_a_run_directory_takes_its_best_checkpoint_and_says_which(conv
     assert train_main(["export", str(tmp_path / "empty"), str(tmp_path / "x.pth")]) == 1
     assert "holds neither model_best.pth.tar nor checkpoint.pth.tar (not a run directory)" in capsys.readouterr().err
     assert not (tmp_path / "x.pth").exists()
+
+
+def test_a_validation_folder_that_cannot_be_used_leaves_no_output_directory(converted, tmp_path, capsys):
+    output, _, _ = converted()
+    (tmp_path / "val" / "other").mkdir(parents=True)
+    err = _run(output, tmp_path / "run", "--val-dir", str(tmp_path / "val"), code=1, capsys=capsys)
+    assert "not a usable image folder" in err or "class folders differ" in err
+    assert not (tmp_path / "run").exists()  # refused before the output directory was made

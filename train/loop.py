@@ -71,15 +71,17 @@ def train(configs: TrainConfig | list[TrainConfig], shard_set: shards.ShardSet, 
     locks = []
     started = time.perf_counter()
     try:
-        for st in students:  # every student is built (and checked) before any directory is touched
+        # Every student is built and checked, and the validation folder read, before any directory is
+        # touched: a refused run leaves nothing behind, and a refused --restart moves nothing.
+        for st in students:
             st.state = build_state(st.cfg, m, restore=False)
             st.keep_rng()
+        val = val_loader(cfg.val_dir, m.classes, m.input_size, m.batch_size, min(cfg.workers, 4), env) \
+            if cfg.val_dir else None
         if env.is_main:  # every directory is claimed before any student trains
             if several:
                 locks.append(claim_students(root, [_listed(st.cfg) for st in students], cfg.restart))
             locks += [claim(st.cfg.output_dir, st.cfg.resume_asked, st.cfg.resume, st.cfg.restart) for st in students]
-        val = val_loader(cfg.val_dir, m.classes, m.input_size, m.batch_size, min(cfg.workers, 4), env) \
-            if cfg.val_dir else None
         for st in students:
             if st.cfg.resume:
                 with st.own_rng():  # the checkpoint's random state becomes the student's
