@@ -425,9 +425,9 @@ def _check_sequence(shards: list[ShardInfo], where: str) -> None:
 
 
 def _difference(before: object, now: dict) -> str:
+    """Every setting that differs, each as ``name: then then, now now``."""
     if not isinstance(before, dict):
         return "no settings recorded"
-    for key in sorted(set(before) | set(now)):
-        if before.get(key) != now.get(key):
-            return f"{escape(key)}: {escape(repr(before.get(key)))[:80]} then, {escape(repr(now.get(key)))[:80]} now"
-    return "none"
+    differing = [f"{escape(key)}: {escape(repr(before.get(key)))[:80]} then, {escape(repr(now.get(key)))[:80]} now"
+                 for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]
+    return "; ".join(differing) or "none"

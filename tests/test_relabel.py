@@ -158,6 +158,9 @@ def test_resume_refuses_other_flags_and_a_changed_image_folder(case, monkeypatch
     assert shards.ShardSet(str(tmp / "early")).manifest.epochs == 2
     err = _relabel(train, tmp / "other-flags", *flags, "--resume", "--seed", "5", teachers=t, code=1, capsys=capsys)
     assert "was written with other settings (seed: 0 then, 5 now)" in err
+    err = _relabel(train, tmp / "other-flags", *flags, "--resume", "--seed", "5", "--crop-scale", "0.5", "1",
+                   teachers=t, code=1, capsys=capsys)
+    assert "other settings (crop_scale: [0.08, 1.0] then, [0.5, 1.0] now; seed: 0 then, 5 now)" in err  # both
     Image.new("RGB", (20, 20), "red").save(samples[3][0])
     err = _relabel(train, tmp / "other-images", *flags, "--resume", teachers=t, code=1, capsys=capsys)
     assert "other settings (images:" in err

@@ -170,6 +170,8 @@ def test_nan_weights_are_refused_on_resume_and_as_init_weights(converted, tmp_pa
     (["-T", "4"], "--temperature 4.0 differs from the checkpoint's 3.0"),
     (["--gradient-accumulation-steps", "2"], "the micro-batch, B / (ranks x --gradient-accumulation-steps) rows: 3 "
                                             "differs from the checkpoint's 6"),
+    (["--sgd", "-T", "4"], "--sgd True differs from the checkpoint's False; --temperature 4.0 differs from the "
+                           "checkpoint's 3.0; resume with the same values"),  # every difference, in one line
 ])
 def test_resume_with_other_run_defining_flags_says_what_differs(converted, tmp_path, monkeypatch, capsys, flags,
                                                                   message):

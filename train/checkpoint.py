@@ -188,12 +188,11 @@ def _check_compatible(state: dict, cfg: TrainConfig, manifest: shards.Manifest, 
     elif state["manifest"] != _legacy_identity(manifest):
         raise CheckpointError(f"{path}: written for another shard set")
     before = state.get("config") or {}
-    for name in TRAJECTORY_FIELDS:
-        if name in before and before[name] != getattr(cfg, name):
-            what = _DESCRIBED.get(name, "--" + name.replace("_", "-"))
-            raise CheckpointError(f"{path}: {what} {getattr(cfg, name)!r} differs from the checkpoint's "
-                                  f"{escape(repr(before[name]))[:60]}; resume with the same value, or start a "
-                                  f"new run")
+    differing = [f"{_DESCRIBED.get(name, '--' + name.replace('_', '-'))} {getattr(cfg, name)!r} differs from the "
+                 f"checkpoint's {escape(repr(before[name]))[:60]}"
+                 for name in TRAJECTORY_FIELDS if name in before and before[name] != getattr(cfg, name)]
+    if differing:  # every one, so that one corrected rerun is enough
+        raise CheckpointError(f"{path}: {'; '.join(differing)}; resume with the same values, or start a new run")
 
 
 # Trajectory fields that are not flags of their own.
