@@ -178,9 +178,10 @@ class ReplayCheck:
     epochs: int  # epochs to read, from 0
     input_size: int  # S, the relabel step's crop size
     threshold: float  # an epoch's alignment below this is refused
-    threshold_given: bool  # --min-alignment given (else the default threshold), for the message
+    threshold_given: bool  # the threshold's flag was given (else the default threshold), for the message
     num_classes: int  # class folders
     fkd_seed: int  # seed of the sampler replay
+    threshold_flag: str = "--min-alignment"  # the flag that sets the threshold, for the messages
 
 
 class RelabelReader:
@@ -295,7 +296,7 @@ def _check_batches_belong(epoch: int, counts: list[tuple[int, int]], rate: float
         hits, rows = counts[b]
         raise ConvertError(f"{job.layout.batch_path(epoch, b)}: replay alignment {hits / rows:.3f} in an epoch at "
                            f"{rate:.3f} (less likely than 1e-12 by chance): another batch's file, swapped or "
-                           f"renamed? (--min-alignment 0 accepts any alignment)")
+                           f"renamed? ({job.threshold_flag} 0 accepts any alignment)")
 
 
 def _check_alignment(epoch: int, rate: float, job: ReplayCheck) -> None:
@@ -303,9 +304,9 @@ def _check_alignment(epoch: int, rate: float, job: ReplayCheck) -> None:
     belong to other images than the replay says (wrong seed, folder or image count)."""
     if rate >= job.threshold:
         return
-    how = "--min-alignment" if job.threshold_given else "the default threshold, a quarter of the way from chance to 1"
+    how = job.threshold_flag if job.threshold_given else "the default threshold, a quarter of the way from chance to 1"
     raise ConvertError(f"{job.layout.root}: epoch {epoch}'s replay alignment {rate:.3f} is below {job.threshold:.3f} "
-                       f"({how}): wrong --fkd-seed, --train-dir or image count? (--min-alignment 0 accepts "
+                       f"({how}): wrong --fkd-seed, --train-dir or image count? ({job.threshold_flag} 0 accepts "
                        f"any alignment, e.g. for an untrained teacher)")
 
 

@@ -75,8 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--resume", action="store_true", help="continue an interrupted run (the same flags, the same "
                      "teachers and images); with nothing written yet, the run starts")
     out.add_argument("--min-alignment", type=float, default=None, metavar="R", help="refuse when an epoch's share of "
-                     "rows whose teacher argmax is the image's class or its partner's is below R (default: a quarter "
-                     "of the way from chance to 1; 0 accepts any)")
+                     "rows whose new labels' argmax is the image's class or its partner's is below R (default: a "
+                     "quarter of the way from chance to 1; 0 accepts any, e.g. for an untrained teacher)")
+    out.add_argument("--min-replay-alignment", type=float, default=None, metavar="R", help="the same for the soft "
+                     "labels of --replay's own files, checked before any label is computed (default: a quarter of "
+                     "the way from chance to 1; 0 accepts any)")
     system = p.add_argument_group("system")
     system.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
     system.add_argument("-j", "--workers", type=int, default=8, metavar="N", help="crop worker processes (default: 8)")
@@ -105,7 +108,8 @@ def _run(args: argparse.Namespace) -> int:
         teacher_chunks=args.teacher_chunks, seed=args.seed, fkd_seed=args.fkd_seed, label_dtype=args.label_dtype,
         label_codec=args.label_codec, codec_temperature=args.codec_temperature, device=args.device,
         workers=args.workers, amp=args.amp, resume=args.resume, replay=args.replay, shard_bytes=args.shard_size,
-        overwrite=args.overwrite, min_alignment=args.min_alignment, progress=not args.no_progress,
+        overwrite=args.overwrite, min_alignment=args.min_alignment, min_replay_alignment=args.min_replay_alignment,
+        progress=not args.no_progress,
     )
     manifest = relabel(options, distributed.from_environment())
     if manifest is not None:

@@ -42,7 +42,8 @@ class RelabelOptions:
     replay: str | None = None
     shard_bytes: int = 64 * 10**6
     overwrite: bool = False
-    min_alignment: float | None = None
+    min_alignment: float | None = None  # for the new labels; None: the default threshold
+    min_replay_alignment: float | None = None  # for --replay's own files; None: the default threshold
     progress: bool = True
 
 
@@ -97,6 +98,10 @@ def check_options(o: RelabelOptions) -> shards.codecs.Codec:
         raise RelabelError(f"--fkd-seed must be in [0, 2**64), got {o.fkd_seed}")
     if not 0 <= o.workers <= MAX_WORKERS:
         raise RelabelError(f"--workers must be in [0, {MAX_WORKERS}], got {o.workers}")
+    if o.min_replay_alignment is not None and not 0.0 <= o.min_replay_alignment <= 1.0:  # NaN fails too
+        raise RelabelError(f"--min-replay-alignment must be in [0, 1], got {o.min_replay_alignment}")
+    if o.min_replay_alignment is not None and o.replay is None:
+        raise RelabelError("--min-replay-alignment applies to --replay's files; without --replay use --min-alignment")
     return label_storage(o.label_codec, o.codec_temperature, o.min_alignment)
 
 

@@ -88,9 +88,11 @@ class LabelWriter:
             if rate < self.threshold:
                 raise RelabelError(
                     f"epoch {record.epoch}: only {rate:.3f} of the rows' teacher argmax is the image's class or its "
-                    f"partner's (threshold {self.threshold:.3f}): do the teachers' classes follow the class folders' "
-                    f"sorted order? (--min-alignment 0 accepts any alignment; with --resume the finished shards "
-                    f"are kept)")
+                    f"partner's (threshold {self.threshold:.3f}). Likely causes, most common first: a crop size "
+                    f"(--input-size) or crop scale (--crop-scale) other than the teachers were trained at; the mix "
+                    f"type; teachers whose classes do not follow the class folders' sorted order; an untrained or "
+                    f"weak teacher (--min-alignment 0 accepts any alignment; with --resume the finished shards are "
+                    f"kept)")
 
     def alignment(self) -> list[float]:
         return [h / self.plan.num_images for h in self.hits]

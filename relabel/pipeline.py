@@ -43,16 +43,18 @@ from .options import Plan, RelabelOptions, check_options, make_plan
 from .output import LABEL_DTYPES, LabelWriter, broadcast_start, gathered
 
 
-def check_replay(plan: Plan, table: ImageTable, o: RelabelOptions, *, num_classes: int, threshold: float, log) -> str:
+def check_replay(plan: Plan, table: ImageTable, o: RelabelOptions, *, num_classes: int, log) -> str:
     """``--replay``: every batch file read and checked as ``fkd-convert`` checks it (unique bytes,
     consistent sizes, crops with pixels, and the replay check on its own soft labels, which finds a
     wrong ``--fkd-seed`` or image folder) before any label is computed. Returns the digest of all
     the files, which a resumed run must find again. The files are read again while labelling (by
     every rank, for its batches): keeping their draws instead would hold every epoch's in memory."""
+    threshold = alignment_threshold(o.min_replay_alignment, num_classes, plan.mix_type != fmt.MIX_NONE)
     check = ReplayCheck(layout=plan.layout, labels=table.labels, shapes=table.shapes, first=plan.first,
                         batch_size=plan.batch_size, num_images=plan.num_images, epochs=plan.epochs,
-                        input_size=plan.input_size, threshold=threshold, threshold_given=o.min_alignment is not None,
-                        num_classes=num_classes, fkd_seed=o.fkd_seed)
+                        input_size=plan.input_size, threshold=threshold,
+                        threshold_given=o.min_replay_alignment is not None, num_classes=num_classes,
+                        fkd_seed=o.fkd_seed, threshold_flag="--min-replay-alignment")
     with ThreadPoolExecutor(2) as pool:
         reader = RelabelReader(check, pool, ahead=8)
         for _ in tqdm(reader.batches(), total=plan.epochs * plan.batches_per_epoch, desc="replay check",
@@ -213,7 +215,7 @@ def _relabel(o: RelabelOptions, env: DistEnv, device: str, log) -> shards.Manife
     table, digest = read_images(folder, o.progress and env.is_main)
     threshold = alignment_threshold(o.min_alignment, len(folder.classes), plan.mix_type != fmt.MIX_NONE)
     # Checked once, by the rank that writes; a failure there stops the job under torchrun.
-    replay_digest = check_replay(plan, table, o, num_classes=len(folder.classes), threshold=threshold, log=say) \
+    replay_digest = check_replay(plan, table, o, num_classes=len(folder.classes), log=say) \
         if plan.layout is not None and env.is_main else None
     batch_rows = {plan.batch_rows(0), plan.batch_rows(plan.batches_per_epoch - 1)}  # the full and the last batch
     check_single_row_chunks(teachers, o.bn_mode, o.teacher_chunks, batch_rows, plan.input_size)

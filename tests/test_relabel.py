@@ -50,8 +50,10 @@ def case(tmp_path):
 
 
 def _relabel(train, out, *flags, code=0, teachers=(("resnet18", None),), capsys=None):
+    # Untrained teachers: any alignment is accepted, of the new labels and of --replay's files alike.
     argv = ["--train-dir", train, "--output", str(out), "--input-size", str(SIZE), "--min-alignment", "0", "-j", "0",
-            "--device", "cpu", "--no-progress", *flags]
+            "--device", "cpu", "--no-progress", *flags,
+            *(["--min-replay-alignment", "0"] if "--replay" in flags else [])]
     for name, path in teachers:
         argv += ["--teacher", name, path]
     assert relabel_main(argv) == code
@@ -191,6 +193,12 @@ def test_replay_checks_its_files_as_fkd_convert_does_and_a_resume_finds_them_cha
     assert "teacher argmax is the image's class or its partner's" in err
     assert relabel_main([*strict, "--output", str(tmp / "seed"), "--fkd-seed", "7"]) == 1
     assert "epoch 0's replay alignment" in capsys.readouterr().err and not (tmp / "seed" / "manifest.json").exists()
+    # Accepting any alignment of the new labels leaves the check of the replayed files on: its own flag.
+    assert relabel_main([*strict, "--output", str(tmp / "seed"), "--fkd-seed", "7", "--min-alignment", "0"]) == 1
+    assert "(the default threshold, a quarter of the way from chance to 1): wrong --fkd-seed" in \
+        capsys.readouterr().err
+    assert relabel_main([*strict, "--output", str(tmp / "any"), "--min-replay-alignment", "-1"]) == 1
+    assert "--min-replay-alignment must be in [0, 1], got -1.0" in capsys.readouterr().err
     _killed_at_the_seventh_batch(monkeypatch, train, tmp / "resumed", ["--replay", fkd], t)
     later = os.path.join(fkd, "epoch_1", "batch_3.tar")  # not yet labelled when the run was killed
     item = torch.load(later, weights_only=False)
@@ -308,7 +316,7 @@ def test_fkd_train_trains_on_a_relabelled_set(case, tmp_path):
     ("missing_weights", "neither a file nor a torchvision weights name"),
     ("no_batch_size", "--batch-size and --epochs are required"),
     ("chunks", "--teacher-chunks must be at least 1, got 0"),
-    ("misaligned", "do the teachers' classes follow the class folders' sorted order?"),
+    ("misaligned", "Likely causes, most common first: a crop size (--input-size) or crop scale (--crop-scale)"),
     ("small_crops", "--teacher squeezenet1_0 cannot take this set's 16x16 crops (Given input size"),
     ("zero_mix", "--teacher-mix 0: every weight is 0, so every soft label would be 0"),
     ("one_row_chunks", "--teacher resnet18 --bn-mode train cannot normalise a chunk of one image at 16x16"),
