@@ -40,8 +40,9 @@ def check_plain(obj: object, where: str, key: str = "", depth: int = 0) -> None:
     if depth > MAX_DEPTH:
         raise WeightsError(f"{where}: nested more than {MAX_DEPTH} containers deep")
     if isinstance(obj, torch.Tensor):
-        kind = ("meta" if obj.is_meta else "sparse" if obj.layout != torch.strided else "quantized"
-                if obj.is_quantized else "non-CPU" if obj.device.type != "cpu" else None)
+        # Loaded with map_location="cpu": every tensor not on the meta device is on the CPU.
+        kind = "meta" if obj.is_meta else "sparse" if obj.layout != torch.strided else "quantized" \
+            if obj.is_quantized else None
         if kind is None and obj.dtype not in PLAIN_DTYPES:
             kind = str(obj.dtype).removeprefix("torch.")
         if kind is not None:

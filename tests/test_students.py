@@ -230,3 +230,25 @@ def test_the_report_finds_students_inside_a_directory_and_leaves_out_the_unfinis
     rows = json.loads(said.out)
     assert [(r["model"], r["seeds"]) for r in rows] == [("resnet18", [0, 1])]
     assert "mobilenet_v3_small-seed0: no summary.json (stopped or not finished); left out" in said.err
+
+
+def test_a_restart_refused_by_a_locked_student_moves_nothing(case, capsys):
+    import subprocess
+    import sys
+
+    output, _, tmp = case
+    _run(output, tmp / "run", "--model", "resnet18", "--seeds", "0,1", "--epochs", "1")
+    before = sorted(str(p.relative_to(tmp)) for p in (tmp / "run").rglob("*"))
+    code = ("import sys, time\nfrom fkd_shards.train.rundir import RunLock\nlock = RunLock(sys.argv[1])\n"
+            "print('locked', flush=True)\ntime.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp / "run" / "resnet18-seed1")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        err = _run(output, tmp / "run", "--model", "resnet18", "--seeds", "0,1", "--epochs", "1", "--restart", code=1,
+                   capsys=capsys)
+        assert "another fkd-train" in err
+    finally:
+        holder.kill()
+        holder.wait(30)
+    assert sorted(str(p.relative_to(tmp)) for p in (tmp / "run").rglob("*")) == before  # seed0 was not moved

@@ -16,6 +16,7 @@ from fkd_shards.common.cli import run_command
 from fkd_shards.common.text import escape
 
 from .config import build_parser
+from .report import FORMATS
 
 PROG = "fkd-train"
 
@@ -110,7 +111,7 @@ def _report(argv: list[str]) -> int:
                                 "their final and best top-1, and n.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output directories of fkd-train runs: one run, the "
                    "directory of several students (students.json), or a directory holding runs")
-    p.add_argument("--format", default="markdown", choices=["markdown", "text", "csv", "json"],
+    p.add_argument("--format", default="markdown", choices=FORMATS,
                    help="markdown (default; pastes into a README as it is), text, csv (one number per cell), json")
     p.add_argument("--csv", action="store_true", help=argparse.SUPPRESS)  # before --format existed
     p.add_argument("--plot", metavar="PNG", help="also draw the table as a bar chart with error bars (a PNG)")

@@ -322,10 +322,15 @@ def parse_students(models: list[str] | None, seed: int | None, seeds: str | None
     if len(students) > MAX_STUDENTS:
         raise ConfigError(f"{len(students)} students asked; at most {MAX_STUDENTS} train in one run (each holds its "
                           f"model, gradients and optimizer state in memory)")
-    names = [(spec.model, spec.seed) for spec in students]
-    for k, pair in enumerate(names):
-        if pair in names[:k]:
-            raise ConfigError(f"--model {pair[0]} with seed {pair[1]} is asked twice; each (model, seed) trains once")
+    for k, spec in enumerate(students):
+        same = next((other for other in students[:k] if other.name == spec.name), None)
+        if same is not None and (same.model, same.seed) == (spec.model, spec.seed):
+            raise ConfigError(f"--model {spec.model} with seed {spec.seed} is asked twice; each (model, seed) trains "
+                              f"once")
+        if same is not None:
+            raise ConfigError(f"--model {same.model} and --model {spec.model} would share the directory {spec.name}")
+        if not plain_name(spec.name):
+            raise ConfigError(f"--model {spec.model!r} with seed {spec.seed}: too long a name for its directory")
     return students
 
 

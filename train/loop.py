@@ -78,10 +78,13 @@ def train(configs: TrainConfig | list[TrainConfig], shard_set: shards.ShardSet, 
             st.keep_rng()
         val = val_loader(cfg.val_dir, m.classes, m.input_size, m.batch_size, min(cfg.workers, 4), env) \
             if cfg.val_dir else None
+        later = []  # what claiming decided to move and write, done once every claim and restore succeeded
         if env.is_main:  # every directory is claimed before any student trains
             if several:
-                locks.append(claim_students(root, [_listed(st.cfg) for st in students], cfg.restart))
-            locks += [claim(st.cfg.output_dir, st.cfg.resume_asked, st.cfg.resume, st.cfg.restart) for st in students]
+                locks.append(claim_students(root, [_listed(st.cfg) for st in students], cfg.restart, later))
+            for st in students:
+                locks.append(claim(st.cfg.output_dir, st.cfg.resume_asked, st.cfg.resume, st.cfg.restart,
+                                   later=later))
         for st in students:
             if st.cfg.resume:
                 with st.own_rng():  # the checkpoint's random state becomes the student's
@@ -90,11 +93,15 @@ def train(configs: TrainConfig | list[TrainConfig], shard_set: shards.ShardSet, 
                 say(f"fkd-train: {_who(st)}no checkpoint in {escape(st.cfg.output_dir)} yet; it starts from epoch "
                     f"{cfg.start_epoch}")
             _announce_resume(st, say)
+        for action in later:
+            action()
         todo = [st for st in students if st.state.first_epoch < cfg.epochs]
         for st in students:
             if st not in todo:
                 say(f"fkd-train: {_who(st)}already trained {st.state.first_epoch} of {cfg.epochs} epochs; "
                     f"nothing to do")
+                if env.is_main and not os.path.exists(os.path.join(st.cfg.output_dir, SUMMARY_NAME)):
+                    _finish(st, m, val is not None, time.perf_counter() - started, say=None)  # an interrupted end
         if not todo:
             return []
         first_epoch = min(st.state.first_epoch for st in todo)
@@ -167,6 +174,10 @@ def run_epoch(students: list[Student], batches, epoch: int, *, manifest: shards.
     # written: a resume then finds them all, and the interruption's message says so.
     with interrupts_deferred():
         for st in active:
+            if st.several and not _weights_finite(st.state.plain):  # alone, the checkpoint's own check says it
+                _stop(st, f"its weights stopped being finite (NaN or inf) in epoch {epoch}: no checkpoint was written "
+                          f"for epoch {epoch}")
+                continue
             s, line = st.state, metrics[st.name]
             is_best = line.get("val/top1", -1.0) > s.best_acc1
             s.best_acc1 = max(s.best_acc1, line.get("val/top1", 0.0))
@@ -207,15 +218,24 @@ def train_epoch(students: list[Student], batches, epoch: int, m: shards.Manifest
                 if inputs.x._version != version:  # a model wrote into its input: the next one gets a fresh one
                     inputs = None
             bar.update(1)
-            if bar.n % 10 == 0 or bar.n == m.batches_per_epoch:  # .item() waits for the device
-                for st in students:
-                    if st.failed is None:
-                        _stop_if_not_finite(st, st.bad, epoch)
-                _show_progress(bar, students, started)
+            # Every 10 batches (counted here: a disabled bar counts nothing), where .item() waits for the
+            # device anyway. Under torchrun a student stops only at the epoch's end, on the flags of
+            # every rank, so that all ranks stop it at the same step and their collectives stay paired.
+            if (k + 1) % 10 == 0 or k + 1 == m.batches_per_epoch:
+                if cfg is not None and not cfg.dist.active:
+                    for st in students:
+                        if st.failed is None:
+                            _stop_if_not_finite(st, st.bad, epoch)
+                if not bar.disable:
+                    _show_progress(bar, students, started)
     for st in students:
         if st.failed is None:
             _stop_if_not_finite(st, sum_across_ranks(st.bad.int(), st.cfg.dist).bool(), epoch)
     return time.perf_counter() - started
+
+
+def _weights_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in model.state_dict().values() if v.is_floating_point())
 
 
 def _step_or_oom(st: Student, batch: Batch, inputs: StepInputs, epoch: int, k: int) -> torch.Tensor:
@@ -225,7 +245,7 @@ def _step_or_oom(st: Student, batch: Batch, inputs: StepInputs, epoch: int, k: i
         # torch reports a CPU allocation failure as a plain RuntimeError; only its text tells.
         if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
             raise
-        raise TrainingError(f"out of memory at epoch {epoch} batch {k}: a smaller micro-batch "
+        raise TrainingError(f"{_who(st)}out of memory at epoch {epoch} batch {k}: a smaller micro-batch "
                             f"(--gradient-accumulation-steps) or --amp bf16 needs less") from None
 
 
@@ -362,8 +382,12 @@ def _stop_if_not_finite(st: Student, bad: torch.Tensor, epoch: int) -> None:
     if not bool(bad.any()):
         return
     k = int(bad.nonzero()[0])
-    reason = (f"the loss stopped being finite (NaN or inf) at epoch {epoch} batch {k}: no checkpoint was written for "
+    _stop(st, f"the loss stopped being finite (NaN or inf) at epoch {epoch} batch {k}: no checkpoint was written for "
               f"epoch {epoch} (too high a learning rate or temperature?)")
+
+
+def _stop(st: Student, reason: str) -> None:
+    """Stop a student: marked failed and said so (the others go on); alone, the run ends."""
     if not st.several:
         raise TrainingError(reason)
     st.failed = reason

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 
 from fkd_shards.common.files import (
     TEMP_SUFFIX,
@@ -86,7 +87,8 @@ class RunLock:
             self._file.close()  # closing the descriptor releases the lock
 
 
-def claim(directory: str, resume_asked: bool, resume: str | None, restart: bool) -> RunLock:
+def claim(directory: str, resume_asked: bool, resume: str | None, restart: bool, *,
+          later: list[Callable[[], object]] | None = None) -> RunLock:
     """Create ``directory`` if needed, lock it, remove stale temporary files, and check that this
     run may write there. A run the directory holds is continued (``--resume`` of its own checkpoint,
     or ``--resume auto`` when it has none yet: nothing is lost then), moved aside (``restart``), or
@@ -115,17 +117,21 @@ def claim(directory: str, resume_asked: bool, resume: str | None, restart: bool)
                     "with --resume auto"
                 raise RunDirError(f"{directory}: holds a run ({', '.join(existing)}); {what}, or start over with "
                                   f"--restart (its files are moved to {directory}/previous-N/ first)")
-            _move_aside(directory, existing)
+            if later is None:
+                _move_aside(directory, existing)
+            else:  # moved once every directory of the run is claimed: a refused run moves nothing
+                later.append(lambda: _move_aside(directory, existing))
     except BaseException:
         lock.release()
         raise
     return lock
 
 
-def claim_students(directory: str, students: list[dict], restart: bool) -> RunLock:
+def claim_students(directory: str, students: list[dict], restart: bool, later: list[Callable[[], object]]) -> RunLock:
     """The output directory of a run of several students (each then claims its own directory
-    inside it, :func:`claim`): locked, and ``students.json`` naming them written. A directory that
-    holds a single run, or other students (without ``restart``), is refused."""
+    inside it, :func:`claim`): locked and checked now; ``students.json`` naming them is written by
+    an action appended to ``later``, which the caller runs once everything is claimed. A directory
+    that holds a single run, or other students (without ``restart``), is refused."""
     try:
         make_directory(directory)
     except FileWriteError as exc:
@@ -143,17 +149,23 @@ def claim_students(directory: str, students: list[dict], restart: bool) -> RunLo
             raise RunDirError(f"{directory}: holds the students {', '.join(before[:6])}; this run asks for "
                               f"{', '.join(names[:6])}: ask for the same --model and --seeds to continue them, "
                               f"use another --output-dir, or --restart")
-        if before is not None and sorted(before) != sorted(names):  # --restart with other students: keep the list
-            _move_aside(directory, [STUDENTS_NAME])
-        body = {"format": "fkd-train-students", "students": students}
-        try:
-            write_atomically(path, (json.dumps(body, indent=1) + "\n").encode())
-        except FileWriteError as exc:
-            raise RunDirError(str(exc)) from None
+        later.append(lambda: _write_students(directory, students, keep_old=before is not None
+                                             and sorted(before) != sorted(names)))
     except BaseException:
         lock.release()
         raise
     return lock
+
+
+def _write_students(directory: str, students: list[dict], keep_old: bool) -> None:
+    """``students.json``; ``keep_old``: the list of other students there is moved to ``previous-N/``."""
+    if keep_old:
+        _move_aside(directory, [STUDENTS_NAME])
+    body = {"format": "fkd-train-students", "students": students}
+    try:
+        write_atomically(os.path.join(directory, STUDENTS_NAME), (json.dumps(body, indent=1) + "\n").encode())
+    except FileWriteError as exc:
+        raise RunDirError(str(exc)) from None
 
 
 def read_students(path: str) -> list[dict] | None:

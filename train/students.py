@@ -1,9 +1,11 @@
 """The students of one run: each with its own config, state, randomness, metrics log and output
 directory, stepping one after another on the same batches.
 
-Each student's random stream is its own: the global generators (torch's CPU one and, on CUDA, the
-device's) are swapped in before anything a student does and swapped out after, so that its draws
-(dropout, drop-path) are those of a run that trains it alone, whatever the other students draw.
+Each student's random stream is its own: its state is put into the global generators (torch's CPU
+one and, on CUDA, the device's) before anything the student does and taken back after, so that its
+draws (dropout, drop-path) are those of a run that trains it alone, whatever the other students draw.
+Nothing else in a run draws from the global generators (the stream and the validation loader have
+their own).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class Student:
     metrics_log: MetricsLog | None = None  # rank 0 only
     failed: str | None = None  # why it was stopped (its loss stopped being finite), or None
     last_saved: int | None = None  # the last epoch whose checkpoint is on disk
-    totals: object = None  # the current epoch's EpochTotals
+    totals: object = None  # the current epoch's loop.EpochTotals (loop imports this module)
     bad: torch.Tensor | None = None  # the current epoch's non-finite losses, per batch
     _rng: dict = field(default_factory=dict)
 
@@ -40,8 +42,8 @@ class Student:
 
     @property
     def short(self) -> str:
-        """For the progress bar: the model's name (without timm:) and the seed."""
-        return f"{self.cfg.model.removeprefix('timm:')}/{self.cfg.seed}"
+        """For the progress bar: the model's name and the seed."""
+        return f"{self.cfg.model}/{self.cfg.seed}"
 
     def trains(self, epoch: int) -> bool:
         """Whether it takes its steps in ``epoch``: not stopped, and not ahead of it (resumed later)."""
