@@ -22,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from fkd_shards import shards
 from fkd_shards.common.text import escape, first_line
+from fkd_shards.common.threads import available_cpus
 from fkd_shards.shards import format as fmt
 
 
@@ -87,11 +88,6 @@ def decode_rgb(data: bytes, name: str) -> np.ndarray:
         raise ImageError(f"{name}: cannot decode (not a known image format)") from None
     except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, ... for broken image data
         raise ImageError(f"{name}: cannot decode ({first_line(exc, 120)})") from None
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def shared_bytes(nbytes: int) -> torch.Tensor:

@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     system.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
     system.add_argument("-j", "--workers", type=int, default=8, metavar="N", help="crop worker processes (default: 8)")
     system.add_argument("--no-progress", action="store_true", help="no progress bars")
+    system.add_argument("--threads", type=int, default=None, metavar="N", help="torch's compute threads (default: "
+                        "OMP_NUM_THREADS if set, else the CPUs left after the crop workers, at least 1)")
     return p
 
 
@@ -109,7 +111,7 @@ def _run(args: argparse.Namespace) -> int:
         label_codec=args.label_codec, codec_temperature=args.codec_temperature, device=args.device,
         workers=args.workers, amp=args.amp, resume=args.resume, replay=args.replay, shard_bytes=args.shard_size,
         overwrite=args.overwrite, min_alignment=args.min_alignment, min_replay_alignment=args.min_replay_alignment,
-        progress=not args.no_progress,
+        progress=not args.no_progress, threads=args.threads,
     )
     manifest = relabel(options, distributed.from_environment())
     if manifest is not None:
@@ -125,10 +127,11 @@ def _user_errors() -> tuple[type, ...]:
     from fkd_shards.batches.stream import StreamError
     from fkd_shards.common.device import DeviceError
     from fkd_shards.common.distributed import DistError
+    from fkd_shards.common.threads import ThreadsError
     from fkd_shards.convert.errors import ConvertError
     from fkd_shards.models.teachers import TeacherError
 
     from .errors import RelabelError
 
-    return (RelabelError, TeacherError, ConvertError, DeviceError, DistError, StreamError, shards.ManifestError,
-            shards.ShardError, shards.ResumeError, shards.OutputExistsError, OSError)
+    return (RelabelError, TeacherError, ConvertError, DeviceError, ThreadsError, DistError, StreamError,
+            shards.ManifestError, shards.ShardError, shards.ResumeError, shards.OutputExistsError, OSError)

@@ -37,6 +37,7 @@ class RelabelOptions:
     codec_temperature: float = 20.0
     device: str | None = None  # --device; None: CUDA when available (relabel() resolves it)
     workers: int = 8
+    threads: int | None = None  # --threads; None: decided by fkd_shards.common.threads
     amp: str = "off"
     resume: bool = False
     replay: str | None = None

@@ -29,6 +29,7 @@ from fkd_shards.batches.stream import BatchMaker, make_batches
 from fkd_shards.common import distributed
 from fkd_shards.common.device import resolve_device
 from fkd_shards.common.distributed import DistEnv
+from fkd_shards.common.threads import use_torch_threads
 from fkd_shards.common.version import VERSION
 from fkd_shards.convert.imagefolder import ImageFolderListing, list_image_folder, read_checked_image
 from fkd_shards.convert.pipeline import RelabelReader, ReplayCheck, check_output_apart, report_alignment
@@ -200,6 +201,7 @@ def relabel(o: RelabelOptions, env: DistEnv | None = None, log=print) -> shards.
 
 def _relabel(o: RelabelOptions, env: DistEnv, device: str, log) -> shards.Manifest | None:
     say = log if env.is_main else (lambda *_: None)
+    say(use_torch_threads(o.workers, o.threads))
     codec = check_options(o)
     check_output_apart(o.output, {"--train-dir": o.train_dir, "--replay": o.replay})
     folder = list_image_folder(o.train_dir)

@@ -10,6 +10,8 @@ import torch
 from fkd_shards.demo.example import make_image_folder, make_relabel
 
 torch.set_num_threads(1)
+# The tools set torch's threads themselves (OMP_NUM_THREADS wins): one, as every reference here computes with.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 INPUT_SIZE = 16
 

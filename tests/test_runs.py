@@ -614,3 +614,27 @@ def test_a_validation_folder_that_cannot_be_used_leaves_no_output_directory(conv
     err = _run(output, tmp_path / "run", "--val-dir", str(tmp_path / "val"), code=1, capsys=capsys)
     assert "not a usable image folder" in err or "class folders differ" in err
     assert not (tmp_path / "run").exists()  # refused before the output directory was made
+
+
+def test_torch_threads_are_the_cpus_left_after_the_crop_workers_unless_asked(converted, tmp_path, capsys,
+                                                                             monkeypatch):
+    from fkd_shards.common import threads
+
+    monkeypatch.setattr(threads, "available_cpus", lambda: 8)
+    assert threads.torch_threads(6, None, {})[0] == 8 and threads.torch_threads(16, None, {})[0] == 8
+    assert threads.torch_threads(6, 5, {"OMP_NUM_THREADS": "3"})[0] == 5  # --threads wins
+    assert threads.torch_threads(2, None, {"OMP_NUM_THREADS": "3"}) == \
+        (3, "threads: 3 torch thread(s) beside 2 crop worker process(es) on 8 CPU(s) (OMP_NUM_THREADS)")
+    output, _, _ = converted()
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    _run(output, tmp_path / "run", "--epochs", "1", "-j", "2")
+    assert "threads: 8 torch thread(s) beside 2 crop worker process(es) on 8 CPU(s) (one per CPU; --threads sets " \
+           "it); 10 busy processes and threads on 8 CPU(s): on a loaded machine fewer" in capsys.readouterr().out
+    assert torch.get_num_threads() == 8
+    torch.set_num_threads(1)
+    err = _run(output, tmp_path / "zero", "--threads", "0", code=1, capsys=capsys)
+    assert "--threads: 0 threads; give 1 to 1024" in err
+    monkeypatch.setenv("OMP_NUM_THREADS", "many")
+    err = _run(output, tmp_path / "env", code=1, capsys=capsys)
+    assert "OMP_NUM_THREADS='many' is not a number of threads" in err
+    torch.set_num_threads(1)

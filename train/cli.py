@@ -160,6 +160,7 @@ def _user_errors() -> tuple[type, ...]:
     from fkd_shards.batches.stream import StreamError
     from fkd_shards.common.device import DeviceError
     from fkd_shards.common.distributed import DistError
+    from fkd_shards.common.threads import ThreadsError
     from fkd_shards.models.build import ModelError
     from fkd_shards.models.weights import WeightsError
 
@@ -170,5 +171,6 @@ def _user_errors() -> tuple[type, ...]:
     from .rundir import RunDirError
     from .validate import ValidationError
 
-    return (ConfigError, DeviceError, ModelError, WeightsError, DistError, ImageError, TrainingError, MetricsError,
-            ReportError, RunDirError, StreamError, ValidationError, shards.ManifestError, shards.ShardError, OSError)
+    return (ConfigError, DeviceError, ThreadsError, ModelError, WeightsError, DistError, ImageError, TrainingError,
+            MetricsError, ReportError, RunDirError, StreamError, ValidationError, shards.ManifestError,
+            shards.ShardError, OSError)

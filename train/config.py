@@ -70,6 +70,7 @@ class TrainConfig:
     cache_dir: str | None  # local directory for verified remote shards, or None
     cache_labels: bool  # with cache_dir: cache the label shards too
     progress: bool  # progress bars on rank 0 (off: --no-progress)
+    threads: int | None  # --threads: torch's intra-op threads; None: decided by common.threads
     wandb_project: str  # wandb project name
     wandb_mode: str  # "online", "offline" or "disabled"
     student: str  # the student's name, MODEL-seedS (its directory when a run trains several)
@@ -186,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     system.add_argument("--cache-dir", default=None, metavar="DIR", help="keep verified remote image shards "
                         "here and reuse them")
     system.add_argument("--cache-labels", action="store_true", help="with --cache-dir: cache the label shards too")
+    system.add_argument("--threads", type=int, default=None, metavar="N", help="torch's compute threads (default: "
+                        "OMP_NUM_THREADS if set, else the CPUs left after the crop workers, at least 1)")
     log.add_argument("--no-progress", action="store_true", help="no progress bars (batch jobs' logs): the epoch "
                      "lines only")
     return p
@@ -268,7 +271,8 @@ def resolve_students(args: argparse.Namespace, manifest, env: DistEnv) -> list[T
         sync_bn=args.sync_bn, init_weights=args.init_weights, resume=None,
         resume_asked=args.resume is not None, restart=args.restart, allow_misaligned=args.allow_misaligned,
         decode_cache=args.decode_cache, device_crops=args.device_crops, cache_dir=args.cache_dir,
-        cache_labels=args.cache_labels, progress=not args.no_progress, wandb_project=args.wandb_project,
+        cache_labels=args.cache_labels, progress=not args.no_progress, threads=args.threads,
+        wandb_project=args.wandb_project,
         wandb_mode=args.wandb_mode or ("online" if wandb_api_key(args) else "disabled"), student=students[0].name,
     )
     configs = []

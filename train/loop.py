@@ -23,6 +23,7 @@ from fkd_shards.batches.stream import BatchStream
 from fkd_shards.common.distributed import sum_across_ranks
 from fkd_shards.common.files import FileWriteError, interrupts_deferred
 from fkd_shards.common.text import escape
+from fkd_shards.common.threads import use_torch_threads
 from fkd_shards.models.build import build_model, check_micro_batches
 from fkd_shards.models.weights import load_into, load_state
 
@@ -68,6 +69,7 @@ def train(configs: TrainConfig | list[TrainConfig], shard_set: shards.ShardSet, 
     say = log if env.is_main else (lambda *_: None)
     students = [Student(c, several=several) for c in configs]
     root = cfg.run_dir
+    say(use_torch_threads(0 if cfg.device_crops else cfg.workers, cfg.threads))
     locks = []
     started = time.perf_counter()
     try:
