@@ -638,3 +638,21 @@ def test_torch_threads_are_the_cpus_left_after_the_crop_workers_unless_asked(con
     err = _run(output, tmp_path / "env", code=1, capsys=capsys)
     assert "OMP_NUM_THREADS='many' is not a number of threads" in err
     torch.set_num_threads(1)
+
+
+def test_every_run_keeps_its_curves_redrawn_each_epoch(converted, tmp_path, capsys):
+    output, samples, _ = converted()
+    val = os.path.dirname(os.path.dirname(samples[0][0]))
+    out = tmp_path / "run"
+    _run(output, out, "--epochs", "2", "--val-dir", val, "--val-every", "1")
+    with open(out / "curves.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"train/epoch": "x", "train/loss": [1]}\n')  # a hand-edited line is left out of the picture
+    from fkd_shards.train.curves import draw_curves
+
+    os.remove(out / "curves.png")
+    draw_curves(str(out), "again")
+    assert (out / "curves.png").exists()
+    _run(output, out, "--epochs", "1", "--restart")
+    assert (out / "previous-1" / "curves.png").exists() and (out / "curves.png").exists()

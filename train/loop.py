@@ -30,8 +30,9 @@ from fkd_shards.models.weights import load_into, load_state
 from . import checkpoint
 from .checkpoint import TrainState, build_scheduler
 from .config import TrainConfig
+from .curves import draw_curves
 from .kd import kd_loss, parameter_groups, topk_correct
-from .metrics import MetricsLog, start_wandb
+from .metrics import MetricsError, MetricsLog, start_wandb
 from .rundir import (
     BEST_NAME,
     CHECKPOINT_NAME,
@@ -188,6 +189,10 @@ def run_epoch(students: list[Student], batches, epoch: int, *, manifest: shards.
                     checkpoint.save(s, epoch, st.cfg, m, is_best)
                 st.metrics_log.log(line)
             st.last_saved = epoch
+    if cfg.dist.is_main:
+        for st in active:
+            if st.failed is None:
+                _redraw_curves(st)
     if failed is not None:
         raise failed
 
@@ -234,6 +239,14 @@ def train_epoch(students: list[Student], batches, epoch: int, m: shards.Manifest
         if st.failed is None:
             _stop_if_not_finite(st, sum_across_ranks(st.bad.int(), st.cfg.dist).bool(), epoch)
     return time.perf_counter() - started
+
+
+def _redraw_curves(st: Student) -> None:
+    """``curves.png`` from the metrics log; a picture that cannot be written is a warning, not a stop."""
+    try:
+        draw_curves(st.cfg.output_dir, f"{st.name}: {st.cfg.model}, seed {st.cfg.seed}")
+    except (FileWriteError, MetricsError) as exc:
+        tqdm.write(f"fkd-train: warning: {exc}; the run goes on", file=sys.stderr)
 
 
 def _weights_finite(model: nn.Module) -> bool:

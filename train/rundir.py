@@ -33,11 +33,12 @@ BEST_NAME = "model_best.pth.tar"
 FINAL_WEIGHTS_NAME = "final_weights.pth"
 METRICS_NAME = "metrics.jsonl"
 SUMMARY_NAME = "summary.json"
+CURVES_NAME = "curves.png"
 WANDB_DIR = "wandb"
 LOCK_NAME = ".fkd-train.lock"
 STUDENTS_NAME = "students.json"  # in OUTPUT_DIR of a run of several students: who is in which directory
 MAX_STUDENTS_BYTES = 1 << 20
-RUN_FILES = (CHECKPOINT_NAME, BEST_NAME, FINAL_WEIGHTS_NAME, METRICS_NAME, SUMMARY_NAME, WANDB_DIR)
+RUN_FILES = (CHECKPOINT_NAME, BEST_NAME, FINAL_WEIGHTS_NAME, METRICS_NAME, SUMMARY_NAME, CURVES_NAME, WANDB_DIR)
 # common.files.temp_name's pattern (and the older NAME.PID.partial) for each file a run writes.
 _TEMP = re.compile("({})".format("|".join(re.escape(n) for n in RUN_FILES)) + r"\.\d+(\.[0-9a-f]{12})?"
                    + re.escape(TEMP_SUFFIX))
