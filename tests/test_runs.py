@@ -45,8 +45,8 @@ def test_an_output_dir_holding_a_run_is_refused_unless_resumed_or_restarted(conv
     _run(output, out, "--epochs", "1")
     before = {name: (out / name).read_bytes() for name in ("checkpoint.pth.tar", "metrics.jsonl")}
     err = _run(output, out, "--epochs", "1", code=1, capsys=capsys)
-    assert "holds a run (checkpoint.pth.tar, final_weights.pth, metrics.jsonl, summary.json); continue it with " \
-           "--resume auto, or start over with --restart" in err
+    assert "holds a run (checkpoint.pth.tar, final_weights.pth, metrics.jsonl, summary.json, curves.png); continue " \
+           "it with --resume auto, or start over with --restart" in err
     assert all((out / name).read_bytes() == data for name, data in before.items())
     _run(output, out, "--epochs", "1", "--restart")
     assert (out / "previous-1" / "checkpoint.pth.tar").read_bytes() == before["checkpoint.pth.tar"]
