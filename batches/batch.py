@@ -82,10 +82,23 @@ class Batch:
         channels-last with ``memory_format=torch.channels_last``. The layout changes no value."""
         # Made contiguous in uint8, before any arithmetic: the same float32 operations then run on
         # the same values whatever the crops' layout was.
-        crops = self.crops.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        crops = to_device(self.crops, device).contiguous(memory_format=memory_format)
         normalized = normalize(crops)
         own, partners = self.own, self.partners
-        x = normalized if own is None else normalized[own.to(device)]
+        x = normalized if own is None else normalized[to_device(own, device)]
         if partners is not None and len(self.rows):
-            x = apply_mix(x, normalized[partners.to(device)], self.mix_type, self.mix_lam, self.mix_bbox)
+            x = apply_mix(x, normalized[to_device(partners, device)], self.mix_type, self.mix_lam, self.mix_bbox)
         return x.contiguous(memory_format=memory_format)  # indexing may pick another layout
+
+
+def to_device(tensor: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """``tensor`` on ``device`` without the host waiting for the device: a copy to CUDA from
+    ordinary (pageable) memory waits for the device to finish, so the host side is pinned first
+    (small tensors come from torch's cache of pinned blocks; the stream pins crops as it delivers
+    them). Elsewhere a plain ``.to``."""
+    device = torch.device(device)
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    if not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)

@@ -19,6 +19,7 @@ import torch
 
 from fkd_shards.shards.boxes import pixel_boxes
 
+from .batch import to_device
 from .crop import check_boxes, crop_resize_flip
 from .images import ImageSource
 
@@ -63,47 +64,66 @@ def crop_resize_flip_batch(flat: torch.Tensor, offsets: np.ndarray, shapes: np.n
     ``flat`` holds every image's RGB pixels (H, W, 3) one after another; ``offsets``/``shapes``:
     where each starts and its (H, W); ``boxes``: from :func:`fkd_shards.shards.boxes.pixel_boxes`, none with pixels and
     none taller than ``size``. Pixels of a box reaching outside its image are black, as PIL's crop makes them.
+    Every index and weight of the batch is computed on the host and goes to the device in one copy,
+    which does not wait for the device.
     """
+    parts = [slice(start, start + chunk) for start in range(0, len(samples), chunk)]
+    tables = [_tables(offsets[samples[part]], shapes[samples[part]], boxes[part], flips[part], size) for part in parts]
+    on_device = iter(_one_copy([a for arrays, _ in tables for a in arrays], flat.device))
     out = torch.empty((len(samples), 3, size, size), dtype=torch.uint8, device=flat.device)
-    for start in range(0, len(samples), chunk):
-        part = slice(start, start + chunk)
-        out[part] = _resample(flat, offsets[samples[part]], shapes[samples[part]], boxes[part], flips[part],
-                              size)
+    for part, (arrays, rows) in zip(parts, tables):
+        out[part] = _resample(flat, [next(on_device) for _ in arrays], rows, size)
     return out
 
 
-def _resample(flat, offsets, shapes, boxes, flips, size) -> torch.Tensor:
-    device = flat.device
+def _one_copy(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """Integer ``arrays`` on ``device`` as int64 tensors of their shapes: one host buffer, one copy."""
+    if not arrays:
+        return []
+    host = torch.from_numpy(np.concatenate([np.asarray(a, dtype=np.int64).ravel() for a in arrays]))
+    flat = to_device(host, device)
+    return [piece.view(a.shape) for piece, a in zip(flat.split([a.size for a in arrays]), arrays)]
 
-    def dev(a, dtype=torch.int64):
-        return torch.as_tensor(a, dtype=dtype, device=device)
 
-    n = len(boxes)
+def _tables(offsets, shapes, boxes, flips, size) -> tuple[list[np.ndarray], int]:
+    """The host's share of one chunk of crops: source positions and fixed-point weights of both
+    passes (numpy, as Pillow computes them), and the rows the horizontal pass covers."""
     heights, widths = shapes[:, 0], shapes[:, 1]
     crop_w, crop_h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     x_start, x_weights = _stacked([bilinear_coefficients(int(w), size) for w in crop_w])
     y_start, y_weights = _stacked([bilinear_coefficients(int(h), size) for h in crop_h])
-    rows = int(crop_h.max())
-    # Horizontal pass over every row of each crop: (n, rows, size, 3), rounded and clipped to uint8.
     tap_x = np.minimum(x_start[:, :, None] + np.arange(x_weights.shape[2]), (crop_w - 1)[:, None, None])
-    src_x = dev(boxes[:, 0])[:, None, None] + dev(tap_x)                     # (n, size, kx)
-    src_y = dev(boxes[:, 1])[:, None] + torch.arange(rows, device=device)    # (n, rows)
-    inside = (((src_x >= 0) & (src_x < dev(widths)[:, None, None]))[:, None, :, :, None]
-              & ((src_y >= 0) & (src_y < dev(heights)[:, None]))[:, :, None, None, None])
-    index = (dev(offsets)[:, None, None, None, None]
-             + (src_y[:, :, None, None, None] * dev(widths)[:, None, None, None, None]
+    tap_y = np.minimum(y_start[:, :, None] + np.arange(y_weights.shape[2]), (crop_h - 1)[:, None, None])
+    arrays = [boxes[:, 0], boxes[:, 1], heights, widths, offsets, tap_x, x_weights, tap_y, y_weights, flips]
+    return arrays, int(crop_h.max())
+
+
+def _resample(flat, arrays, rows, size) -> torch.Tensor:
+    device = flat.device
+    left, top, heights, widths, offsets, tap_x, x_weights, tap_y, y_weights, flips = arrays
+    n = len(left)
+    # Horizontal pass over every row of each crop: (n, rows, size, 3), rounded and clipped to uint8.
+    src_x = left[:, None, None] + tap_x                                   # (n, size, kx)
+    src_y = top[:, None] + torch.arange(rows, device=device)              # (n, rows)
+    inside = (((src_x >= 0) & (src_x < widths[:, None, None]))[:, None, :, :, None]
+              & ((src_y >= 0) & (src_y < heights[:, None]))[:, :, None, None, None])
+    index = (offsets[:, None, None, None, None]
+             + (src_y[:, :, None, None, None] * widths[:, None, None, None, None]
                 + src_x[:, None, :, :, None]) * 3
              + torch.arange(3, device=device))
     pixels = torch.where(inside, flat[torch.where(inside, index, 0)].to(torch.int32), 0)
-    acc = (pixels * dev(x_weights, torch.int32)[:, None, :, :, None]).sum(dim=3, dtype=torch.int32)
+    acc = (pixels * x_weights.to(torch.int32)[:, None, :, :, None]).sum(dim=3, dtype=torch.int32)
     horizontal = ((acc + HALF) >> PRECISION_BITS).clamp(0, 255)
     # Vertical pass: (n, size, size, 3).
-    tap_y = np.minimum(y_start[:, :, None] + np.arange(y_weights.shape[2]), (crop_h - 1)[:, None, None])
-    picked = horizontal[torch.arange(n, device=device)[:, None, None], dev(tap_y)]  # (n, size, ky, size, 3)
-    acc = (picked * dev(y_weights, torch.int32)[:, :, :, None, None]).sum(dim=2, dtype=torch.int32)
+    picked = horizontal[torch.arange(n, device=device)[:, None, None], tap_y]  # (n, size, ky, size, 3)
+    acc = (picked * y_weights.to(torch.int32)[:, :, :, None, None]).sum(dim=2, dtype=torch.int32)
     result = ((acc + HALF) >> PRECISION_BITS).clamp(0, 255).to(torch.uint8)
-    result = torch.where(dev(flips, torch.bool)[:, None, None, None], result.flip(2), result)
+    result = torch.where((flips != 0)[:, None, None, None], result.flip(2), result)
     return result.permute(0, 3, 1, 2)
+
+
+class DeviceMemoryError(ValueError):
+    """``--device-crops`` asked for more device memory than is free; the message says how much."""
 
 
 class DeviceCropper:
@@ -114,20 +134,33 @@ class DeviceCropper:
     def __init__(self, source: ImageSource, size: int, device: str):
         source.decode_all()
         self.source, self.size = source, size
-        self.pixels = source.buffer.to(device)
+        need = source.buffer.numel() * source.buffer.element_size()
+        shortage = f"--device-crops keeps every decoded image on {device}: {need / 1e9:.2f} GB"
+        remedy = "crop on the CPU instead (leave out --device-crops)"
+        if torch.device(device).type == "cuda":
+            free, _ = torch.cuda.mem_get_info(torch.device(device))
+            if need > free:
+                raise DeviceMemoryError(f"{shortage}, and {free / 1e9:.2f} GB are free there; {remedy}")
+        try:
+            self.pixels = source.buffer.to(device)
+        except torch.OutOfMemoryError:
+            raise DeviceMemoryError(f"{shortage}, more than it could allocate; {remedy}") from None
 
     def crop(self, samples: np.ndarray, coords: np.ndarray, flips: np.ndarray, shared: bool = False) -> torch.Tensor:
         shapes = self.source.table.shapes
         boxes = pixel_boxes(coords, shapes[samples, 0], shapes[samples, 1])
         check_boxes(boxes, samples)
-        crops = torch.empty((len(samples), 3, self.size, self.size), dtype=torch.uint8, device=self.pixels.device)
         tall = boxes[:, 3] - boxes[:, 1] > self.size
         fast = np.nonzero(~tall)[0]
-        if len(fast):
-            crops[torch.as_tensor(fast, device=crops.device)] = crop_resize_flip_batch(
-                self.pixels, self.source.offsets, shapes, samples=samples[fast], boxes=boxes[fast], flips=flips[fast],
-                size=self.size)
-        for k in np.nonzero(tall)[0]:
-            hwc = crop_resize_flip(self.source.rgb(int(samples[k])), boxes[k], bool(flips[k]), self.size)
-            crops[int(k)] = torch.tensor(hwc, device=crops.device).permute(2, 0, 1)
+        made = crop_resize_flip_batch(self.pixels, self.source.offsets, shapes, samples=samples[fast],
+                                      boxes=boxes[fast], flips=flips[fast], size=self.size)
+        if not tall.any():  # the usual case: no scatter, no further copy
+            return made
+        slow = np.nonzero(tall)[0]
+        by_pil = np.stack([crop_resize_flip(self.source.rgb(int(samples[k])), boxes[k], bool(flips[k]), self.size)
+                           for k in slow])
+        crops = torch.empty((len(samples), 3, self.size, self.size), dtype=torch.uint8, device=self.pixels.device)
+        fast_at, slow_at, by_pil = _one_copy([fast, slow, by_pil], self.pixels.device)
+        crops[fast_at] = made
+        crops[slow_at] = by_pil.to(torch.uint8).permute(0, 3, 1, 2)
         return crops

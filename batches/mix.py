@@ -6,6 +6,16 @@ import torch
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
+_CONSTANTS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEAN and STD as float32 (3, 1, 1) tensors on ``device``, made once per device: building
+    them per batch would copy from the host, and wait for the device, at every step."""
+    if device not in _CONSTANTS:
+        _CONSTANTS[device] = (torch.tensor(MEAN, dtype=torch.float32, device=device).view(-1, 1, 1),
+                              torch.tensor(STD, dtype=torch.float32, device=device).view(-1, 1, 1))
+    return _CONSTANTS[device]
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -13,8 +23,7 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
     Multiplying by reciprocals instead would change the last bits.
     """
-    mean = torch.tensor(MEAN, dtype=torch.float32, device=images.device).view(-1, 1, 1)
-    std = torch.tensor(STD, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    mean, std = _mean_std(images.device)
     # In place on the fresh float copy: the same float32 operations, no temporaries.
     return images.float().div_(255).sub_(mean).div_(std)
 

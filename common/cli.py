@@ -10,6 +10,7 @@ import re
 import sys
 from collections.abc import Callable
 
+from .distributed import DEFAULT_TIMEOUT_MIN, MAX_TIMEOUT_MIN, RankFailed, agreed_elsewhere
 from .text import error_line
 
 MAX_WORKERS = 256  # worker processes or threads of any command; more only contend for the same cores
@@ -37,9 +38,10 @@ def run_command(prog: str, command: Callable[[], int], user_errors: Callable[[],
         print(error_line(prog, "out of memory"), file=sys.stderr)
         return 1
     except Exception as exc:
-        if not isinstance(exc, user_errors()):
+        if not isinstance(exc, (RankFailed, *user_errors())):
             raise
-        print(error_line(prog, exc), file=sys.stderr)
+        if not agreed_elsewhere(exc):  # under torchrun, an error all ranks raise together is said once
+            print(error_line(prog, exc), file=sys.stderr)
         return 1
 
 
@@ -55,3 +57,30 @@ def parse_size(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
     return value
+
+
+def bounded_int(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high], else argparse's one-line usage error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text[:40]!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {text[:40]}")
+        return value
+
+    return parse
+
+
+def add_cuda_flags(group) -> None:
+    """The flags both training and labelling take for CUDA precision and torchrun."""
+    group.add_argument("--tf32", action="store_true", help="TF32 for float32 matrix products and convolutions on "
+                       "CUDA (faster, about 10 mantissa bits; default off: true float32, which torch does not "
+                       "default to for convolutions)")
+    group.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time and pick each convolution's "
+                       "algorithm (faster after the first batches; the choice may differ run to run)")
+    group.add_argument("--dist-timeout", type=bounded_int(1, MAX_TIMEOUT_MIN), default=DEFAULT_TIMEOUT_MIN,
+                       metavar="MIN", help="under torchrun, minutes a rank waits for the others in a collective "
+                       f"(default: {DEFAULT_TIMEOUT_MIN}; rank 0 alone prepares a large set before the first one)")

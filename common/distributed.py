@@ -5,12 +5,22 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
-from .text import escape, shown
+from .text import escape, first_line, shown
 
 MAX_PROCESSES = 1 << 20  # bound of every rank and size variable, far above any real job
 WAIT_NOTE_S = 60.0  # seconds of rendezvous before a note says what it waits for
+# How long a collective may wait for the other ranks. torch's defaults (10 minutes for NCCL, 30 for
+# gloo) are shorter than rank 0's lone work on a large set (fkd-relabel writes every image shard and
+# checks a replay before the first collective). A rank that dies is noticed sooner: torchrun ends
+# the others when one exits, and every error is agreed (:func:`agreed`), so no rank waits for it.
+DEFAULT_TIMEOUT_MIN = 120
+MAX_TIMEOUT_MIN = 7 * 24 * 60
+MESSAGE_BYTES = 1024  # an agreed error's message, as sent from the failing rank (UTF-8, cut to fit)
 
 
 class DistError(ValueError):
@@ -71,8 +81,9 @@ def from_environment(environ: dict | None = None) -> DistEnv:
     return DistEnv(rank, world, local_rank, local_world)
 
 
-def init(env: DistEnv, device: str) -> None:
-    """Select this rank's GPU and start the process group (NCCL on CUDA, gloo on CPU)."""
+def init(env: DistEnv, device: str, timeout_min: int = DEFAULT_TIMEOUT_MIN) -> None:
+    """Select this rank's GPU and start the process group (NCCL on CUDA, gloo on CPU), whose
+    collectives wait ``timeout_min`` minutes for the other ranks."""
     import torch
     import torch.distributed as dist
 
@@ -88,7 +99,8 @@ def init(env: DistEnv, device: str) -> None:
         note.daemon = True
         note.start()
         try:
-            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                                    timeout=timedelta(minutes=timeout_min))
         finally:
             note.cancel()
 
@@ -107,3 +119,70 @@ def sum_across_ranks(values, env: DistEnv):
 
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def collective_device(device: str) -> str:
+    """Where a collective's tensors live: NCCL moves CUDA tensors only, gloo CPU ones."""
+    return device if device.startswith("cuda") else "cpu"
+
+
+class RankFailed(Exception):
+    """Another rank's error, agreed by every rank (:func:`agree`). Only rank 0 says it (``shown``)."""
+
+    def __init__(self, message: str, *, shown: bool):
+        super().__init__(message)
+        self.shown = shown
+
+
+AGREED = "fkd_agreed_across_ranks"  # attribute set on a rank's own error once every rank knows it
+
+
+def agreed_elsewhere(exc: BaseException) -> bool:
+    """Whether ``exc`` is an error every rank raises together, said by rank 0, not by this rank."""
+    return (isinstance(exc, RankFailed) and not exc.shown) or (getattr(exc, AGREED, False)
+                                                              and os.environ.get("RANK", "0") not in ("", "0"))
+
+
+def mark_agreed(exc: BaseException) -> BaseException:
+    """Mark an error that every rank raises alike (found after a collective): rank 0 alone says it."""
+    setattr(exc, AGREED, True)
+    return exc
+
+
+def agree(error: Exception | None, env: DistEnv, device: str) -> None:
+    """A collective every rank calls with its error or None. If any rank failed, every rank raises:
+    the lowest failing rank its own error, rank 0 a :class:`RankFailed` naming that rank and its
+    message (when it is not rank 0 itself), the others a silent :class:`RankFailed`. Without this, a
+    rank that raises alone leaves the others waiting in their next collective. A plain run: no-op."""
+    if not env.active:
+        return
+    import torch
+    import torch.distributed as dist
+
+    on = collective_device(device)
+    failing = torch.tensor([env.rank if error is not None else env.world_size], dtype=torch.int64, device=on)
+    dist.all_reduce(failing, op=dist.ReduceOp.MIN)
+    first = int(failing.item())
+    if first == env.world_size:
+        return
+    message = torch.zeros(MESSAGE_BYTES, dtype=torch.uint8, device=on)
+    if env.rank == first:
+        text = first_line(error, MESSAGE_BYTES // 4).encode("utf-8")[:MESSAGE_BYTES]
+        message[:len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8).to(on)
+    dist.broadcast(message, src=first)
+    if env.rank == first:
+        raise mark_agreed(error)
+    text = bytes(message.cpu().numpy()).rstrip(b"\0").decode("utf-8", errors="replace")
+    raise RankFailed(f"rank {first} of {env.world_size}: {text}", shown=env.is_main)
+
+
+@contextmanager
+def agreed(env: DistEnv, device: str) -> Iterator[None]:
+    """Every rank runs the block, then all agree whether each succeeded (:func:`agree`): an error
+    on any rank is raised on all of them, so none is left waiting in a collective."""
+    try:
+        yield
+    except Exception as exc:
+        agree(exc, env, device)
+        raise
+    agree(None, env, device)

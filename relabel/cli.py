@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fkd_shards.common.cli import parse_size, run_command
+from fkd_shards.common.cli import add_cuda_flags, parse_size, run_command
 from fkd_shards.common.text import escape
 from fkd_shards.common.version import VERSION
 
@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     system.add_argument("--no-progress", action="store_true", help="no progress bars")
     system.add_argument("--threads", type=int, default=None, metavar="N", help="torch's compute threads (default: "
                         "OMP_NUM_THREADS if set, else the CPUs left after the crop workers, at least 1)")
+    add_cuda_flags(system)
     return p
 
 
@@ -111,7 +112,8 @@ def _run(args: argparse.Namespace) -> int:
         label_codec=args.label_codec, codec_temperature=args.codec_temperature, device=args.device,
         workers=args.workers, amp=args.amp, resume=args.resume, replay=args.replay, shard_bytes=args.shard_size,
         overwrite=args.overwrite, min_alignment=args.min_alignment, min_replay_alignment=args.min_replay_alignment,
-        progress=not args.no_progress, threads=args.threads,
+        progress=not args.no_progress, threads=args.threads, tf32=args.tf32, cudnn_benchmark=args.cudnn_benchmark,
+        dist_timeout=args.dist_timeout,
     )
     manifest = relabel(options, distributed.from_environment())
     if manifest is not None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from fkd_shards import shards
 from fkd_shards.common.cli import MAX_WORKERS
+from fkd_shards.common.distributed import DEFAULT_TIMEOUT_MIN
 from fkd_shards.convert.imagefolder import ImageFolderListing
 from fkd_shards.convert.pipeline import infer_input_size, label_storage
 from fkd_shards.convert.sre2l import RelabelBatch, RelabelLayout, read_sizes, scan_layout
@@ -39,6 +40,9 @@ class RelabelOptions:
     workers: int = 8
     threads: int | None = None  # --threads; None: decided by fkd_shards.common.threads
     amp: str = "off"
+    tf32: bool = False  # --tf32: TF32 float32 matrix products and convolutions on CUDA
+    cudnn_benchmark: bool = False  # --cudnn-benchmark
+    dist_timeout: int = DEFAULT_TIMEOUT_MIN  # --dist-timeout: minutes a collective waits under torchrun
     resume: bool = False
     replay: str | None = None
     shard_bytes: int = 64 * 10**6

@@ -12,7 +12,7 @@ import torch
 
 from fkd_shards import shards
 from fkd_shards.batches.images import ImageTable
-from fkd_shards.common.distributed import DistEnv
+from fkd_shards.common.distributed import DistEnv, agreed, collective_device
 from fkd_shards.common.version import VERSION
 from fkd_shards.convert.imagefolder import ImageFolderListing
 from fkd_shards.shards import format as fmt
@@ -115,45 +115,44 @@ class LabelWriter:
         self.writer.abort()
 
 
-def _collective_device(device: str) -> str:
-    """NCCL moves CUDA tensors only; gloo, CPU ones."""
-    return device if device.startswith("cuda") else "cpu"
-
-
 def broadcast_start(start: int, env: DistEnv, device: str) -> int:
     """Rank 0's first position, to every rank."""
     if not env.active:
         return start
     import torch.distributed as dist
 
-    value = torch.tensor([start], dtype=torch.int64, device=_collective_device(device))
+    value = torch.tensor([start], dtype=torch.int64, device=collective_device(device))
     dist.broadcast(value, src=0)
     return int(value.item())
 
 
 def gathered(records: Iterator[shards.BatchRecord], plan: Plan, *, start: int, env: DistEnv, device: str, width: int,
-             label_dtype: str, every: Iterator[shards.BatchRecord] | None) -> Iterator[shards.BatchRecord]:
-    """The labelled records in order, on rank 0. In one process, ``records`` as they come. Under
-    torchrun every rank labels one batch of each round of ``world_size`` consecutive batches; their
-    logits are gathered as tensors (padded to B rows) and rank 0 puts each into its own copy of the
-    record (``every``: rank 0's skeletons of every position, the draws being the same on every rank)."""
+             label_dtype: str, every: Iterator[shards.BatchRecord] | None) -> Iterator[list[shards.BatchRecord]]:
+    """The labelled records in order, a round at a time: on rank 0 the round's records, elsewhere an
+    empty list. In one process, every record is a round. Under torchrun every rank labels one batch
+    of each round of ``world_size`` consecutive batches; a rank that fails to (logits not finite, a
+    replay file gone) stops every rank before the gather (:func:`agreed`). The logits are gathered
+    as tensors (padded to B rows) and rank 0 puts each into its own copy of the record (``every``:
+    rank 0's skeletons of every position, the draws being the same on every rank)."""
     if not env.active:
-        yield from records
+        for record in records:
+            yield [record]
         return
     import torch.distributed as dist
 
     total = plan.epochs * plan.batches_per_epoch
     dtype = LABEL_DTYPES[label_dtype]
-    on = _collective_device(device)
+    on = collective_device(device)
     for round_start in range(start, total, env.world_size):
         padded = torch.zeros((plan.batch_size, width), dtype=dtype, device=on)
-        if round_start + env.rank < total:
-            soft = torch.from_numpy(next(records).soft_labels)
-            padded[: len(soft)] = soft.to(on)
+        with agreed(env, device):
+            if round_start + env.rank < total:
+                soft = torch.from_numpy(next(records).soft_labels)
+                padded[: len(soft)] = soft.to(on)
         everyone = [torch.empty_like(padded) for _ in range(env.world_size)]
         dist.all_gather(everyone, padded)
         if every is None:
+            yield []
             continue
-        for r in range(min(env.world_size, total - round_start)):
-            skeleton = next(every)
-            yield replace(skeleton, soft_labels=everyone[r][: skeleton.size].cpu().numpy())
+        yield [replace(skeleton, soft_labels=everyone[r][: skeleton.size].cpu().numpy())
+               for r, skeleton in zip(range(min(env.world_size, total - round_start)), every)]

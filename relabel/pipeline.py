@@ -29,6 +29,7 @@ from fkd_shards.batches.stream import BatchMaker, make_batches
 from fkd_shards.common import distributed
 from fkd_shards.common.device import resolve_device
 from fkd_shards.common.distributed import DistEnv
+from fkd_shards.common.precision import set_precision
 from fkd_shards.common.threads import use_torch_threads
 from fkd_shards.common.version import VERSION
 from fkd_shards.convert.imagefolder import ImageFolderListing, list_image_folder, read_checked_image
@@ -192,7 +193,7 @@ def relabel(o: RelabelOptions, env: DistEnv | None = None, log=print) -> shards.
     shards stay for ``--resume``. Under torchrun (``env``), the process group lives as long as the call."""
     env = env or DistEnv()
     device = resolve_device(o.device, env)
-    distributed.init(env, device)
+    distributed.init(env, device, o.dist_timeout)
     try:
         return _relabel(o, env, device, log)
     finally:
@@ -202,32 +203,38 @@ def relabel(o: RelabelOptions, env: DistEnv | None = None, log=print) -> shards.
 def _relabel(o: RelabelOptions, env: DistEnv, device: str, log) -> shards.Manifest | None:
     say = log if env.is_main else (lambda *_: None)
     say(use_torch_threads(o.workers, o.threads))
-    codec = check_options(o)
-    check_output_apart(o.output, {"--train-dir": o.train_dir, "--replay": o.replay})
-    folder = list_image_folder(o.train_dir)
-    plan = make_plan(o, folder, say)
-    if o.teacher_chunks > plan.batch_size:
-        raise RelabelError(f"--teacher-chunks {o.teacher_chunks} is more than a batch's {plan.batch_size} rows")
-    teachers = [load_teacher(name, weights, plan.input_size) for name, weights in o.teachers]
-    for t in teachers:
-        if t.classes != len(folder.classes):
-            raise RelabelError(f"--teacher {t.name} {t.weights}: {t.classes} classes, but {o.train_dir} has "
-                               f"{len(folder.classes)} class folders")
-    weights = parse_mix(o.teacher_mix, len(teachers))
-    table, digest = read_images(folder, o.progress and env.is_main)
-    threshold = alignment_threshold(o.min_alignment, len(folder.classes), plan.mix_type != fmt.MIX_NONE)
-    # Checked once, by the rank that writes; a failure there stops the job under torchrun.
-    replay_digest = check_replay(plan, table, o, num_classes=len(folder.classes), log=say) \
-        if plan.layout is not None and env.is_main else None
-    batch_rows = {plan.batch_rows(0), plan.batch_rows(plan.batches_per_epoch - 1)}  # the full and the last batch
-    check_single_row_chunks(teachers, o.bn_mode, o.teacher_chunks, batch_rows, plan.input_size)
-    ensemble = Ensemble(teachers, weights, device=device, bn_mode=o.bn_mode, chunks=o.teacher_chunks, amp=o.amp)
-    settings = settings_of(o, plan, teachers, weights, images_digest=digest, replay_digest=replay_digest, codec=codec,
-                           device=device)
-    out = LabelWriter(o, plan, codec=codec, settings=settings, threshold=threshold, width=teachers[0].classes) \
-        if env.is_main else None
+    precision = set_precision(tf32=o.tf32, cudnn_benchmark=o.cudnn_benchmark)
+    out = None
     try:
-        start = broadcast_start(out.start(table, say) if out else 0, env, device)
+        # Every rank prepares, then all agree that each could: a refusal on one rank (rank 0 alone
+        # checks a replay and writes the image shards) stops every rank, none is left in a collective.
+        with distributed.agreed(env, device):
+            codec = check_options(o)
+            check_output_apart(o.output, {"--train-dir": o.train_dir, "--replay": o.replay})
+            folder = list_image_folder(o.train_dir)
+            plan = make_plan(o, folder, say)
+            if o.teacher_chunks > plan.batch_size:
+                raise RelabelError(f"--teacher-chunks {o.teacher_chunks} is more than a batch's {plan.batch_size} rows")
+            teachers = [load_teacher(name, weights, plan.input_size) for name, weights in o.teachers]
+            for t in teachers:
+                if t.classes != len(folder.classes):
+                    raise RelabelError(f"--teacher {t.name} {t.weights}: {t.classes} classes, but {o.train_dir} has "
+                                       f"{len(folder.classes)} class folders")
+            weights = parse_mix(o.teacher_mix, len(teachers))
+            table, digest = read_images(folder, o.progress and env.is_main)
+            threshold = alignment_threshold(o.min_alignment, len(folder.classes), plan.mix_type != fmt.MIX_NONE)
+            replay_digest = check_replay(plan, table, o, num_classes=len(folder.classes), log=say) \
+                if plan.layout is not None and env.is_main else None
+            batch_rows = {plan.batch_rows(0), plan.batch_rows(plan.batches_per_epoch - 1)}  # the full and the last
+            check_single_row_chunks(teachers, o.bn_mode, o.teacher_chunks, batch_rows, plan.input_size)
+            ensemble = Ensemble(teachers, weights, device=device, bn_mode=o.bn_mode, chunks=o.teacher_chunks,
+                                amp=o.amp)
+            settings = settings_of(o, plan, teachers, weights, images_digest=digest, replay_digest=replay_digest,
+                                   codec=codec, device=device) | precision
+            out = LabelWriter(o, plan, codec=codec, settings=settings, threshold=threshold,
+                              width=teachers[0].classes) if env.is_main else None
+            first = out.start(table, say) if out else 0
+        start = broadcast_start(first, env, device)
         say(f"fkd-relabel: N={plan.num_images} images, {len(folder.classes)} classes, S={plan.input_size}, "
             f"B={plan.batch_size}, {plan.batches_per_epoch} batches x {plan.epochs} epochs, mix={plan.mix_type}, "
             f"{len(teachers)} teacher(s) ({', '.join(t.name for t in teachers)}) on {device}, bn={o.bn_mode}, "
@@ -245,19 +252,23 @@ def _relabel(o: RelabelOptions, env: DistEnv, device: str, log) -> shards.Manife
         began = time.perf_counter()
         with tqdm(total=plan.epochs * plan.batches_per_epoch - start, desc="batches", unit="batch",
                   disable=not (o.progress and env.is_main), file=sys.stderr) as bar:
-            written = gathered(labelled, plan, start=start, env=env, device=device, width=teachers[0].classes,
-                               label_dtype=o.label_dtype,
-                               every=skeletons(plan, table, positions(plan, start), o.fkd_seed) if out else None)
-            for record in written:
+            rounds = gathered(labelled, plan, start=start, env=env, device=device, width=teachers[0].classes,
+                              label_dtype=o.label_dtype,
+                              every=skeletons(plan, table, positions(plan, start), o.fkd_seed) if out else None)
+            for written in rounds:
                 writing = time.perf_counter()
-                out.write(record, table.labels)
+                with distributed.agreed(env, device):  # rank 0's failed write (a full disk) stops every rank
+                    for record in written:
+                        out.write(record, table.labels)
                 timing.writing += time.perf_counter() - writing
-                bar.update(1)
+                bar.update(len(written))
                 bar.set_postfix(img_s=f"{bar.n * plan.batch_size / max(time.perf_counter() - began, 1e-9):.0f}")
-        if out is None:
-            return None
-        say(timing.describe(time.perf_counter() - began))
-        return out.finish(folder, provenance(o, plan, teachers, weights, device), say)
+        manifest = None
+        with distributed.agreed(env, device):  # the other ranks exit as rank 0's manifest did (or not)
+            if out is not None:
+                say(timing.describe(time.perf_counter() - began))
+                manifest = out.finish(folder, provenance(o, plan, teachers, weights, device) | precision, say)
+        return manifest
     except BaseException:
         if out is not None:
             out.abort()

@@ -88,6 +88,8 @@ def test_labels_are_the_teacher_on_exactly_the_students_input(case, mix_type):
     (info,) = m.relabel["teachers"]
     assert info["weights_sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest()
     assert m.relabel["versions"]["torch"] == torch.__version__ and m.relabel["seed"] == 0
+    # Float32 precision is set, not inherited from torch's defaults, and recorded.
+    assert (m.relabel["tf32"], m.relabel["cudnn_benchmark"]) == (False, False)
 
 
 @pytest.mark.parametrize("mix_type", ["cutmix", "mixup", "none"])
@@ -458,3 +460,19 @@ def test_alignment_is_counted_on_the_labels_as_stored_so_a_resume_records_the_sa
     _killed_at_the_seventh_batch(monkeypatch, train, tmp / "resumed", flags, t)
     _relabel(train, tmp / "resumed", *flags, "--resume", teachers=t)
     assert shards.ShardSet(str(tmp / "resumed")).manifest == stored.manifest
+
+
+def test_a_refusal_on_rank_0_alone_stops_both_ranks_with_one_line(case):
+    tmp, train, _, teachers = case
+    flags = ["--train-dir", train, "--input-size", str(SIZE), "--min-alignment", "0", "-j", "0", "--device", "cpu",
+             "--no-progress", "--batch-size", "6", "--epochs", "1", "--teacher", "resnet18", teachers["resnet18"][0],
+             "--output", str(tmp / "set")]
+    assert relabel_main(flags) == 0
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    # Rank 0 alone owns the output, and refuses to write over a finished set; rank 1 must not wait for it.
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1",
+                          "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "fkd_shards.relabel",
+                          *flags], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    errors = [line for line in run.stderr.splitlines() if line.startswith("fkd-relabel: error:")]
+    assert len(errors) == 1 and str(tmp / "set") in errors[0], run.stderr[-3000:]

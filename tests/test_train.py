@@ -289,3 +289,60 @@ def test_device_crops_train_to_the_same_weights(converted, tmp_path):
     _train(output, tmp_path / "device", "--init-weights", init, "--device-crops")
     pil, device = _weights(tmp_path / "pil"), _weights(tmp_path / "device")
     assert all(torch.equal(pil[k], device[k]) for k in pil)
+
+
+READS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+@pytest.mark.parametrize("optimizer", [["--sgd"], []])
+def test_a_training_step_reads_nothing_back_from_the_device(converted, monkeypatch, optimizer):
+    """Inside a step no tensor value is read by the host (.item(), bool(), ...): on a GPU each read
+    waits for the device. The loss check reads once every 10 batches, outside the step."""
+    output, _, _ = converted(batch_size=8, epochs=1, per_class=10)
+    shard_set = shards.ShardSet(output)
+    cfg = resolve(build_parser().parse_args(["--shards", output, "--device", "cpu", *optimizer]), shard_set.manifest,
+                  DistEnv())
+    state = loop.build_state(cfg, shard_set.manifest)
+    totals = loop.EpochTotals.zeros("cpu")
+    reads, counting = [], [False]
+    for name in READS:
+        def counted(self, *args, _real=getattr(torch.Tensor, name), _name=name, **kwargs):
+            if counting[0] and not _step_counter(self, state.optimizer):
+                reads.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    steps = 0
+    for batch in BatchStream(shard_set, workers=0):
+        counting[0] = True
+        loop.train_step(state, batch, cfg, totals, inputs=loop.step_inputs(batch, cfg))
+        counting[0] = False
+        steps += 1
+    assert steps == 5 and reads == []
+
+
+def _step_counter(tensor: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
+    """AdamW's per-parameter step counters, which torch keeps on the host even for a GPU model
+    (reading them waits for nothing)."""
+    return any(tensor is kept.get("step") for kept in optimizer.state.values())
+
+
+def test_precision_flags_are_set_and_recorded_and_the_timeout_is_bounded(converted, tmp_path, capsys):
+    output, _, _ = converted(batch_size=8, epochs=1)
+    torch.backends.cudnn.allow_tf32 = True  # torch's default for convolutions
+    try:
+        _train(output, tmp_path / "run", "--epochs", "1")
+        assert torch.backends.cudnn.allow_tf32 is False and torch.backends.cuda.matmul.allow_tf32 is False
+        with open(tmp_path / "run" / "summary.json") as f:
+            config = json.load(f)["config"]
+        assert (config["tf32"], config["cudnn_benchmark"], config["dist_timeout"]) == (False, False, 120)
+        _train(output, tmp_path / "tf32", "--epochs", "1", "--tf32", "--cudnn-benchmark")
+        assert torch.backends.cudnn.allow_tf32 is True and torch.backends.cudnn.benchmark is True
+    finally:
+        from fkd_shards.common.precision import set_precision
+
+        set_precision(tf32=False, cudnn_benchmark=False)
+    with pytest.raises(SystemExit) as exit_:
+        train_main(["--shards", output, "--dist-timeout", "0"])
+    assert exit_.value.code == 2
+    assert "--dist-timeout: must be in [1, 10080], got 0" in capsys.readouterr().err

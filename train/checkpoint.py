@@ -113,14 +113,16 @@ def write_weights(model: nn.Module, path: str) -> None:
 
 # ---- save and restore --------------------------------------------------------------------------
 
-def save(s: TrainState, epoch: int, cfg: TrainConfig, manifest: shards.Manifest, is_best: bool) -> str:
-    """Write ``OUTPUT_DIR/checkpoint.pth.tar`` after ``epoch``, and ``model_best.pth.tar`` when best."""
+def save(s: TrainState, epoch: int, cfg: TrainConfig, manifest: shards.Manifest, is_best: bool, *,
+         ranks_rng: list[dict] | None = None) -> str:
+    """Write ``OUTPUT_DIR/checkpoint.pth.tar`` after ``epoch``, and ``model_best.pth.tar`` when best.
+    ``ranks_rng``: every rank's random state under torchrun (:func:`ranks_rng_state`); ``rng`` is rank 0's."""
     state = _to_cpu({
         "epoch": epoch + 1, "state_dict": s.plain.state_dict(), "best_acc1": s.best_acc1,
         "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
         "scaler": s.scaler.state_dict(), "position": {"epoch": epoch + 1, "batch": 0},
         "rng": rng_state(cfg.device), "seed": cfg.seed, "shard_set": manifest.content_id(),
-        "config": cfg.as_dict(),
+        "config": cfg.as_dict(), **({"ranks_rng": ranks_rng} if ranks_rng and len(ranks_rng) > 1 else {}),
     })
     check_finite(state["state_dict"], f"the model after epoch {epoch}")
     state["integrity"] = {"algorithm": INTEGRITY, "sha256": digest(state)}
@@ -164,7 +166,7 @@ def restore(s: TrainState, path: str, cfg: TrainConfig, manifest: shards.Manifes
         s.scaler.load_state_dict(state.get("scaler") or {})
         scheduler = build_scheduler(cfg, s.optimizer, state["epoch"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"], cfg.device)
+        _restore_rank_rng(state, cfg)
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: optimizer, schedule or RNG state does not fit this run "
                               f"({first_line(exc, 150)})") from None
@@ -211,6 +213,49 @@ def rng_state(device: str) -> dict:
     if device.startswith("cuda"):
         state["cuda"] = torch.cuda.get_rng_state(torch.device(device))
     return state
+
+
+def rank_seed(seed: int, rank: int, *more: int) -> int:
+    """The seed of rank ``rank``'s own random stream (dropout, drop-path masks) under torchrun:
+    distinct per rank and from every ``--seed``'s own stream, which rank 0 keeps."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, rank, *more]).generate_state(1, np.uint64)[0])
+
+
+def ranks_rng_state(device: str, env) -> list[dict] | None:
+    """Every rank's :func:`rng_state`, on rank 0 (None elsewhere); a collective under torchrun,
+    gathered as byte tensors (nothing pickled between ranks)."""
+    own = rng_state(device)
+    if not env.active:
+        return [own]
+    import torch.distributed as dist
+
+    from fkd_shards.common.distributed import collective_device
+
+    on = collective_device(device)
+    gathered = {}
+    for key, value in own.items():
+        parts = [torch.empty_like(value, device=on) for _ in range(env.world_size)]
+        dist.all_gather(parts, value.to(on))
+        gathered[key] = [part.cpu() for part in parts]
+    if not env.is_main:
+        return None
+    return [{key: gathered[key][rank] for key in own} for rank in range(env.world_size)]
+
+
+def _restore_rank_rng(state: dict, cfg: TrainConfig) -> None:
+    """This rank's random state from the checkpoint: rank 0's ``rng``, another rank's own from
+    ``ranks_rng``; a rank the checkpoint has none for (it was written by fewer ranks) starts a
+    stream of its own from the seed, the rank and the epoch."""
+    rank = cfg.dist.rank
+    kept = state.get("ranks_rng")
+    if rank == 0:
+        set_rng_state(state["rng"], cfg.device)
+    elif isinstance(kept, list) and rank < len(kept):
+        set_rng_state(kept[rank], cfg.device)
+    else:
+        torch.manual_seed(rank_seed(cfg.seed, rank, state["epoch"]))
 
 
 def set_rng_state(state: dict, device: str) -> None:

@@ -48,7 +48,7 @@ def _train(argv: list[str]) -> int:
     configs = resolve_students(args, shard_set.manifest, env)
     if args.keep_topk != 1000 and env.is_main:
         print(f"{PROG}: note: --keep-topk is accepted for compatibility and unused, as in train_FKD.py")
-    distributed.init(env, configs[0].device)
+    distributed.init(env, configs[0].device, configs[0].dist_timeout)
     try:
         train(configs, shard_set, wandb_api_key(args))
     finally:
@@ -156,6 +156,7 @@ def _user_errors() -> tuple[type, ...]:
     """Errors about the input, the flags, the environment or the machine, as opposed to bugs (which
     keep their traceback)."""
     from fkd_shards import shards
+    from fkd_shards.batches.device_crop import DeviceMemoryError
     from fkd_shards.batches.images import ImageError
     from fkd_shards.batches.stream import StreamError
     from fkd_shards.common.device import DeviceError
@@ -171,6 +172,7 @@ def _user_errors() -> tuple[type, ...]:
     from .rundir import RunDirError
     from .validate import ValidationError
 
-    return (ConfigError, DeviceError, ThreadsError, ModelError, WeightsError, DistError, ImageError, TrainingError,
+    return (ConfigError, DeviceError, DeviceMemoryError, ThreadsError, ModelError, WeightsError, DistError, ImageError,
+            TrainingError,
             MetricsError, ReportError, RunDirError, StreamError, ValidationError, shards.ManifestError,
             shards.ShardError, OSError)

@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, replace
 
-from fkd_shards.common.cli import MAX_WORKERS
+from fkd_shards.common.cli import MAX_WORKERS, add_cuda_flags
 from fkd_shards.common.distributed import DistEnv
 from fkd_shards.common.version import VERSION
 
@@ -20,7 +20,8 @@ from .rundir import plain_name, resume_path
 
 # What defines a run's trajectory: a resumed run must agree with its checkpoint on all of them.
 TRAJECTORY_FIELDS = ("model", "seed", "sgd", "learning_rate", "momentum", "weight_decay", "adamw_lr",
-                     "adamw_weight_decay", "cos", "epochs", "temperature", "micro_batch_rows", "last_batch_loss")
+                     "adamw_weight_decay", "cos", "epochs", "temperature", "micro_batch_rows", "last_batch_loss",
+                     "tf32")
 
 
 MAX_STUDENTS = 100  # of one run: a paper's table has a few architectures x three seeds
@@ -71,6 +72,9 @@ class TrainConfig:
     cache_labels: bool  # with cache_dir: cache the label shards too
     progress: bool  # progress bars on rank 0 (off: --no-progress)
     threads: int | None  # --threads: torch's intra-op threads; None: decided by common.threads
+    tf32: bool  # TF32 for float32 matrix products and convolutions on CUDA (off: true float32)
+    cudnn_benchmark: bool  # cuDNN's autotuner: per-shape algorithm choice by timing
+    dist_timeout: int  # minutes a collective waits for the other ranks under torchrun
     wandb_project: str  # wandb project name
     wandb_mode: str  # "online", "offline" or "disabled"
     student: str  # the student's name, MODEL-seedS (its directory when a run trains several)
@@ -189,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     system.add_argument("--cache-labels", action="store_true", help="with --cache-dir: cache the label shards too")
     system.add_argument("--threads", type=int, default=None, metavar="N", help="torch's compute threads (default: "
                         "OMP_NUM_THREADS if set, else the CPUs left after the crop workers, at least 1)")
+    add_cuda_flags(system)
     log.add_argument("--no-progress", action="store_true", help="no progress bars (batch jobs' logs): the epoch "
                      "lines only")
     return p
@@ -271,8 +276,8 @@ def resolve_students(args: argparse.Namespace, manifest, env: DistEnv) -> list[T
         sync_bn=args.sync_bn, init_weights=args.init_weights, resume=None,
         resume_asked=args.resume is not None, restart=args.restart, allow_misaligned=args.allow_misaligned,
         decode_cache=args.decode_cache, device_crops=args.device_crops, cache_dir=args.cache_dir,
-        cache_labels=args.cache_labels, progress=not args.no_progress, threads=args.threads,
-        wandb_project=args.wandb_project,
+        cache_labels=args.cache_labels, progress=not args.no_progress, threads=args.threads, tf32=args.tf32,
+        cudnn_benchmark=args.cudnn_benchmark, dist_timeout=args.dist_timeout, wandb_project=args.wandb_project,
         wandb_mode=args.wandb_mode or ("online" if wandb_api_key(args) else "disabled"), student=students[0].name,
     )
     configs = []

@@ -16,12 +16,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from fkd_shards import shards
-from fkd_shards.batches.batch import Batch
+from fkd_shards.batches.batch import Batch, to_device
 from fkd_shards.batches.images import load_images, open_pixels
 from fkd_shards.batches.plan import single_row_micro_batch
 from fkd_shards.batches.stream import BatchStream
-from fkd_shards.common.distributed import sum_across_ranks
+from fkd_shards.common.distributed import RankFailed, agreed, mark_agreed, sum_across_ranks
 from fkd_shards.common.files import FileWriteError, interrupts_deferred
+from fkd_shards.common.precision import set_precision
 from fkd_shards.common.text import escape
 from fkd_shards.common.threads import use_torch_threads
 from fkd_shards.models.build import build_model, check_micro_batches
@@ -45,7 +46,7 @@ from .rundir import (
 )
 from .students import Student, students_table
 from .summary import RunSummary, summarize, write_summary
-from .validate import ValidationError, evaluate_many, val_loader
+from .validate import ValidationError, evaluate_many, rank0_buffers, val_loader
 
 
 class TrainingError(RuntimeError):
@@ -71,6 +72,7 @@ def train(configs: TrainConfig | list[TrainConfig], shard_set: shards.ShardSet, 
     students = [Student(c, several=several) for c in configs]
     root = cfg.run_dir
     say(use_torch_threads(0 if cfg.device_crops else cfg.workers, cfg.threads))
+    set_precision(tf32=cfg.tf32, cudnn_benchmark=cfg.cudnn_benchmark)
     locks = []
     started = time.perf_counter()
     try:
@@ -82,22 +84,25 @@ def train(configs: TrainConfig | list[TrainConfig], shard_set: shards.ShardSet, 
         val = val_loader(cfg.val_dir, m.classes, m.input_size, m.batch_size, min(cfg.workers, 4), env) \
             if cfg.val_dir else None
         later = []  # what claiming decided to move and write, done once every claim and restore succeeded
-        if env.is_main:  # every directory is claimed before any student trains
-            if several:
-                locks.append(claim_students(root, [_listed(st.cfg) for st in students], cfg.restart, later))
+        # Rank 0 alone claims the directories: every rank agrees that it could, and that each could
+        # restore its checkpoint, before any collective of training (none waits for a refused rank).
+        with agreed(env, cfg.device):
+            if env.is_main:  # every directory is claimed before any student trains
+                if several:
+                    locks.append(claim_students(root, [_listed(st.cfg) for st in students], cfg.restart, later))
+                for st in students:
+                    locks.append(claim(st.cfg.output_dir, st.cfg.resume_asked, st.cfg.resume, st.cfg.restart,
+                                       later=later))
             for st in students:
-                locks.append(claim(st.cfg.output_dir, st.cfg.resume_asked, st.cfg.resume, st.cfg.restart,
-                                   later=later))
-        for st in students:
-            if st.cfg.resume:
-                with st.own_rng():  # the checkpoint's random state becomes the student's
-                    st.state = checkpoint.restore(st.state, st.cfg.resume, st.cfg, m)
-            elif several and st.cfg.resume_asked:
-                say(f"fkd-train: {_who(st)}no checkpoint in {escape(st.cfg.output_dir)} yet; it starts from epoch "
-                    f"{cfg.start_epoch}")
-            _announce_resume(st, say)
-        for action in later:
-            action()
+                if st.cfg.resume:
+                    with st.own_rng():  # the checkpoint's random state becomes the student's
+                        st.state = checkpoint.restore(st.state, st.cfg.resume, st.cfg, m)
+                elif several and st.cfg.resume_asked:
+                    say(f"fkd-train: {_who(st)}no checkpoint in {escape(st.cfg.output_dir)} yet; it starts from "
+                        f"epoch {cfg.start_epoch}")
+                _announce_resume(st, say)
+            for action in later:
+                action()
         todo = [st for st in students if st.state.first_epoch < cfg.epochs]
         for st in students:
             if st not in todo:
@@ -164,9 +169,11 @@ def run_epoch(students: list[Student], batches, epoch: int, *, manifest: shards.
         st.state.scheduler.step()
     failed = None
     if active and val is not None and (epoch % cfg.val_every == 0 or epoch == cfg.epochs - 1):
+        plain = [st.state.plain for st in active]
         try:
-            results = evaluate_many([st.state.model for st in active], val, cfg.device, cfg.dist)
-        except ValidationError as exc:
+            with rank0_buffers(plain, cfg.dist):  # every rank scores the model rank 0 saves
+                results = evaluate_many(plain, val, cfg.device, cfg.dist)
+        except (ValidationError, RankFailed) as exc:  # an unreadable image, seen by this rank or another
             failed = exc
         else:
             for st, result in zip(active, results):
@@ -177,17 +184,21 @@ def run_epoch(students: list[Student], batches, epoch: int, *, manifest: shards.
     # written: a resume then finds them all, and the interruption's message says so.
     with interrupts_deferred():
         for st in active:
-            if st.several and not _weights_finite(st.state.plain):  # alone, the checkpoint's own check says it
+            # Agreed over ranks: batch-norm buffers are per rank, and every rank must take the same turn.
+            if st.several and not _weights_finite(st.state.plain, cfg.dist):  # alone, the checkpoint says it
                 _stop(st, f"its weights stopped being finite (NaN or inf) in epoch {epoch}: no checkpoint was written "
                           f"for epoch {epoch}")
                 continue
             s, line = st.state, metrics[st.name]
             is_best = line.get("val/top1", -1.0) > s.best_acc1
             s.best_acc1 = max(s.best_acc1, line.get("val/top1", 0.0))
-            if cfg.dist.is_main:
-                with st.own_rng():  # the checkpoint keeps this student's random state
-                    checkpoint.save(s, epoch, st.cfg, m, is_best)
-                st.metrics_log.log(line)
+            with st.own_rng():  # the checkpoint keeps this student's random state, every rank's
+                ranks_rng = checkpoint.ranks_rng_state(cfg.device, cfg.dist)
+            with agreed(cfg.dist, cfg.device):  # rank 0's failed write (a full disk) stops every rank
+                if cfg.dist.is_main:
+                    with st.own_rng():
+                        checkpoint.save(s, epoch, st.cfg, m, is_best, ranks_rng=ranks_rng)
+                    st.metrics_log.log(line)
             st.last_saved = epoch
     if cfg.dist.is_main:
         for st in active:
@@ -249,8 +260,11 @@ def _redraw_curves(st: Student) -> None:
         tqdm.write(f"fkd-train: warning: {exc}; the run goes on", file=sys.stderr)
 
 
-def _weights_finite(model: nn.Module) -> bool:
-    return all(bool(torch.isfinite(v).all()) for v in model.state_dict().values() if v.is_floating_point())
+def _weights_finite(model: nn.Module, env) -> bool:
+    """Whether every floating tensor of the model is finite on every rank."""
+    finite = all(bool(torch.isfinite(v).all()) for v in model.state_dict().values() if v.is_floating_point())
+    on = next(model.parameters()).device
+    return bool(sum_across_ranks(torch.tensor([0 if finite else 1], device=on), env).item() == 0)
 
 
 def _step_or_oom(st: Student, batch: Batch, inputs: StepInputs, epoch: int, k: int) -> torch.Tensor:
@@ -291,8 +305,8 @@ class StepInputs:
 def step_inputs(batch: Batch, cfg: TrainConfig) -> StepInputs:
     """The batch's tensors on ``cfg.device``, in the memory format the students take."""
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    return StepInputs(batch.model_input(cfg.device, memory_format), batch.soft_labels.to(cfg.device, non_blocking=True),
-                      batch.targets.to(cfg.device, non_blocking=True))
+    return StepInputs(batch.model_input(cfg.device, memory_format), to_device(batch.soft_labels, cfg.device),
+                      to_device(batch.targets, cfg.device))
 
 
 def train_step(s: TrainState, batch: Batch, cfg: TrainConfig, totals: EpochTotals, *,
@@ -370,6 +384,10 @@ def build_state(cfg: TrainConfig, m: shards.Manifest, *, restore: bool = True) -
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     plain = model
+    if cfg.dist.rank > 0:
+        # Every rank draws its own dropout and drop-path masks (the same masks on every rank would
+        # make K ranks one); rank 0 keeps --seed's stream, as a run of one process draws it.
+        torch.manual_seed(checkpoint.rank_seed(cfg.seed, cfg.dist.rank))
     if cfg.dist.active:
         if cfg.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -404,7 +422,8 @@ def _stop_if_not_finite(st: Student, bad: torch.Tensor, epoch: int) -> None:
 def _stop(st: Student, reason: str) -> None:
     """Stop a student: marked failed and said so (the others go on); alone, the run ends."""
     if not st.several:
-        raise TrainingError(reason)
+        # Under torchrun every rank stops here together (the flags were summed): rank 0 says it.
+        raise mark_agreed(TrainingError(reason)) if st.cfg.dist.active else TrainingError(reason)
     st.failed = reason
     kept = "it has no checkpoint" if st.last_saved is None else f"its checkpoint holds epochs 0..{st.last_saved}"
     if st.cfg.dist.is_main:  # above the progress bar, not into it

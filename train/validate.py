@@ -1,11 +1,19 @@
 """Validation on an ImageFolder with the original transforms, sharded over ranks and reduced.
 
 An image that cannot be read does not crash a worker with a traceback: the dataset marks it, and
-:func:`evaluate` raises one line naming the file (after the epoch's checkpoint is written)."""
+:func:`evaluate` raises one line naming the file (after the epoch's checkpoint is written); under
+torchrun every rank raises it, whichever rank met the file.
+
+Under torchrun the students' batch-norm running statistics differ by rank (buffers are not
+broadcast while training); :func:`rank0_buffers` lends every rank rank 0's for the evaluation, so
+that the reported top-1 is that of the model rank 0 saves.
+"""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +24,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 
 from fkd_shards.batches.mix import MEAN, STD
-from fkd_shards.common.distributed import DistEnv, sum_across_ranks
+from fkd_shards.common.distributed import DistEnv, agreed, sum_across_ranks
 from fkd_shards.common.files import FileReadError, read_bounded, refuse_directory_loops
 from fkd_shards.common.text import first_line
 
@@ -82,16 +90,8 @@ def evaluate_many(models: list[nn.Module], loader: DataLoader, device: str, env:
         model.eval()
     totals = [torch.zeros(4, dtype=torch.float64) for _ in models]  # loss sum, top-1, top-5, rows
     try:
-        for images, targets in loader:
-            if (targets < 0).any():
-                _raise_unreadable(loader, int(-targets[targets < 0][0]) - 1)
-            images, targets = images.to(device), targets.to(device)
-            for model, total in zip(models, totals):
-                out = model(images)
-                top1, top5 = topk_correct(out, targets, (1, 5))
-                loss_sum = F.cross_entropy(out, targets, reduction="sum")
-                counts = torch.stack([loss_sum.double(), top1.double(), top5.double()]).cpu()
-                total += torch.cat([counts, torch.tensor([len(targets)], dtype=torch.float64)])
+        with agreed(env, device):  # an unreadable image on one rank stops them all, none waits below
+            _score(models, loader, device, totals)
     finally:
         for model in models:
             model.train()
@@ -102,6 +102,43 @@ def evaluate_many(models: list[nn.Module], loader: DataLoader, device: str, env:
         results.append({"val/loss": total[0].item() / rows, "val/top1": 100 * total[1].item() / rows,
                         "val/top5": 100 * total[2].item() / rows})
     return results
+
+
+def _score(models: list[nn.Module], loader: DataLoader, device: str, totals: list[torch.Tensor]) -> None:
+    """Add each model's loss sum, top-1 and top-5 hits and rows over this rank's share to ``totals``."""
+    for images, targets in loader:
+        if (targets < 0).any():
+            _raise_unreadable(loader, int(-targets[targets < 0][0]) - 1)
+        images, targets = images.to(device), targets.to(device)
+        for model, total in zip(models, totals):
+            out = model(images)
+            top1, top5 = topk_correct(out, targets, (1, 5))
+            loss_sum = F.cross_entropy(out, targets, reduction="sum")
+            counts = torch.stack([loss_sum.double(), top1.double(), top5.double()]).cpu()
+            total += torch.cat([counts, torch.tensor([len(targets)], dtype=torch.float64)])
+
+
+@contextmanager
+def rank0_buffers(models: list[nn.Module], env: DistEnv) -> Iterator[None]:
+    """Rank 0's buffers (batch-norm running statistics) in every rank's ``models`` while the block
+    runs, each rank's own back afterwards: evaluation scores the saved model, training goes on as
+    it would have. A plain run: nothing changes."""
+    if not env.active:
+        yield
+        return
+    import torch.distributed as dist
+
+    own = [[buffer.detach().clone() for buffer in model.buffers()] for model in models]
+    for model in models:
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src=0)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for model, kept in zip(models, own):
+                for buffer, value in zip(model.buffers(), kept):
+                    buffer.copy_(value)
 
 
 def _raise_unreadable(loader: DataLoader, index: int) -> None:
