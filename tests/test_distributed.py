@@ -84,18 +84,7 @@ def test_killed_two_rank_run_resumes_on_one_process(converted, tmp_path):
     assert train_main(_args(output, tmp_path / "straight", "--init-weights", init,
                             "--gradient-accumulation-steps", "2")) == 0
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_torchrun(2, _args(output, out, "--init-weights", init)), env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        while "checkpoint.pth.tar" not in listing(str(out)):
-            assert proc.poll() is None and time.time() < deadline
-            time.sleep(0.01)
-        _kill_tree(proc.pid)
-        proc.wait(60)
-    finally:
-        if proc.poll() is None:
-            _kill_tree(proc.pid)
+    kill_after_first_checkpoint(_torchrun(2, _args(output, out, "--init-weights", init)), out)
     epoch = torch.load(out / "checkpoint.pth.tar", weights_only=True)["epoch"]
     if epoch == 3:
         pytest.skip("the run finished before it could be killed")
@@ -124,6 +113,23 @@ def test_a_failing_rank_fails_the_job_and_keeps_the_checkpoint(converted, tmp_pa
     assert "Signal 9 (SIGKILL)" in stderr or "exitcode: -9" in stderr, stderr[-2000:]
     state = torch.load(out / "checkpoint.pth.tar", weights_only=True)
     assert state["epoch"] >= 1 and "state_dict" in state
+
+
+def kill_after_first_checkpoint(command: list[str], out) -> None:
+    """Start ``command`` (a torchrun job writing to ``out``) and kill every process of it as soon as
+    its first checkpoint is on disk."""
+    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while "checkpoint.pth.tar" not in listing(str(out)):
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.01)
+        _kill_tree(proc.pid)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc.pid)
 
 
 def _descendants(pid: int) -> list[int]:

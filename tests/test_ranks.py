@@ -8,13 +8,12 @@ import json
 import os
 import shutil
 import subprocess
-import time
 
 import pytest
 import torch
 
-from tests.conftest import INPUT_SIZE, listing
-from tests.test_distributed import _env, _kill_tree, _torchrun
+from tests.conftest import INPUT_SIZE
+from tests.test_distributed import _env, _torchrun, kill_after_first_checkpoint
 
 NAN_ON_RANK_1 = """
 import os, sys
@@ -115,18 +114,7 @@ def test_each_rank_draws_its_own_dropout_and_a_two_rank_resume_is_bit_identical(
     states = torch.load(straight / "checkpoint.pth.tar", weights_only=True)["ranks_rng"]
     assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_torchrun(2, _args(output, out, *flags)), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        while "checkpoint.pth.tar" not in listing(str(out)):
-            assert proc.poll() is None and time.time() < deadline
-            time.sleep(0.01)
-        _kill_tree(proc.pid)
-        proc.wait(60)
-    finally:
-        if proc.poll() is None:
-            _kill_tree(proc.pid)
+    kill_after_first_checkpoint(_torchrun(2, _args(output, out, *flags)), out)
     if _epoch(out) == 3:
         pytest.skip("the run finished before it could be killed")
     run = _run(_args(output, out, *flags, "--resume", "auto"))

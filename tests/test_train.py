@@ -305,13 +305,19 @@ def test_a_training_step_reads_nothing_back_from_the_device(converted, monkeypat
     state = loop.build_state(cfg, shard_set.manifest)
     totals = loop.EpochTotals.zeros("cpu")
     reads, counting = [], [False]
-    for name in READS:
-        def counted(self, *args, _real=getattr(torch.Tensor, name), _name=name, **kwargs):
-            if counting[0] and not _step_counter(self, state.optimizer):
-                reads.append(_name)
-            return _real(self, *args, **kwargs)
 
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    def counted(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if counting[0] and not _step_counter(self, state.optimizer):
+                reads.append(name)
+            return real(self, *args, **kwargs)
+
+        return read
+
+    for name in READS:
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
     steps = 0
     for batch in BatchStream(shard_set, workers=0):
         counting[0] = True
