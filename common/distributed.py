@@ -129,9 +129,10 @@ def collective_device(device: str) -> str:
 class RankFailed(Exception):
     """Another rank's error, agreed by every rank (:func:`agree`). Only rank 0 says it (``shown``)."""
 
-    def __init__(self, message: str, *, shown: bool):
+    def __init__(self, message: str, *, shown: bool, kind: str):
         super().__init__(message)
         self.shown = shown
+        self.kind = kind  # the failing rank's error's class name, for callers that defer some kinds
 
 
 AGREED = "fkd_agreed_across_ranks"  # attribute set on a rank's own error once every rank knows it
@@ -167,13 +168,13 @@ def agree(error: Exception | None, env: DistEnv, device: str) -> None:
         return
     message = torch.zeros(MESSAGE_BYTES, dtype=torch.uint8, device=on)
     if env.rank == first:
-        text = first_line(error, MESSAGE_BYTES // 4).encode("utf-8")[:MESSAGE_BYTES]
+        text = f"{type(error).__name__}\n{first_line(error, MESSAGE_BYTES // 4)}".encode()[:MESSAGE_BYTES]
         message[:len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8).to(on)
     dist.broadcast(message, src=first)
     if env.rank == first:
         raise mark_agreed(error)
-    text = bytes(message.cpu().numpy()).rstrip(b"\0").decode("utf-8", errors="replace")
-    raise RankFailed(f"rank {first} of {env.world_size}: {text}", shown=env.is_main)
+    kind, _, text = bytes(message.cpu().numpy()).rstrip(b"\0").decode("utf-8", errors="replace").partition("\n")
+    raise RankFailed(f"rank {first} of {env.world_size}: {text}", shown=env.is_main, kind=kind)
 
 
 @contextmanager

@@ -145,14 +145,13 @@ def gathered(records: Iterator[shards.BatchRecord], plan: Plan, *, start: int, e
     on = collective_device(device)
     for round_start in range(start, total, env.world_size):
         padded = torch.zeros((plan.batch_size, width), dtype=dtype, device=on)
-        with agreed(env, device):
+        with agreed(env, device):  # rank 0's skeletons too: with --replay, reading them reads files
             if round_start + env.rank < total:
                 soft = torch.from_numpy(next(records).soft_labels)
                 padded[: len(soft)] = soft.to(on)
+            skeletons = [] if every is None else \
+                [skeleton for _, skeleton in zip(range(min(env.world_size, total - round_start)), every)]
         everyone = [torch.empty_like(padded) for _ in range(env.world_size)]
         dist.all_gather(everyone, padded)
-        if every is None:
-            yield []
-            continue
         yield [replace(skeleton, soft_labels=everyone[r][: skeleton.size].cpu().numpy())
-               for r, skeleton in zip(range(min(env.world_size, total - round_start)), every)]
+               for r, skeleton in enumerate(skeletons)]

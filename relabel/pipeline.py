@@ -242,9 +242,10 @@ def _relabel(o: RelabelOptions, env: DistEnv, device: str, log) -> shards.Manife
                                              f"seed {plan.seed}, crop scale {list(plan.crop_scale)}")
             + (f"; resuming at epoch {start // plan.batches_per_epoch} batch {start % plan.batches_per_epoch}"
                if start else ""))
-        pixels = open_pixels(table, mode="auto", workers=o.workers, local_ranks=env.local_world_size)
-        say(pixels.note)
-        maker = BatchMaker(pixels, plan.input_size, plan.mix_type)
+        with distributed.agreed(env, device):  # shared memory for the decoded cache is each rank's own
+            pixels = open_pixels(table, mode="auto", workers=o.workers, local_ranks=env.local_world_size)
+            say(pixels.note)
+            maker = BatchMaker(pixels, plan.input_size, plan.mix_type)
         timing = Timing()
         labelled = label(skeletons(plan, table, positions(plan, start, env.rank, env.world_size), o.fkd_seed),
                          positions(plan, start, env.rank, env.world_size), maker=maker, ensemble=ensemble, o=o,

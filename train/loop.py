@@ -20,7 +20,7 @@ from fkd_shards.batches.batch import Batch, to_device
 from fkd_shards.batches.images import load_images, open_pixels
 from fkd_shards.batches.plan import single_row_micro_batch
 from fkd_shards.batches.stream import BatchStream
-from fkd_shards.common.distributed import RankFailed, agreed, mark_agreed, sum_across_ranks
+from fkd_shards.common.distributed import RankFailed, agreed, collective_device, mark_agreed, sum_across_ranks
 from fkd_shards.common.files import FileWriteError, interrupts_deferred
 from fkd_shards.common.precision import set_precision
 from fkd_shards.common.text import escape
@@ -101,6 +101,7 @@ def train(configs: TrainConfig | list[TrainConfig], shard_set: shards.ShardSet, 
                     say(f"fkd-train: {_who(st)}no checkpoint in {escape(st.cfg.output_dir)} yet; it starts from "
                         f"epoch {cfg.start_epoch}")
                 _announce_resume(st, say)
+        with agreed(env, cfg.device):  # moved and written only once every rank restored: a refused run moves nothing
             for action in later:
                 action()
         todo = [st for st in students if st.state.first_epoch < cfg.epochs]
@@ -113,10 +114,12 @@ def train(configs: TrainConfig | list[TrainConfig], shard_set: shards.ShardSet, 
         if not todo:
             return []
         first_epoch = min(st.state.first_epoch for st in todo)
-        stream = _stream(cfg, shard_set, first_epoch, [st.cfg for st in todo], say)
         try:
-            for st in todo:
-                st.metrics_log = _metrics_log(st.cfg, st.state.first_epoch, api_key) if env.is_main else None
+            # Device memory for --device-crops differs by rank, and rank 0 alone starts wandb.
+            with agreed(env, cfg.device):
+                stream = _stream(cfg, shard_set, first_epoch, [st.cfg for st in todo], say)
+                for st in todo:
+                    st.metrics_log = _metrics_log(st.cfg, st.state.first_epoch, api_key) if env.is_main else None
             batches = iter(stream)
             for epoch in range(first_epoch, cfg.epochs):
                 if all(st.failed for st in todo):
@@ -173,7 +176,11 @@ def run_epoch(students: list[Student], batches, epoch: int, *, manifest: shards.
         try:
             with rank0_buffers(plain, cfg.dist):  # every rank scores the model rank 0 saves
                 results = evaluate_many(plain, val, cfg.device, cfg.dist)
-        except (ValidationError, RankFailed) as exc:  # an unreadable image, seen by this rank or another
+        except ValidationError as exc:  # an unreadable image: raised once the epoch is saved
+            failed = exc
+        except RankFailed as exc:
+            if exc.kind != ValidationError.__name__:  # anything else another rank met stops at once
+                raise
             failed = exc
         else:
             for st, result in zip(active, results):
@@ -185,7 +192,8 @@ def run_epoch(students: list[Student], batches, epoch: int, *, manifest: shards.
     with interrupts_deferred():
         for st in active:
             # Agreed over ranks: batch-norm buffers are per rank, and every rank must take the same turn.
-            if st.several and not _weights_finite(st.state.plain, cfg.dist):  # alone, the checkpoint says it
+            # Alone, the checkpoint's own check says it.
+            if st.several and not _weights_finite(st.state.plain, cfg.dist, cfg.device):
                 _stop(st, f"its weights stopped being finite (NaN or inf) in epoch {epoch}: no checkpoint was written "
                           f"for epoch {epoch}")
                 continue
@@ -260,11 +268,11 @@ def _redraw_curves(st: Student) -> None:
         tqdm.write(f"fkd-train: warning: {exc}; the run goes on", file=sys.stderr)
 
 
-def _weights_finite(model: nn.Module, env) -> bool:
+def _weights_finite(model: nn.Module, env, device: str) -> bool:
     """Whether every floating tensor of the model is finite on every rank."""
     finite = all(bool(torch.isfinite(v).all()) for v in model.state_dict().values() if v.is_floating_point())
-    on = next(model.parameters()).device
-    return bool(sum_across_ranks(torch.tensor([0 if finite else 1], device=on), env).item() == 0)
+    flag = torch.tensor([0 if finite else 1], device=collective_device(device))
+    return bool(sum_across_ranks(flag, env).item() == 0)
 
 
 def _step_or_oom(st: Student, batch: Batch, inputs: StepInputs, epoch: int, k: int) -> torch.Tensor:
