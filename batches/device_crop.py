@@ -160,7 +160,7 @@ class DeviceCropper:
         by_pil = np.stack([crop_resize_flip(self.source.rgb(int(samples[k])), boxes[k], bool(flips[k]), self.size)
                            for k in slow])
         crops = torch.empty((len(samples), 3, self.size, self.size), dtype=torch.uint8, device=self.pixels.device)
-        fast_at, slow_at, by_pil = _one_copy([fast, slow, by_pil], self.pixels.device)
+        fast_at, slow_at = _one_copy([fast, slow], self.pixels.device)
         crops[fast_at] = made
-        crops[slow_at] = by_pil.to(torch.uint8).permute(0, 3, 1, 2)
+        crops[slow_at] = to_device(torch.from_numpy(by_pil), self.pixels.device).permute(0, 3, 1, 2)
         return crops

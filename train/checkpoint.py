@@ -20,6 +20,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from fkd_shards import shards
+from fkd_shards.common.distributed import collective_device
 from fkd_shards.common.files import FileWriteError, write_atomically
 from fkd_shards.common.text import escape, first_line
 from fkd_shards.models.weights import WeightsError, check_finite, load_file, load_into, model_state
@@ -230,8 +231,6 @@ def ranks_rng_state(device: str, env) -> list[dict] | None:
     if not env.active:
         return [own]
     import torch.distributed as dist
-
-    from fkd_shards.common.distributed import collective_device
 
     on = collective_device(device)
     gathered = {}

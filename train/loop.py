@@ -431,7 +431,7 @@ def _stop(st: Student, reason: str) -> None:
     """Stop a student: marked failed and said so (the others go on); alone, the run ends."""
     if not st.several:
         # Under torchrun every rank stops here together (the flags were summed): rank 0 says it.
-        raise mark_agreed(TrainingError(reason)) if st.cfg.dist.active else TrainingError(reason)
+        raise mark_agreed(TrainingError(reason))
     st.failed = reason
     kept = "it has no checkpoint" if st.last_saved is None else f"its checkpoint holds epochs 0..{st.last_saved}"
     if st.cfg.dist.is_main:  # above the progress bar, not into it
