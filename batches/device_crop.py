@@ -12,7 +12,9 @@ so :class:`DeviceCropper` makes crops taller than the output with PIL (:mod:`.cr
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,9 +29,13 @@ PRECISION_BITS = 32 - 8 - 2
 HALF = 1 << (PRECISION_BITS - 1)
 
 
+@functools.lru_cache(maxsize=8192)
 def bilinear_coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Pillow's ``precompute_coeffs`` (bilinear, box ``(0, in_size)``) and 8-bit normalisation:
-    first input index (out_size,) and int64 fixed-point weights (out_size, ksize)."""
+    first input index (out_size,) and int64 fixed-point weights (out_size, ksize).
+
+    Cached, as read-only arrays: a crop's tables depend only on its side and the output size, and a
+    set's crops have a few hundred distinct sides, so after the first batches each is a lookup."""
     scale = in_size / out_size
     filterscale = max(scale, 1.0)
     support = 1.0 * filterscale
@@ -47,7 +53,9 @@ def bilinear_coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.n
         total = total + w  # in tap order, as Pillow sums
     safe = np.where(total == 0.0, 1.0, total)
     weights = np.where(total[:, None] != 0.0, weights / safe[:, None], weights)
-    return xmin, np.trunc(0.5 + weights * (1 << PRECISION_BITS)).astype(np.int64)
+    fixed = np.trunc(0.5 + weights * (1 << PRECISION_BITS)).astype(np.int64)
+    xmin.flags.writeable = fixed.flags.writeable = False
+    return xmin, fixed
 
 
 def _stacked(tables: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -57,6 +65,48 @@ def _stacked(tables: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, n
     return starts, weights
 
 
+@dataclass
+class HostTables:
+    """The host's share of a batch of device crops, made before the device is asked for anything:
+    every index and weight in one int64 buffer (pinned for CUDA), and per chunk of crops the shapes
+    of its arrays in that buffer and the rows its horizontal pass covers."""
+
+    buffer: torch.Tensor
+    chunks: list[tuple[list[tuple[int, ...]], int]]
+    count: int
+    size: int
+
+
+def host_tables(offsets: np.ndarray, shapes: np.ndarray, *, samples: np.ndarray, boxes: np.ndarray,
+                flips: np.ndarray, size: int, pin: bool, chunk: int = 32) -> HostTables:
+    """:class:`HostTables` of crops ``boxes`` of images ``samples`` (as :func:`crop_resize_flip_batch` takes them)."""
+    arrays, chunks = [], []
+    for start in range(0, len(samples), chunk):
+        part = slice(start, start + chunk)
+        made, rows = _tables(offsets[samples[part]], shapes[samples[part]], boxes[part], flips[part], size)
+        arrays += made
+        chunks.append(([a.shape for a in made], rows))
+    flat = np.concatenate([np.asarray(a, dtype=np.int64).ravel() for a in arrays]) if arrays else np.zeros(0, np.int64)
+    buffer = torch.from_numpy(flat)
+    return HostTables(buffer.pin_memory() if pin else buffer, chunks, len(samples), size)
+
+
+def resample(flat: torch.Tensor, tables: HostTables) -> torch.Tensor:
+    """uint8 (n, 3, size, size) on ``flat``'s device from prepared ``tables``: one copy of the
+    tables, which does not wait for the device, then both resampling passes, chunk by chunk."""
+    out = torch.empty((tables.count, 3, tables.size, tables.size), dtype=torch.uint8, device=flat.device)
+    if not tables.count:
+        return out
+    pieces = iter(to_device(tables.buffer, flat.device).split(
+        [math.prod(shape) for shapes, _ in tables.chunks for shape in shapes]))
+    start = 0
+    for shapes, rows in tables.chunks:
+        count = shapes[0][0]
+        out[start:start + count] = _resample(flat, [next(pieces).view(shape) for shape in shapes], rows, tables.size)
+        start += count
+    return out
+
+
 def crop_resize_flip_batch(flat: torch.Tensor, offsets: np.ndarray, shapes: np.ndarray, *, samples: np.ndarray,
                            boxes: np.ndarray, flips: np.ndarray, size: int, chunk: int = 32) -> torch.Tensor:
     """uint8 (n, 3, size, size) on ``flat``'s device: PIL's crop, bilinear resize and flip.
@@ -64,25 +114,10 @@ def crop_resize_flip_batch(flat: torch.Tensor, offsets: np.ndarray, shapes: np.n
     ``flat`` holds every image's RGB pixels (H, W, 3) one after another; ``offsets``/``shapes``:
     where each starts and its (H, W); ``boxes``: from :func:`fkd_shards.shards.boxes.pixel_boxes`, none with pixels and
     none taller than ``size``. Pixels of a box reaching outside its image are black, as PIL's crop makes them.
-    Every index and weight of the batch is computed on the host and goes to the device in one copy,
-    which does not wait for the device.
     """
-    parts = [slice(start, start + chunk) for start in range(0, len(samples), chunk)]
-    tables = [_tables(offsets[samples[part]], shapes[samples[part]], boxes[part], flips[part], size) for part in parts]
-    on_device = iter(_one_copy([a for arrays, _ in tables for a in arrays], flat.device))
-    out = torch.empty((len(samples), 3, size, size), dtype=torch.uint8, device=flat.device)
-    for part, (arrays, rows) in zip(parts, tables):
-        out[part] = _resample(flat, [next(on_device) for _ in arrays], rows, size)
-    return out
-
-
-def _one_copy(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
-    """Integer ``arrays`` on ``device`` as int64 tensors of their shapes: one host buffer, one copy."""
-    if not arrays:
-        return []
-    host = torch.from_numpy(np.concatenate([np.asarray(a, dtype=np.int64).ravel() for a in arrays]))
-    flat = to_device(host, device)
-    return [piece.view(a.shape) for piece, a in zip(flat.split([a.size for a in arrays]), arrays)]
+    tables = host_tables(offsets, shapes, samples=samples, boxes=boxes, flips=flips, size=size,
+                         pin=flat.device.type == "cuda", chunk=chunk)
+    return resample(flat, tables)
 
 
 def _tables(offsets, shapes, boxes, flips, size) -> tuple[list[np.ndarray], int]:
@@ -122,6 +157,17 @@ def _resample(flat, arrays, rows, size) -> torch.Tensor:
     return result.permute(0, 3, 1, 2)
 
 
+@dataclass
+class PreparedCrops:
+    """A batch's crops as :meth:`DeviceCropper.prepare` leaves them: the tables of the crops the
+    device makes and, when some are taller than the output, PIL's crops of those (uint8 (t, S, S, 3))
+    and where every crop goes (the device's first, then PIL's)."""
+
+    tables: HostTables
+    by_pil: torch.Tensor | None = None
+    where: torch.Tensor | None = None
+
+
 class DeviceMemoryError(ValueError):
     """``--device-crops`` asked for more device memory than is free; the message says how much."""
 
@@ -146,21 +192,36 @@ class DeviceCropper:
         except torch.OutOfMemoryError:
             raise DeviceMemoryError(f"{shortage}, more than it could allocate; {remedy}") from None
 
-    def crop(self, samples: np.ndarray, coords: np.ndarray, flips: np.ndarray, shared: bool = False) -> torch.Tensor:
+    def prepare(self, samples: np.ndarray, coords: np.ndarray, flips: np.ndarray) -> PreparedCrops:
+        """The host's share of a batch's crops, asking nothing of the device: it can run a batch
+        ahead, in another thread, while the device works (:func:`.stream.make_batches` does)."""
         shapes = self.source.table.shapes
         boxes = pixel_boxes(coords, shapes[samples, 0], shapes[samples, 1])
         check_boxes(boxes, samples)
         tall = boxes[:, 3] - boxes[:, 1] > self.size
         fast = np.nonzero(~tall)[0]
-        made = crop_resize_flip_batch(self.pixels, self.source.offsets, shapes, samples=samples[fast],
-                                      boxes=boxes[fast], flips=flips[fast], size=self.size)
-        if not tall.any():  # the usual case: no scatter, no further copy
-            return made
+        pin = self.pixels.device.type == "cuda"
+        tables = host_tables(self.source.offsets, shapes, samples=samples[fast], boxes=boxes[fast], flips=flips[fast],
+                             size=self.size, pin=pin)
+        if not tall.any():  # the usual case
+            return PreparedCrops(tables)
         slow = np.nonzero(tall)[0]
-        by_pil = np.stack([crop_resize_flip(self.source.rgb(int(samples[k])), boxes[k], bool(flips[k]), self.size)
-                           for k in slow])
-        crops = torch.empty((len(samples), 3, self.size, self.size), dtype=torch.uint8, device=self.pixels.device)
-        fast_at, slow_at = _one_copy([fast, slow], self.pixels.device)
-        crops[fast_at] = made
-        crops[slow_at] = to_device(torch.from_numpy(by_pil), self.pixels.device).permute(0, 3, 1, 2)
+        by_pil = torch.from_numpy(np.stack([crop_resize_flip(self.source.rgb(int(samples[k])), boxes[k],
+                                                             bool(flips[k]), self.size) for k in slow]))
+        where = torch.from_numpy(np.concatenate([fast, slow]))
+        return PreparedCrops(tables, by_pil.pin_memory() if pin else by_pil, where.pin_memory() if pin else where)
+
+    def finish(self, prepared: PreparedCrops) -> torch.Tensor:
+        """The crops of a batch :meth:`prepare` made ready, on the device: uint8 (u, 3, S, S)."""
+        made = resample(self.pixels, prepared.tables)
+        if prepared.by_pil is None:  # no scatter, no further copy
+            return made
+        device = self.pixels.device
+        crops = torch.empty((len(prepared.where), 3, self.size, self.size), dtype=torch.uint8, device=device)
+        where = to_device(prepared.where, device)
+        crops[where[:len(made)]] = made
+        crops[where[len(made):]] = to_device(prepared.by_pil, device).permute(0, 3, 1, 2)
         return crops
+
+    def crop(self, samples: np.ndarray, coords: np.ndarray, flips: np.ndarray, shared: bool = False) -> torch.Tensor:
+        return self.finish(self.prepare(samples, coords, flips))

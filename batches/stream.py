@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
@@ -21,7 +22,7 @@ from fkd_shards import shards
 
 from .batch import Batch
 from .crop import CpuCropper, CropError
-from .device_crop import DeviceCropper
+from .device_crop import DeviceCropper, PreparedCrops
 from .images import ImageError, ImageSource, load_images, open_pixels
 from .plan import BatchPlan, plan_batch
 
@@ -53,6 +54,22 @@ class BatchMaker:
             return key, f"epoch {key[0]} batch {key[1]}: {exc}"
         return key, crops.permute(0, 2, 3, 1)
 
+    def prepare(self, request: tuple) -> tuple[tuple[int, int], PreparedCrops | str]:
+        """Device crops in two halves: (key, the host's share of :meth:`crop`), or (key, a one-line reason)."""
+        key, samples, coords, flips = request
+        try:
+            return key, self.cropper.prepare(samples, coords, flips)
+        except (ImageError, CropError) as exc:
+            return key, f"epoch {key[0]} batch {key[1]}: {exc}"
+
+    def finish(self, prepared: tuple[tuple[int, int], PreparedCrops | str]
+               ) -> tuple[tuple[int, int], torch.Tensor | str]:
+        """The device's share: what :meth:`crop` returns, from what :meth:`prepare` returned."""
+        key, work = prepared
+        if isinstance(work, str):
+            return key, work
+        return key, self.cropper.finish(work).permute(0, 2, 3, 1)
+
     def assemble(self, plan: BatchPlan, crops: torch.Tensor) -> Batch:
         """The delivered batch: ``crops`` as :meth:`crop` handed them over, everything else from ``plan``."""
         record, rows = plan.record, slice(plan.rows.start, plan.rows.stop)
@@ -81,11 +98,25 @@ def _keep(item):
     return item
 
 
+def _one_ahead(func, items: Iterator) -> Iterator:
+    """``func`` of each of ``items``, in order, computed by a background thread one item ahead of
+    the consumer: the host's share of the next batch runs while the device works on this one."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fkd-device-crops") as pool:
+        ahead = None
+        for item in items:
+            submitted = pool.submit(func, item)
+            if ahead is not None:
+                yield ahead.result()
+            ahead = submitted
+        if ahead is not None:
+            yield ahead.result()
+
+
 def make_batches(plans: Iterator[BatchPlan], maker: BatchMaker, positions: Iterator[tuple[int, int]], *,
                  workers: int, prefetch_factor: int = 2, pin_memory: bool = False) -> Iterator[Batch]:
-    """The batches of ``plans``, in order, cropped by ``workers`` processes (0: in this one, as do
-    device crops). Each must come back at the next of ``positions``: a result out of order, or one
-    that failed, is a :class:`StreamError`."""
+    """The batches of ``plans``, in order, cropped by ``workers`` processes (0: in this one; device
+    crops: their host share one batch ahead in a thread of this one). Each must come back at the
+    next of ``positions``: a result out of order, or one that failed, is a :class:`StreamError`."""
     pending: deque[BatchPlan] = deque()  # the DataLoader runs ahead: plans wait here for their crops
 
     def requests():
@@ -93,7 +124,9 @@ def make_batches(plans: Iterator[BatchPlan], maker: BatchMaker, positions: Itera
             pending.append(plan)
             yield plan.crop_request()
 
-    if workers == 0 or maker.on_device:
+    if maker.on_device:
+        results = map(maker.finish, _one_ahead(maker.prepare, requests()))
+    elif workers == 0:
         results = map(maker.crop, requests())
     else:
         # The public API's way to hand each worker an item of our choosing, in order: the requests

@@ -272,3 +272,40 @@ def test_decoded_cache_reaches_workers_started_without_fork(converted):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
     assert done.stdout.split() == ["4", "True", "True"], done.stderr[-2000:]
+
+
+def test_device_crops_are_prepared_one_batch_ahead_in_another_thread(converted, monkeypatch):
+    import threading
+
+    from fkd_shards.batches.crop import CropError
+    from fkd_shards.batches.device_crop import DeviceCropper
+    from fkd_shards.batches.plan import BatchPlan
+
+    output, _, _ = converted()
+    requested, preparers = [], set()
+    real_request, real_prepare = BatchPlan.crop_request, DeviceCropper.prepare
+
+    def request(plan):
+        requested.append(plan.key)
+        return real_request(plan)
+
+    def prepare(self, samples, coords, flips):
+        preparers.add(threading.current_thread().name)
+        return real_prepare(self, samples, coords, flips)
+
+    monkeypatch.setattr(BatchPlan, "crop_request", request)
+    monkeypatch.setattr(DeviceCropper, "prepare", prepare)
+    stream = _stream(output, workers=0, crop_device="cpu")
+    total = len(stream)
+    for k, batch in enumerate(stream):
+        # when batch k arrives, batch k + 1 has already been handed to the preparing thread
+        assert requested[-1] == ((k + 1) // 4, (k + 1) % 4) if k + 1 < total else requested[-1] == batch.plan.key
+        assert len(requested) == min(k + 2, total)
+    assert preparers and threading.current_thread().name not in preparers
+
+    def refuse(self, samples, coords, flips):
+        raise CropError("the crop box of image 3 rounds to [1, 1, 1, 1]: no pixels")
+
+    monkeypatch.setattr(DeviceCropper, "prepare", refuse)
+    with pytest.raises(StreamError, match=r"^epoch 0 batch 0: the crop box of image 3 rounds to"):
+        list(_stream(output, workers=0, crop_device="cpu"))

@@ -1,7 +1,7 @@
 """The one GPU script: checks and benchmarks of the CUDA paths, a table per section, nothing asserted
 about time (skips cleanly without CUDA).
 
-    python tests/bench/bench_gpu.py [--steps 50] [--workers 8] [--images 2048] [--students 2]
+    python tests/bench/bench_gpu.py [--steps 50] [--workers 8] [--images 2048] [--students 2] [--sections 1 2 3]
     python tests/bench/bench_gpu.py --device cpu --steps 2 --images 64 --batch-size 8 --models resnet18 \\
         --teacher resnet18 --students 2          # a smoke run of this script on the CPU (gloo)
 
@@ -252,6 +252,7 @@ def main() -> int:
     p.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
     p.add_argument("--teacher", default="resnet50", help="fkd-relabel's teacher")
     p.add_argument("--students", type=int, default=2, help="resnet18 students of section 5 (0: skip it)")
+    p.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6], help="which sections to run")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "fkd-bench"))
     a = p.parse_args()
     gpu = a.device.startswith("cuda")
@@ -277,9 +278,10 @@ def main() -> int:
     manifest = shard_set.manifest
     from fkd_shards.batches.stream import BatchStream
 
-    identity = _model_input_identity(shard_set, a, device) if gpu else []
+    run = set(a.sections)
+    identity = _model_input_identity(shard_set, a, device) if gpu and 1 in run else []
     rows = []
-    for name in a.models:
+    for name in a.models if 2 in run else []:
         for amp, channels_last in (("off", False), ("bf16", True)):
             flags = ["--shards", shard_dir, "--model", name, "--amp", amp, "--device", device]
             cfg = resolve(build_parser().parse_args(flags + (["--channels-last"] if channels_last else [])),
@@ -298,31 +300,34 @@ def main() -> int:
             rows.append([name, "bf16+channels_last" if amp == "bf16" else "fp32", f"{ceiling:.0f}", f"{path:.0f}",
                          f"{path / ceiling:.2f}", f"{crops:.0f}", f"{peak:.1f}"])
     profile_rows = []
-    if gpu:
+    if gpu and 3 in run:
         cfg = resolve(build_parser().parse_args(["--shards", shard_dir, "--model", "resnet18", "--amp", "bf16",
                                                  "--channels-last", "--device", device]), manifest, DistEnv())
         profile_rows = _step_profile(cfg, manifest, shard_set, a)
-    relabel_rows, precision_rows = _relabel(train_dir, root, a, device)
-    student_rows = _students(shard_dir, manifest, root, a, device)
-    ddp = _torchrun(shard_dir, root, a, device)
+    relabel_rows, precision_rows = _relabel(train_dir, root, a, device) if 4 in run else ([], [])
+    student_rows = _students(shard_dir, manifest, root, a, device) if 5 in run else []
+    ddp = _torchrun(shard_dir, root, a, device) if 6 in run else "not run"
     name = torch.cuda.get_device_name() if gpu else "CPU (smoke run)"
     print(f"\n== {name}, torch {torch.__version__}, {os.cpu_count()} CPUs, {a.workers} crop workers ==")
     if identity:
         print_table(f"1. model input over epochs 0-1 ({manifest.num_images} images, 224 px)", ["check", "result"],
                     identity)
-    print_table(f"2. training steps, batch {batch}, 224 px, {a.steps} steps after {warmup} warm-up",
-                ["model", "precision", "crops on GPU img/s", "data path img/s", "data path / GPU-bound",
-                 "device crops img/s", "peak GB"], rows)
+    if rows:
+        print_table(f"2. training steps, batch {batch}, 224 px, {a.steps} steps after {warmup} warm-up",
+                    ["model", "precision", "crops on GPU img/s", "data path img/s", "data path / GPU-bound",
+                     "device crops img/s", "peak GB"], rows)
     if profile_rows:
         print_table("3. one resnet18 bf16 channels-last step", ["measure", "value"], profile_rows)
-    print_table(f"4. fkd-relabel, {a.teacher} teacher, {manifest.num_images} images x 2 epochs, batch {batch}",
-                ["amp", "labelling img/s", "whole run img/s", "teacher alone img/s", "teacher share"], relabel_rows)
-    print_table("4b. float32 precision of the teacher", ["check", "result"], precision_rows)
+    if relabel_rows:
+        print_table(f"4. fkd-relabel, {a.teacher} teacher, {manifest.num_images} images x 2 epochs, batch {batch}",
+                    ["amp", "labelling img/s", "whole run img/s", "teacher alone img/s", "teacher share"],
+                    relabel_rows)
+        print_table("4b. float32 precision of the teacher", ["check", "result"], precision_rows)
     if student_rows:
         print_table(f"5. {a.students} resnet18 students in one run against one solo run, {epochs} epochs",
                     ["run", "wall s", "student-images/s", "K x solo time / one run's"], student_rows)
     print(f"\n6. {ddp}")
-    return 0 if ddp.endswith("OK") else 1
+    return 0 if ddp.endswith("OK") or 6 not in run else 1
 
 
 if __name__ == "__main__":
