@@ -28,7 +28,8 @@ def run_command(prog: str, command: Callable[[], int], user_errors: Callable[[],
     try:
         return command()
     except KeyboardInterrupt as exc:
-        print(f"{prog}: {str(exc) or interrupted}", file=sys.stderr)  # an exception is always truthy
+        if _rank() == 0:  # Ctrl-C reaches every rank of a torchrun job: one line is enough
+            print(f"{prog}: {str(exc) or interrupted}", file=sys.stderr)  # an exception is always truthy
         return 130
     except BrokenPipeError:  # `... | head`: the reader left; further prints (and the exit's flush) would fail
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -41,8 +42,19 @@ def run_command(prog: str, command: Callable[[], int], user_errors: Callable[[],
         if not isinstance(exc, (RankFailed, *user_errors())):
             raise
         if not agreed_elsewhere(exc):  # under torchrun, an error all ranks raise together is said once
-            print(error_line(prog, exc), file=sys.stderr)
+            # Said by the rank that met it alone (torchrun then stops the others): name the rank.
+            alone = f"rank {_rank()} of {os.environ.get('WORLD_SIZE')}: " if _rank() and not isinstance(
+                exc, RankFailed) else ""
+            print(error_line(prog, f"{alone}{exc}"), file=sys.stderr)
         return 1
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 outside it)."""
+    try:
+        return int(os.environ.get("RANK") or 0)
+    except ValueError:
+        return 0
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

@@ -29,6 +29,21 @@ from fkd_shards.train.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
+FAIL_ON_RANK_1 = """
+import os, sys, torch
+from fkd_shards.train import loop
+def oom(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+if os.environ["RANK"] == "1":
+    real, calls = getattr(loop, WHERE), [0]
+    def failing(*args, **kwargs):
+        calls[0] += 1
+        return oom() if calls[0] == CALL else real(*args, **kwargs)
+    setattr(loop, WHERE, failing)
+from fkd_shards.train.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
 
 def _run(args: list[str], script: str | None = None, tmp_path=None) -> subprocess.CompletedProcess:
     command = _torchrun(2, args)
@@ -123,3 +138,49 @@ def test_each_rank_draws_its_own_dropout_and_a_two_rank_resume_is_bit_identical(
     b = torch.load(out / "checkpoint.pth.tar", weights_only=True)
     assert a["state_dict"].keys() == b["state_dict"].keys()
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+
+@pytest.mark.parametrize("where,call,said", [
+    # the move to the device inside build_state, before DDP's first broadcast: agreed, one line from rank 0
+    ("build_model", 1, "fkd-train: error: rank 1 of 2: out of memory putting --model resnet18 on cpu"),
+    # the third step on rank 1 alone (no collective agrees inside a step): rank 1 says it, torchrun stops rank 0
+    ("train_step", 3, "fkd-train: error: rank 1 of 2: out of memory at epoch 0 batch 2"),
+])
+def test_out_of_memory_on_one_rank_ends_the_job_with_one_line_naming_the_rank(converted, tmp_path, where, call, said):
+    import time
+
+    output, _, _ = converted(batch_size=8, epochs=2, per_class=10)
+    script = FAIL_ON_RANK_1.replace("WHERE", repr(where)).replace("CALL", str(call))
+    if where == "build_model":  # the model itself is fine; its move to the device runs out of memory
+        script = script.replace("return oom() if", "model = real(*args, **kwargs)\n        "
+                                "model.to = lambda *a, **k: oom()\n        return model if")
+    out = tmp_path / "run"
+    started = time.monotonic()
+    run = _run(_args(output, out, "--no-progress"), script, tmp_path)  # rank 1's line would follow rank 0's bar
+    assert run.returncode != 0
+    assert time.monotonic() - started < 120  # no rank left waiting for the process group's timeout
+    errors = _errors(run.stderr)
+    assert len(errors) == 1 and errors[0].startswith(said), run.stderr[-3000:]
+    assert not (out / "checkpoint.pth.tar").exists()
+    if where == "build_model":  # agreed: rank 0 stopped on its own, not by losing its peer inside DDP's broadcast
+        assert "[rank0]: Traceback" not in run.stderr, run.stderr[-3000:]
+
+
+def test_under_torchrun_ctrl_c_is_said_by_rank_0_and_a_lone_error_names_its_rank(monkeypatch, capsys):
+    from fkd_shards.common.cli import run_command
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    def refused():
+        raise ValueError("--val-dir /data/val: no such directory")
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, said in (("0", "fkd-train: interrupted\n"), ("1", "")):
+        monkeypatch.setenv("RANK", rank)
+        assert run_command("fkd-train", interrupted, lambda: (ValueError,), "interrupted") == 130
+        assert capsys.readouterr().err == said
+    for rank, prefix in (("0", ""), ("1", "rank 1 of 2: ")):
+        monkeypatch.setenv("RANK", rank)
+        assert run_command("fkd-train", refused, lambda: (ValueError,), "interrupted") == 1
+        assert capsys.readouterr().err == f"fkd-train: error: {prefix}--val-dir /data/val: no such directory\n"

@@ -382,15 +382,22 @@ class EpochTotals:
 def build_state(cfg: TrainConfig, m: shards.Manifest, *, restore: bool = True) -> TrainState:
     """Student, optimizer, scheduler and scaler: fresh from ``--seed`` (and ``--init-weights``), or
     restored from ``--resume``'s checkpoint (``restore``; else the caller restores it later)."""
-    torch.manual_seed(cfg.seed)  # the student's init and every later draw (dropout) start here
-    model = build_model(cfg.model, m.soft_label_width, m.input_size)
-    check_micro_batches(model, cfg.model, m.input_size, single_row_micro_batch(
-        m.batch_size, m.num_images, cfg.dist.world_size, cfg.gradient_accumulation_steps))
-    if cfg.init_weights:
-        load_into(model, load_state(cfg.init_weights), cfg.init_weights, f"--model {cfg.model}")
-    model = model.to(cfg.device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    # Under torchrun, a rank that cannot build its student (device memory, a file it cannot read)
+    # stops every rank here, before DDP's first broadcast would leave the others waiting in it.
+    with agreed(cfg.dist, cfg.device):
+        torch.manual_seed(cfg.seed)  # the student's init and every later draw (dropout) start here
+        model = build_model(cfg.model, m.soft_label_width, m.input_size)
+        check_micro_batches(model, cfg.model, m.input_size, single_row_micro_batch(
+            m.batch_size, m.num_images, cfg.dist.world_size, cfg.gradient_accumulation_steps))
+        if cfg.init_weights:
+            load_into(model, load_state(cfg.init_weights), cfg.init_weights, f"--model {cfg.model}")
+        try:
+            model = model.to(cfg.device)
+        except torch.OutOfMemoryError:
+            raise TrainingError(f"out of memory putting --model {cfg.model} on {cfg.device}: other processes may hold "
+                                f"its memory (nvidia-smi)") from None
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
     plain = model
     if cfg.dist.rank > 0:
         # Every rank draws its own dropout and drop-path masks (the same masks on every rank would
