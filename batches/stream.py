@@ -11,6 +11,7 @@ batch) against the order it must come in: a misaligned batch is an error, never 
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -213,9 +214,22 @@ class BatchStream:
 def batch_at(shard_set: shards.ShardSet, epoch: int, batch: int) -> Batch:
     """One batch, out of the stream's order (reads that epoch's label records up to it), cropped in
     this process: what ``inspect`` draws."""
+    return next(batches_at(shard_set, [(epoch, batch)]))
+
+
+def batches_at(shard_set: shards.ShardSet, positions: list[tuple[int, int]]) -> Iterator[Batch]:
+    """The batches at ``positions`` (sorted, each within the set), cropped in this process: the
+    images are read once, and each epoch's label records up to its last wanted batch."""
     m = shard_set.manifest
-    if not (0 <= epoch < m.epochs and 0 <= batch < m.batches_per_epoch):
-        raise ValueError(f"epoch {epoch} batch {batch} outside the set's [0, {m.epochs}) x [0, {m.batches_per_epoch})")
+    for epoch, batch in positions:
+        if not (0 <= epoch < m.epochs and 0 <= batch < m.batches_per_epoch):
+            raise ValueError(f"epoch {epoch} batch {batch} outside the set's [0, {m.epochs}) x "
+                             f"[0, {m.batches_per_epoch})")
+    if list(positions) != sorted(set(positions)):
+        raise ValueError("positions must be distinct and in (epoch, batch) order")
     maker = BatchMaker(open_pixels(load_images(shard_set), mode="off"), m.input_size, m.mix_type)
-    plans = (plan_batch(r, m.batch_size) for r in shard_set.batches(epoch, epoch + 1) if r.batch == batch)
-    return next(make_batches(plans, maker, iter([(epoch, batch)]), workers=0))
+    for epoch in sorted({e for e, _ in positions}):
+        wanted = [b for e, b in positions if e == epoch]
+        records = itertools.takewhile(lambda r, last=wanted[-1]: r.batch <= last, shard_set.batches(epoch, epoch + 1))
+        plans = (plan_batch(r, m.batch_size) for r in records if r.batch in wanted)
+        yield from make_batches(plans, maker, iter([(epoch, b) for b in wanted]), workers=0)

@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="refuse the set when an epoch's replay alignment (share of rows whose teacher "
                              "argmax is the image's class or its mix partner's) is below R; default: a "
                              "quarter of the way from chance to 1; 0 accepts any alignment")
+    _check_teacher_flags(checks)
     system = p.add_argument_group("system")
     system.add_argument("--workers", type=int, default=8, metavar="N",
                         help="threads reading files ahead (default: 8)")
@@ -62,10 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_teacher_flags(group) -> None:
+    group.add_argument("--check-teacher", nargs=2, metavar=("MODEL", "WEIGHTS"), default=None,
+                       help="prove that the images are the ones the labels were computed from: recompute a few "
+                            "batches with the relabel teacher (a torchvision name or timm:NAME, and its weights "
+                            "file) on the stored model input and compare with the stored labels; the result goes "
+                            "into the manifest (without it, images are matched by class only)")
+    group.add_argument("--check-batches", type=int, default=4, metavar="K",
+                       help="batches --check-teacher recomputes, spread over the epochs (default: 4)")
+
+
 def _verify(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog=f"{PROG} verify", description="Re-read and re-hash every shard of a set "
-                                "against its manifest.")
+                                "against its manifest; with --check-teacher, also recompute a few batches.")
     p.add_argument("location", help="directory or URL of the shard set")
+    _check_teacher_flags(p)
     args = p.parse_args(argv)
     from fkd_shards import shards
 
@@ -73,6 +85,17 @@ def _verify(argv: list[str]) -> int:
     s.verify()
     total = sum(x.bytes for x in s.manifest.shards)
     print(f"{escape(args.location)}: OK, {len(s.manifest.shards)} shards, {total / 1e6:.1f} MB verified")
+    if args.check_teacher:
+        from .errors import ConvertError
+        from .teacher_check import MAX_CHECK_BATCHES, check_teacher, load_check_teacher
+
+        if not 1 <= args.check_batches <= MAX_CHECK_BATCHES:
+            raise ConvertError(f"--check-batches must be in [1, {MAX_CHECK_BATCHES}], got {args.check_batches}")
+        m = s.manifest
+        check_teacher(s, load_check_teacher(*args.check_teacher, input_size=m.input_size, width=m.soft_label_width,
+                                            batches=args.check_batches))
+    else:
+        print(f"images: proven {s.manifest.label_source()}")
     return 0
 
 
@@ -100,6 +123,8 @@ def _convert(argv: list[str]) -> int:
         fkd_seed=args.fkd_seed, epochs=args.epochs, shard_bytes=args.shard_size, workers=args.workers,
         overwrite=args.overwrite, min_alignment=args.min_alignment, progress=not args.no_progress,
         label_codec=args.label_codec, codec_temperature=args.codec_temperature,
+        check_teacher=None if args.check_teacher is None else tuple(args.check_teacher),
+        check_batches=args.check_batches,
     )
     manifest = convert(options)
     n = len(manifest.shards)

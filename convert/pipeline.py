@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from tqdm import tqdm
@@ -27,6 +27,7 @@ from .errors import ConvertError
 from .imagefolder import ImageFolderListing, image_size, list_image_folder, read_checked_image
 from .replay import epoch_orders
 from .sre2l import RelabelBatch, RelabelLayout, load_batch, read_file, read_sizes, scan_layout
+from .teacher_check import DEFAULT_BATCHES, MAX_CHECK_BATCHES, check_teacher, load_check_teacher
 
 DEFAULT_SHARD_BYTES = 64 * 10**6
 
@@ -48,6 +49,8 @@ class ConvertOptions:
     progress: bool = True
     label_codec: str = fmt.CODEC_RAW
     codec_temperature: float = 20.0
+    check_teacher: tuple[str, str] | None = None  # (MODEL, WEIGHTS): prove the images with the relabel teacher
+    check_batches: int = DEFAULT_BATCHES
 
 
 def check_options(o: ConvertOptions) -> shards.codecs.Codec:
@@ -60,6 +63,8 @@ def check_options(o: ConvertOptions) -> shards.codecs.Codec:
         raise ConvertError(f"--epochs must be positive, got {o.epochs}")
     if not 1 <= o.workers <= MAX_WORKERS:
         raise ConvertError(f"--workers must be in [1, {MAX_WORKERS}], got {o.workers}")
+    if not 1 <= o.check_batches <= MAX_CHECK_BATCHES:
+        raise ConvertError(f"--check-batches must be in [1, {MAX_CHECK_BATCHES}], got {o.check_batches}")
     return label_storage(o.label_codec, o.codec_temperature, o.min_alignment)
 
 
@@ -122,6 +127,8 @@ def convert(options: ConvertOptions, log=print) -> shards.Manifest:
                            f"fewer than the {len(folder.classes)} class folders")
     mixed = first.mix_type != fmt.MIX_NONE
     threshold = alignment_threshold(o.min_alignment, len(folder.classes), mixed)
+    teacher = None if o.check_teacher is None else load_check_teacher(
+        *o.check_teacher, input_size=input_size, width=width, batches=o.check_batches)
     log(f"fkd-convert: N={num_images} images, {len(folder.classes)} classes, S={input_size}, B={batch_size}, "
         f"{layout.batches_per_epoch} batches x {epochs} epochs, mix={first.mix_type}, "
         f"soft labels {first.soft_labels.dtype}[{width}], fkd seed {o.fkd_seed}")
@@ -139,7 +146,7 @@ def convert(options: ConvertOptions, log=print) -> shards.Manifest:
             seconds = max(time.perf_counter() - started, 1e-9)
             log(f"labels: {label_bytes / 1e6:.1f} MB of batch files in {seconds:.2f} s "
                 f"({label_bytes / 1e6 / seconds:.1f} MB/s, {o.workers} worker(s))")
-            return writer.finish(shards.Manifest(
+            manifest = writer.finish(shards.Manifest(
                 num_images=num_images, batch_size=batch_size, num_classes=len(folder.classes),
                 soft_label_width=width, epochs=epochs, input_size=input_size,
                 mix_type=first.mix_type, fkd_seed=o.fkd_seed, classes=list(folder.classes),
@@ -148,7 +155,12 @@ def convert(options: ConvertOptions, log=print) -> shards.Manifest:
                 label_codec=codec.spec,
                 label_codec_temperature=None if codec.spec == fmt.CODEC_RAW else o.codec_temperature,
                 min_alignment=round(threshold, 6),
-            ))
+            ), check=None if teacher is None else (
+                lambda staged: replace(staged.manifest, teacher_check=check_teacher(staged, teacher, log))))
+    if teacher is None:
+        log("images matched to the labels by class only (replay alignment, which another set of the same classes "
+            "and images per class also passes); --check-teacher MODEL WEIGHTS proves them")
+    return manifest
 
 
 def _write_images(writer: shards.ShardSetWriter, pool, folder: ImageFolderListing, o: ConvertOptions) -> np.ndarray:

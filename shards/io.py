@@ -229,6 +229,10 @@ class LocalOutput:
     def commit(self, name: str, staged: str) -> None:
         os.replace(staged, os.path.join(self.directory, name))
 
+    def readable(self, name: str) -> str:
+        """Where a closed shard can be read before the set is published: its temporary name."""
+        return self.staging_path(name)
+
     def remove(self, name: str) -> None:
         path = os.path.join(self.directory, name)
         if os.path.lexists(path):
@@ -290,6 +294,10 @@ class RemoteOutput:
     def commit(self, name: str, staged: str) -> None:
         self._call(f"uploading {name}", self.fs.put_file, staged, self._path(name))
         os.remove(staged)
+
+    def readable(self, name: str) -> str:
+        """Where a closed shard can be read before the set is published: uploaded, at its own name."""
+        return f"{self.url}/{name}"
 
     def remove(self, name: str) -> None:
         try:

@@ -15,6 +15,7 @@ from fkd_shards.common.text import escape, shown
 from . import codecs
 from . import format as fmt
 from .alignment import threshold as alignment_threshold
+from .provenance import validate_relabel, validate_teacher_check
 
 
 class ManifestError(ValueError):
@@ -63,6 +64,9 @@ class Manifest:
     min_alignment: float | None = None
     # fkd-relabel's provenance (teachers, seeds, knobs, versions); None for converted sets.
     relabel: dict | None = None
+    # fkd-convert --check-teacher's result (teacher, batches recomputed, largest difference); None
+    # when the images were matched to the labels by class only.
+    teacher_check: dict | None = None
     format: str = fmt.FORMAT_NAME
     format_version: int = fmt.FORMAT_VERSION
 
@@ -120,14 +124,23 @@ class Manifest:
             accepted = "" if self.min_alignment is None else f", accepted at >= {self.min_alignment:g}"
             lines.append(f"alignment       mean {sum(self.alignment) / len(self.alignment):.3f}, "
                          f"min {min(self.alignment):.3f}{accepted}")
-        if self.relabel:
-            teachers = ", ".join(escape(t.get("model", "?")) for t in self.relabel.get("teachers", [])
-                                 if isinstance(t, dict))
-            lines.append(f"relabelled by   {teachers or '?'} (fkd-relabel)")
+        lines.append(f"images proven   {self.label_source()}")
         for kind in fmt.SHARD_KINDS:
             found = self.shards_of(kind)
             lines.append(f"{kind + ' shards':<16}{len(found)}, {sum(s.bytes for s in found) / 1e6:.1f} MB")
         return "\n".join(lines)
+
+    def label_source(self) -> str:
+        """How the images are known to be the ones the labels were computed from, in a few words."""
+        if self.relabel:
+            teachers = ", ".join(escape(t["model"]) for t in self.relabel["teachers"])
+            return f"labelled from them by fkd-relabel ({teachers})"
+        c = self.teacher_check
+        if c:
+            return (f"by the relabel teacher {escape(c['model'])}: {len(c['batches'])} batches recomputed, "
+                    f"{c['result']} (largest difference {c['largest_difference']:.3g}, "
+                    f"{c['largest_relative']:.2g} of the logits' spread)")
+        return "by class only (replay alignment; fkd-convert verify --check-teacher proves them)"
 
     def to_json(self) -> str:
         """The manifest as written: every field, ``batches_per_epoch`` for people, and a checksum
@@ -227,8 +240,10 @@ class Manifest:
             fail(f"alignment has {len(self.alignment)} rates for {self.epochs} epochs")
         if not isinstance(self.created_by, str):
             fail("created_by is not a string")
-        if self.relabel is not None and not isinstance(self.relabel, dict):
-            fail("relabel is not an object")
+        if self.relabel is not None:
+            validate_relabel(self.relabel, fail)
+        if self.teacher_check is not None:
+            validate_teacher_check(self.teacher_check, self.epochs, self.batches_per_epoch, fail)
         for s in self.shards:
             validate_shard(s, where)
         self._validate_coverage(fail)

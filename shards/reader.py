@@ -57,14 +57,31 @@ class ShardSet:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise ManifestError(f"{manifest_url}: not UTF-8 text") from None
-        self.manifest = Manifest.from_json(text, manifest_url)
-        m = self.manifest
+        self._use(Manifest.from_json(text, manifest_url))
+
+    @classmethod
+    def staged(cls, location: str, manifest: Manifest, locate: Callable[[str], str]) -> ShardSet:
+        """A set not yet published: ``manifest`` (validated) held in memory, each shard read from
+        ``locate(name)``. What a writer checks before it writes the manifest."""
+        self = cls.__new__(cls)
+        self.location, self.cache_dir, self.cache_labels, self.read_ahead = location, None, False, 1
+        self.remote = not is_local(location)
+        self._options = {"retries": 1, "backoff_s": 0.1, "timeout_s": 60.0}
+        self._locate = locate
+        manifest.validate(f"{location} (staged)")
+        self._use(manifest)
+        return self
+
+    def _use(self, manifest: Manifest) -> None:
+        self.manifest = m = manifest
         self.spec = BatchSpec(num_images=m.num_images, width=m.soft_label_width, input_size=m.input_size,
                               mix_type=m.mix_type, codec=codecs.parse(m.label_codec, m.label_codec_temperature),
                               stored_dtype=m.soft_label_dtype)
 
+    _locate: Callable[[str], str] | None = None
+
     def url(self, shard: ShardInfo) -> str:
-        return join(self.location, shard.name)
+        return self._locate(shard.name) if self._locate else join(self.location, shard.name)
 
     def batches(self, start_epoch: int = 0, end_epoch: int | None = None) -> Iterator[BatchRecord]:
         """Batch records of epochs ``[start_epoch, end_epoch)``, strictly in (epoch, batch) order.

@@ -26,7 +26,7 @@ from . import format as fmt
 from .codecs import Codec, Raw
 from .io import LocationError, LocationMissing, join, output_for, read_verified
 from .manifest import Manifest, ManifestError, ShardInfo, parse_json, validate_shard
-from .reader import ShardError, batch_records
+from .reader import ShardError, ShardSet, batch_records
 from .records import BatchRecord, BatchSpec, ImageRecord, encode_batch, encode_image
 
 if TYPE_CHECKING:
@@ -307,10 +307,14 @@ class ShardSetWriter:
         shard.tar.write({"__key__": fmt.batch_key(record.epoch, record.batch), **members})
         self._advance(shard, record.batch, members)
 
-    def finish(self, manifest: Manifest) -> Manifest:
+    def finish(self, manifest: Manifest, check: Callable[[ShardSet], Manifest] | None = None) -> Manifest:
         """Close all shards, publish them (where deferred: the set being replaced goes, manifest first,
         and the new shards are renamed into place), then write ``manifest`` (the shard list filled
-        in) last and remove ``progress.json``."""
+        in) last and remove ``progress.json``.
+
+        ``check``: given the finished set before anything is published (read from where its shards
+        wait), returns the manifest to write, or raises: then nothing is published and a set being
+        replaced stays as it was."""
         for kind in list(self._open):
             self._close_shard(kind)
         images = [s for s in self.completed if s.kind == fmt.IMAGES_KIND]
@@ -318,6 +322,9 @@ class ShardSetWriter:
         complete = manifest.with_shards(images + labels)
         # Only a progress.json changed by hand between a run and its resume can make this fail.
         complete.validate(f"{self.output.where}/{fmt.MANIFEST_NAME} (not written: the shards do not form a set)")
+        if check is not None:
+            complete = check(ShardSet.staged(self.output.where, complete, self.output.readable))
+            complete.validate(f"{self.output.where}/{fmt.MANIFEST_NAME} (not written)")
         if self.output.defers_publishing:
             if fmt.MANIFEST_NAME in self._replaced:
                 self.output.remove(fmt.MANIFEST_NAME)  # from here on the directory is no complete set

@@ -14,7 +14,7 @@ ALLOWED = {
     "shards": {"common"},
     "batches": {"common", "shards"},
     "models": {"common", "shards"},
-    "convert": {"common", "shards"},
+    "convert": {"common", "shards", "batches", "models"},  # batches and models for --check-teacher
     "train": {"common", "shards", "batches", "models"},
     "relabel": {"common", "shards", "batches", "models", "convert"},
     "demo": {"common", "shards", "batches", "models", "convert", "train", "relabel"},

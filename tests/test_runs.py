@@ -368,7 +368,7 @@ def test_report_and_the_metrics_log_read_only_bounded_regular_files(tmp_path, ca
         assert len(err.splitlines()) == 1 and f"{name}/summary.json" in err and message in err, err
     hostile = tmp_path / "hostile"
     hostile.mkdir()
-    (hostile / "summary.json").write_text(json.dumps({"config": {}, "model": "=HYPERLINK(1)", "shards": 'a,"b'}))
+    (hostile / "summary.json").write_text(json.dumps(_summary(model="=HYPERLINK(1)", shards='a,"b')))
     assert train_main(["report", "--csv", str(hostile)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[1].startswith("'=HYPERLINK(1),\"a,\"\"b\"")  # no formula; quoted as RFC 4180 says
@@ -377,6 +377,36 @@ def test_report_and_the_metrics_log_read_only_bounded_regular_files(tmp_path, ca
         read_metrics(str(tmp_path / "metrics.jsonl"))
     (tmp_path / "cut.jsonl").write_text('{"train/epoch": 0}\n[1]\n{"train/ep')
     assert read_metrics(str(tmp_path / "cut.jsonl")) == [('{"train/epoch": 0}', {"train/epoch": 0})]
+
+
+def _summary(**fields) -> dict:
+    """A summary.json body as fkd-train writes one, with ``fields`` replaced."""
+    return {"model": "resnet18", "seed": 0, "shards": "/data/set", "shard_set": "ab" * 32, "epochs": 2,
+            "epochs_done": 2, "final_top1": 50.0, "best_top1": 55.0, "best_epoch": 1, "images_per_s": 100.0,
+            "wall_s": 10.0, "config": {}, "written_by": "fkd-train 0.3.0"} | fields
+
+
+@pytest.mark.parametrize("fields,said", [
+    ({"shards": ["a", "b"]}, "summary.shards must be a string of at most 4096 characters, found ['a', 'b']"),
+    ({"final_top1": 1e308}, "summary.final_top1 must be a finite number in [0, 100] or null, found 1e+308"),
+    ({"best_top1": True}, "summary.best_top1 must be a finite number in [0, 100] or null, found True"),
+    ({"seed": "0"}, "summary.seed must be an integer >= 0, found '0'"),
+    ({"config": None}, "summary.config must be an object, found None"),
+    ({"epochs_done": -1}, "summary.epochs_done must be an integer >= 0, found -1"),
+])
+def test_report_refuses_a_summary_of_other_types_or_absurd_numbers_in_one_line(tmp_path, capsys, fields, said):
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    for run, body in ((good, _summary()), (bad, _summary(**fields))):
+        run.mkdir()
+        (run / "summary.json").write_text(json.dumps(body))
+    assert train_main(["report", str(good)]) == 0
+    capsys.readouterr()
+    assert train_main(["report", str(good), str(bad)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"fkd-train: error: {bad}/summary.json: {said} (not an fkd-train summary, or edited)"
+    (bad / "summary.json").write_text(json.dumps({k: v for k, v in _summary().items() if k != "wall_s"}))
+    assert train_main(["report", str(bad)]) == 1
+    assert "summary lacks wall_s" in capsys.readouterr().err
 
 
 def test_help_answers_without_importing_torch(tmp_path):

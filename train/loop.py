@@ -483,6 +483,7 @@ def _stream(cfg: TrainConfig, shard_set: shards.ShardSet, first_epoch: int, conf
         f"S={m.input_size}, B={m.batch_size} = {env.world_size} rank(s) x {cfg.gradient_accumulation_steps} "
         f"micro-batches x {cfg.micro_batch_rows} rows, epochs {first_epoch}..{cfg.epochs - 1}, mix={m.mix_type}, "
         f"T={cfg.temperature}, {'SGD' if cfg.sgd else 'AdamW'}, amp={cfg.amp}")
+    say(f"fkd-train: images proven {m.label_source()}")
     return stream
 
 

@@ -12,14 +12,12 @@ import math
 import os
 import sys
 
-from fkd_shards.common.files import FileMissingError, FileReadError, read_bounded
+from fkd_shards.common.files import FileMissingError
 from fkd_shards.common.text import escape
-from fkd_shards.shards.manifest import parse_json
 
 from .config import TRAJECTORY_FIELDS
 from .rundir import STUDENTS_NAME, SUMMARY_NAME, RunDirError, read_students
-
-MAX_SUMMARY_BYTES = 1 << 20  # ours are about 2 KB
+from .summary import SummaryError, read_summary
 
 
 class ReportError(ValueError):
@@ -29,15 +27,11 @@ class ReportError(ValueError):
 def _load(run: str) -> dict:
     path = os.path.join(run, SUMMARY_NAME)
     try:
-        data = read_bounded(path, MAX_SUMMARY_BYTES)
+        return read_summary(path)
     except FileMissingError:
         raise ReportError(f"{run}: no {SUMMARY_NAME} (not a finished fkd-train run)") from None
-    except FileReadError as exc:
+    except SummaryError as exc:
         raise ReportError(str(exc)) from None
-    summary = parse_json(data.decode("utf-8", errors="replace"), path, ReportError)
-    if not isinstance(summary, dict) or not isinstance(summary.get("config"), dict):
-        raise ReportError(f"{path}: not an fkd-train summary")
-    return summary
 
 
 # Besides the trajectory: what a row's numbers also depend on (the validation set, the arithmetic, the start).
@@ -56,9 +50,8 @@ def _group_key(summary: dict) -> tuple:
 
 
 def _numbers(members: list[dict], key: str) -> list[float]:
-    """The finite numbers under ``key`` (a summary edited by hand may hold anything)."""
-    return [m[key] for m in members if isinstance(m.get(key), (int, float)) and not isinstance(m.get(key), bool)
-            and math.isfinite(m[key])]
+    """The numbers under ``key`` (None where a run did not measure it: no --val-dir)."""
+    return [m[key] for m in members if m[key] is not None]
 
 
 def _cell(value: object) -> str:
@@ -85,11 +78,9 @@ def _mean_std(stats: dict | None, runs: int) -> str:
     return f"{stats['mean']:.2f} ± {stats['std']:.2f}{of}"
 
 
-def _seed_list(members: list[dict]) -> list:
-    """The group's seeds, in order (numbers first), each as often as it was run."""
-    seeds = [m.get("seed") for m in members]
-    return sorted(seeds, key=lambda s: (not isinstance(s, int) or isinstance(s, bool), s if isinstance(s, int)
-                                        and not isinstance(s, bool) else 0, str(s)))
+def _seed_list(members: list[dict]) -> list[int]:
+    """The group's seeds, in order, each as often as it was run."""
+    return sorted(m["seed"] for m in members)
 
 
 def _seeds(seeds: list) -> str:

@@ -7,9 +7,11 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
-from fkd_shards.common.files import write_atomically
+from fkd_shards.common.files import FileMissingError, FileReadError, read_bounded, write_atomically
 from fkd_shards.common.text import escape
+from fkd_shards.common.typed import check_fields, integer, number, or_null, text
 from fkd_shards.common.version import VERSION
+from fkd_shards.shards.manifest import parse_json
 
 from .metrics import read_metrics
 from .rundir import METRICS_NAME, SUMMARY_NAME
@@ -61,6 +63,40 @@ def summarize(cfg, manifest, wall_s: float) -> RunSummary:
         images_per_s=images / seconds if seconds else None, wall_s=wall_s, config=cfg.as_dict(),
         written_by=f"fkd-train {VERSION}",
     )
+
+
+MAX_SUMMARY_BYTES = 1 << 20  # ours are about 2 KB
+
+
+class SummaryError(ValueError):
+    """A ``summary.json`` that is not a readable fkd-train summary; the message names the file and field."""
+
+
+_SUMMARY = {
+    "model": text(200), "seed": integer(0), "shards": text(), "shard_set": text(200), "epochs": integer(1),
+    "epochs_done": integer(0), "final_top1": or_null(number(0, 100)), "best_top1": or_null(number(0, 100)),
+    "best_epoch": or_null(integer(0)), "images_per_s": or_null(number(0, 1e12)), "wall_s": number(0, 1e12),
+    "config": ((lambda v: isinstance(v, dict)), "an object"), "written_by": text(200),
+}
+
+
+def read_summary(path: str) -> dict:
+    """``summary.json`` as written by :func:`write_summary`, every field typed and range-checked
+    (:class:`SummaryError` in one line otherwise; fields a later version adds are let through);
+    :class:`FileMissingError` when there is none."""
+    try:
+        data = read_bounded(path, MAX_SUMMARY_BYTES)
+    except FileMissingError:
+        raise
+    except FileReadError as exc:
+        raise SummaryError(str(exc)) from None
+    body = parse_json(data.decode("utf-8", errors="replace"), path, SummaryError)
+
+    def fail(message: str) -> None:
+        raise SummaryError(f"{path}: {message} (not an fkd-train summary, or edited)")
+
+    check_fields(body, _SUMMARY, "summary", fail, required=tuple(_SUMMARY), unknown_allowed=True)
+    return body
 
 
 def write_summary(summary: RunSummary, output_dir: str) -> None:
