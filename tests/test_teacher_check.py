@@ -176,3 +176,15 @@ def test_a_relabel_provenance_of_other_types_is_refused_in_one_line_by_both_tool
         assert main(["inspect", str(out)]) == 1
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and said in err, err
+
+
+def test_the_check_reads_a_set_on_object_storage_before_its_manifest_is_uploaded(two_folders, s3, capsys):
+    import s3fs
+
+    tmp, a, b, fkd, weights = two_folders
+    url = f"{s3}/sets/right"
+    assert _convert(a, fkd, url, "--check-teacher", "resnet18", weights, "--check-batches", "2") == 0
+    assert shards.ShardSet(url).manifest.teacher_check["result"] == "exact"
+    assert _convert(b, fkd, f"{s3}/sets/wrong", "--check-teacher", "resnet18", weights) == 1
+    assert "epoch 0 batch 0: the teacher's logits" in capsys.readouterr().err
+    assert s3fs.S3FileSystem().find("bucket/sets/wrong") == []  # the uploaded shards were removed
