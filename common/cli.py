@@ -10,10 +10,9 @@ import re
 import sys
 from collections.abc import Callable
 
-from .distributed import DEFAULT_TIMEOUT_MIN, MAX_TIMEOUT_MIN, RankFailed, agreed_elsewhere
+from .distributed import DEFAULT_TIMEOUT_MIN, RankFailed, agreed_elsewhere
+from .ranges import add_ranged
 from .text import error_line
-
-MAX_WORKERS = 256  # worker processes or threads of any command; more only contend for the same cores
 
 
 def run_command(prog: str, command: Callable[[], int], user_errors: Callable[[], tuple[type, ...]],
@@ -71,21 +70,6 @@ def parse_size(text: str) -> int:
     return value
 
 
-def bounded_int(low: int, high: int) -> Callable[[str], int]:
-    """An argparse type: an integer in [low, high], else argparse's one-line usage error."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text[:40]!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {text[:40]}")
-        return value
-
-    return parse
-
-
 def add_cuda_flags(group) -> None:
     """The flags both training and labelling take for CUDA precision and torchrun."""
     group.add_argument("--tf32", action="store_true", help="TF32 for float32 matrix products and convolutions on "
@@ -93,6 +77,6 @@ def add_cuda_flags(group) -> None:
                        "default to for convolutions)")
     group.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time and pick each convolution's "
                        "algorithm (faster after the first batches; the choice may differ run to run)")
-    group.add_argument("--dist-timeout", type=bounded_int(1, MAX_TIMEOUT_MIN), default=DEFAULT_TIMEOUT_MIN,
+    add_ranged(group, "--dist-timeout", default=DEFAULT_TIMEOUT_MIN,
                        metavar="MIN", help="under torchrun, minutes a rank waits for the others in a collective "
                        f"(default: {DEFAULT_TIMEOUT_MIN}; rank 0 alone prepares a large set before the first one)")

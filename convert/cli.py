@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from fkd_shards.common.cli import parse_size, run_command
+from fkd_shards.common.ranges import add_ranged
 from fkd_shards.common.text import escape
 from fkd_shards.common.version import VERSION
 
@@ -30,12 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="ImageFolder of the synthetic images (class folders, any image names)")
     data.add_argument("--fkd-path", required=True, metavar="DIR",
                       help="the relabel output: epoch_<e>/batch_<b>.tar files")
-    data.add_argument("--input-size", type=int, default=None, metavar="S",
+    add_ranged(data, "--input-size", default=None, metavar="S",
                       help="crop size in px the relabel step used (224 for ImageNet); default: inferred "
                            "when every image has one square size, else required")
-    data.add_argument("--fkd-seed", type=int, default=42, metavar="SEED",
+    add_ranged(data, "--fkd-seed", default=42, metavar="SEED",
                       help="seed of the relabel step's sampler (default: 42, SRe2L's)")
-    data.add_argument("--epochs", type=int, default=None, metavar="E",
+    add_ranged(data, "--epochs", default=None, metavar="E",
                       help="convert only the first E epochs (default: all)")
     out = p.add_argument_group("output")
     out.add_argument("--output", required=True, metavar="LOCATION", help="directory or URL of the shard set")
@@ -47,17 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "progress file names are removed)")
     out.add_argument("--label-codec", default="raw", metavar="CODEC",
                      help="raw (bit-exact, default), int8 (per-row affine) or topk:K (the K largest logits)")
-    out.add_argument("--codec-temperature", type=float, default=20.0, metavar="T",
+    add_ranged(out, "--codec-temperature", default=20.0, metavar="T",
                      help="training temperature whose softmax mass topk:K keeps for the other classes "
                           "(default: 20)")
     checks = p.add_argument_group("checks")
-    checks.add_argument("--min-alignment", type=float, default=None, metavar="R",
+    add_ranged(checks, "--min-alignment", default=None, metavar="R",
                         help="refuse the set when an epoch's replay alignment (share of rows whose teacher "
                              "argmax is the image's class or its mix partner's) is below R; default: a "
                              "quarter of the way from chance to 1; 0 accepts any alignment")
     _check_teacher_flags(checks)
     system = p.add_argument_group("system")
-    system.add_argument("--workers", type=int, default=8, metavar="N",
+    add_ranged(system, "--workers", key="fkd-convert --workers", default=8, metavar="N",
                         help="threads reading files ahead (default: 8)")
     system.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -69,7 +70,7 @@ def _check_teacher_flags(group) -> None:
                             "batches with the relabel teacher (a torchvision name or timm:NAME, and its weights "
                             "file) on the stored model input and compare with the stored labels; the result goes "
                             "into the manifest (without it, images are matched by class only)")
-    group.add_argument("--check-batches", type=int, default=4, metavar="K",
+    add_ranged(group, "--check-batches", default=4, metavar="K",
                        help="batches --check-teacher recomputes, spread over the epochs (default: 4)")
 
 
@@ -86,11 +87,8 @@ def _verify(argv: list[str]) -> int:
     total = sum(x.bytes for x in s.manifest.shards)
     print(f"{escape(args.location)}: OK, {len(s.manifest.shards)} shards, {total / 1e6:.1f} MB verified")
     if args.check_teacher:
-        from .errors import ConvertError
-        from .teacher_check import MAX_CHECK_BATCHES, check_teacher, load_check_teacher
+        from .teacher_check import check_teacher, load_check_teacher
 
-        if not 1 <= args.check_batches <= MAX_CHECK_BATCHES:
-            raise ConvertError(f"--check-batches must be in [1, {MAX_CHECK_BATCHES}], got {args.check_batches}")
         m = s.manifest
         check_teacher(s, load_check_teacher(*args.check_teacher, input_size=m.input_size, width=m.soft_label_width,
                                             batches=args.check_batches))

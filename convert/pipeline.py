@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 import sys
 import time
 from collections.abc import Iterator
@@ -14,9 +13,9 @@ import numpy as np
 from tqdm import tqdm
 
 from fkd_shards import shards
-from fkd_shards.common.cli import MAX_WORKERS
 from fkd_shards.common.files import within
 from fkd_shards.common.prefetch import ordered_map
+from fkd_shards.common.ranges import check_range
 from fkd_shards.common.version import VERSION
 from fkd_shards.shards import format as fmt
 from fkd_shards.shards.alignment import batch_hits, chance_rate, implausible_batches
@@ -27,7 +26,7 @@ from .errors import ConvertError
 from .imagefolder import ImageFolderListing, image_size, list_image_folder, read_checked_image
 from .replay import epoch_orders
 from .sre2l import RelabelBatch, RelabelLayout, load_batch, read_file, read_sizes, scan_layout
-from .teacher_check import DEFAULT_BATCHES, MAX_CHECK_BATCHES, check_teacher, load_check_teacher
+from .teacher_check import DEFAULT_BATCHES, check_teacher, load_check_teacher
 
 DEFAULT_SHARD_BYTES = 64 * 10**6
 
@@ -55,26 +54,17 @@ class ConvertOptions:
 
 def check_options(o: ConvertOptions) -> shards.codecs.Codec:
     """Flag values that cannot work, before any file is read; returns the label codec."""
-    if o.input_size is not None and not 0 < o.input_size <= fmt.MAX_INPUT_SIZE:
-        raise ConvertError(f"--input-size must be in [1, {fmt.MAX_INPUT_SIZE}], got {o.input_size}")
-    if not 0 <= o.fkd_seed < 2**64:
-        raise ConvertError(f"--fkd-seed must be in [0, 2**64), got {o.fkd_seed}")
-    if o.epochs is not None and o.epochs <= 0:
-        raise ConvertError(f"--epochs must be positive, got {o.epochs}")
-    if not 1 <= o.workers <= MAX_WORKERS:
-        raise ConvertError(f"--workers must be in [1, {MAX_WORKERS}], got {o.workers}")
-    if not 1 <= o.check_batches <= MAX_CHECK_BATCHES:
-        raise ConvertError(f"--check-batches must be in [1, {MAX_CHECK_BATCHES}], got {o.check_batches}")
+    for key, value in (("--input-size", o.input_size), ("--fkd-seed", o.fkd_seed), ("--epochs", o.epochs),
+                       ("fkd-convert --workers", o.workers), ("--check-batches", o.check_batches)):
+        check_range(key, value, ConvertError)
     return label_storage(o.label_codec, o.codec_temperature, o.min_alignment)
 
 
 def label_storage(label_codec: str, codec_temperature: float, min_alignment: float | None) -> shards.codecs.Codec:
     """The label codec of ``--label-codec``/``--codec-temperature``, and ``--min-alignment`` checked
     (fkd-convert's and fkd-relabel's flags alike)."""
-    if min_alignment is not None and not 0.0 <= min_alignment <= 1.0:  # NaN fails too
-        raise ConvertError(f"--min-alignment must be in [0, 1], got {min_alignment}")
-    if not (math.isfinite(codec_temperature) and codec_temperature > 0):
-        raise ConvertError(f"--codec-temperature must be finite and positive, got {codec_temperature}")
+    check_range("--min-alignment", min_alignment, ConvertError)
+    check_range("--codec-temperature", codec_temperature, ConvertError)
     try:
         return shards.codecs.parse(label_codec, codec_temperature)
     except shards.CodecError as exc:

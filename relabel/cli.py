@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from fkd_shards.common.cli import add_cuda_flags, parse_size, run_command
+from fkd_shards.common.ranges import add_ranged
 from fkd_shards.common.text import escape
 from fkd_shards.common.version import VERSION
 
@@ -33,14 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     data = p.add_argument_group("input")
     data.add_argument("--train-dir", required=True, metavar="DIR", help="ImageFolder of the synthetic images")
-    data.add_argument("--batch-size", type=int, default=None, metavar="B", help="relabel batch size (required unless "
+    add_ranged(data, "--batch-size", default=None, metavar="B", help="relabel batch size (required unless "
                       "--replay)")
-    data.add_argument("--epochs", type=int, default=None, metavar="E", help="epochs of labels (required unless "
+    add_ranged(data, "--epochs", default=None, metavar="E", help="epochs of labels (required unless "
                       "--replay)")
-    data.add_argument("--input-size", type=int, default=None, metavar="S", help="crop size in px; default: inferred "
+    add_ranged(data, "--input-size", default=None, metavar="S", help="crop size in px; default: inferred "
                       "when every image has one square size (with --replay, give the relabel step's crop size: "
                       "its files do not record it)")
-    data.add_argument("--fkd-seed", type=int, default=42, metavar="SEED", help="seed of the sampler that orders the "
+    add_ranged(data, "--fkd-seed", default=42, metavar="SEED", help="seed of the sampler that orders the "
                       "images of each epoch (default: 42, SRe2L's)")
     data.add_argument("--replay", default=None, metavar="FKD_PATH", help="take order, crops, flips and mix from this "
                       "SRe2L relabel output (epoch_<e>/batch_<b>.tar) and compute new soft labels")
@@ -52,39 +53,39 @@ def build_parser() -> argparse.ArgumentParser:
                        "w_i * z_i; mean: 1/n each (default); explicit weights are used as given, not normalised")
     teach.add_argument("--bn-mode", default="eval", choices=["eval", "train"], help="train: batch norm on the "
                        "statistics of the forwarded chunk, running statistics untouched (default: eval)")
-    teach.add_argument("--teacher-chunks", type=int, default=1, metavar="K", help="forward each batch in K "
+    add_ranged(teach, "--teacher-chunks", default=1, metavar="K", help="forward each batch in K "
                        "consecutive chunks (2: half-batches, as CV-DD, FADRM, HALD with --bn-mode train; default: 1)")
     teach.add_argument("--amp", default="off", choices=["off", "bf16"], help="teacher forward in bf16 autocast "
                        "(default: off)")
     drawn = p.add_argument_group("draws (not with --replay)")
     drawn.add_argument("--mix-type", default=None, choices=["cutmix", "mixup", "none"], help="batch mix (default: "
                        "cutmix)")
-    drawn.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+    add_ranged(drawn, "--crop-scale", nargs=2, default=None, metavar=("MIN", "MAX"),
                        help="RandomResizedCrop area range (default: 0.08 1.0; EDC: 0.5 1.0)")
-    drawn.add_argument("--seed", type=int, default=None, help="seed of every draw (default: 0)")
+    add_ranged(drawn, "--seed", default=None, help="seed of every draw (default: 0)")
     out = p.add_argument_group("output")
     out.add_argument("--output", required=True, metavar="LOCATION", help="directory or URL of the shard set")
     out.add_argument("--label-dtype", default="float16", choices=["float16", "float32"], help="stored logits' "
                      "dtype (default: float16, SRe2L's --use-fp16)")
     out.add_argument("--label-codec", default="raw", metavar="CODEC", help="raw (default), int8 or topk:K")
-    out.add_argument("--codec-temperature", type=float, default=20.0, metavar="T", help="temperature topk:K keeps "
+    add_ranged(out, "--codec-temperature", default=20.0, metavar="T", help="temperature topk:K keeps "
                      "the tail mass for (default: 20)")
     out.add_argument("--shard-size", type=parse_size, default=parse_size("64MB"), metavar="SIZE",
                      help="start a new shard past this size (default: 64MB)")
     out.add_argument("--overwrite", action="store_true", help="replace a set written there before")
     out.add_argument("--resume", action="store_true", help="continue an interrupted run (the same flags, the same "
                      "teachers and images); with nothing written yet, the run starts")
-    out.add_argument("--min-alignment", type=float, default=None, metavar="R", help="refuse when an epoch's share of "
+    add_ranged(out, "--min-alignment", default=None, metavar="R", help="refuse when an epoch's share of "
                      "rows whose new labels' argmax is the image's class or its partner's is below R (default: a "
                      "quarter of the way from chance to 1; 0 accepts any, e.g. for an untrained teacher)")
-    out.add_argument("--min-replay-alignment", type=float, default=None, metavar="R", help="the same for the soft "
+    add_ranged(out, "--min-replay-alignment", default=None, metavar="R", help="the same for the soft "
                      "labels of --replay's own files, checked before any label is computed (default: a quarter of "
                      "the way from chance to 1; 0 accepts any)")
     system = p.add_argument_group("system")
     system.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
-    system.add_argument("-j", "--workers", type=int, default=8, metavar="N", help="crop worker processes (default: 8)")
+    add_ranged(system, "-j", "--workers", default=8, metavar="N", help="crop worker processes (default: 8)")
     system.add_argument("--no-progress", action="store_true", help="no progress bars")
-    system.add_argument("--threads", type=int, default=None, metavar="N", help="torch's compute threads (default: "
+    add_ranged(system, "--threads", default=None, metavar="N", help="torch's compute threads (default: "
                         "OMP_NUM_THREADS if set, else the CPUs left after the crop workers, at least 1)")
     add_cuda_flags(system)
     return p

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fkd_shards import shards
-from fkd_shards.common.cli import MAX_WORKERS
 from fkd_shards.common.distributed import DEFAULT_TIMEOUT_MIN
+from fkd_shards.common.ranges import check_range
 from fkd_shards.convert.imagefolder import ImageFolderListing
 from fkd_shards.convert.pipeline import infer_input_size, label_storage
 from fkd_shards.convert.sre2l import RelabelBatch, RelabelLayout, read_sizes, scan_layout
@@ -78,8 +78,6 @@ class Plan:
 def check_options(o: RelabelOptions) -> shards.codecs.Codec:
     if not o.teachers:
         raise RelabelError("--teacher MODEL WEIGHTS is required (repeat it for an ensemble)")
-    if o.teacher_chunks < 1:
-        raise RelabelError(f"--teacher-chunks must be at least 1, got {o.teacher_chunks}")
     if o.replay is not None:
         given = [flag for flag, value in (("--seed", o.seed), ("--crop-scale", o.crop_scale),
                                           ("--mix-type", o.mix_type)) if value is not None]
@@ -88,23 +86,13 @@ def check_options(o: RelabelOptions) -> shards.codecs.Codec:
     else:
         if o.batch_size is None or o.epochs is None:
             raise RelabelError("--batch-size and --epochs are required (or --replay FKD_PATH, which has both)")
-    for flag, value in (("--batch-size", o.batch_size), ("--epochs", o.epochs)):
-        if value is not None and value <= 0:
-            raise RelabelError(f"{flag} must be positive, got {value}")
-    if o.epochs is not None and o.epochs > fmt.MAX_EPOCHS:
-        raise RelabelError(f"--epochs must be at most {fmt.MAX_EPOCHS}, got {o.epochs}")
-    if o.input_size is not None and not 0 < o.input_size <= fmt.MAX_INPUT_SIZE:
-        raise RelabelError(f"--input-size must be in [1, {fmt.MAX_INPUT_SIZE}], got {o.input_size}")
-    if o.crop_scale is not None and not 0 < o.crop_scale[0] <= o.crop_scale[1] <= 1:
-        raise RelabelError(f"--crop-scale must satisfy 0 < MIN <= MAX <= 1, got {list(o.crop_scale)}")
-    if o.seed is not None and not 0 <= o.seed < 2**63:
-        raise RelabelError(f"--seed must be in [0, 2**63), got {o.seed}")
-    if not 0 <= o.fkd_seed < 2**64:
-        raise RelabelError(f"--fkd-seed must be in [0, 2**64), got {o.fkd_seed}")
-    if not 0 <= o.workers <= MAX_WORKERS:
-        raise RelabelError(f"--workers must be in [0, {MAX_WORKERS}], got {o.workers}")
-    if o.min_replay_alignment is not None and not 0.0 <= o.min_replay_alignment <= 1.0:  # NaN fails too
-        raise RelabelError(f"--min-replay-alignment must be in [0, 1], got {o.min_replay_alignment}")
+    for key, value in (("--teacher-chunks", o.teacher_chunks), ("--batch-size", o.batch_size), ("--epochs", o.epochs),
+                       ("--input-size", o.input_size), ("--seed", o.seed), ("--fkd-seed", o.fkd_seed),
+                       ("--workers", o.workers), ("--min-replay-alignment", o.min_replay_alignment),
+                       *(("--crop-scale", v) for v in o.crop_scale or ())):
+        check_range(key, value, RelabelError)
+    if o.crop_scale is not None and not o.crop_scale[0] <= o.crop_scale[1]:
+        raise RelabelError(f"--crop-scale MIN MAX must have MIN <= MAX, got {list(o.crop_scale)}")
     if o.min_replay_alignment is not None and o.replay is None:
         raise RelabelError("--min-replay-alignment applies to --replay's files; without --replay use --min-alignment")
     return label_storage(o.label_codec, o.codec_temperature, o.min_alignment)

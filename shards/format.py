@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import re
 
+from fkd_shards.common.ranges import MAX_EPOCHS, MAX_INPUT_SIZE  # noqa: F401  (limits of the format too)
+
 FORMAT_NAME = "fkd-shards"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -65,8 +67,6 @@ TAR_BLOCK = 512
 # Bounds on what a reader accepts before it allocates anything for it.
 MAX_MANIFEST_BYTES = 64 * 2**20
 MAX_PROGRESS_BYTES = 64 * 2**20
-MAX_EPOCHS = 100_000  # of labels a tool writes; SRe2L-family recipes use up to 1,000
-MAX_INPUT_SIZE = 2048  # px; a crop this size already takes 12 MB per image
 MAX_SOFT_LABEL_WIDTH = 1 << 20  # classes; ImageNet-21k has 21,843
 MAX_IMAGE_SIDE = 65535
 MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold (about 0.25 GB of RGB)

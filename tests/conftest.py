@@ -73,3 +73,23 @@ def s3(monkeypatch):
     # moto keeps its buckets in this process: empty them for the next test.
     urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/moto-api/reset", method="POST"))
     server.stop()
+
+
+@pytest.fixture
+def diverging(monkeypatch):
+    """``diverging("mobilenet_v3_small", ...)``: students of these models give NaN logits from their
+    first forward on (what a far too high learning rate does, without waiting for it)."""
+    from fkd_shards.train import loop
+
+    real = loop.build_model
+
+    def make(*names: str) -> None:
+        def build_model(name, *args, **kwargs):
+            model = real(name, *args, **kwargs)
+            if name in names:
+                model.register_forward_hook(lambda module, inputs, output: output * float("nan"))
+            return model
+
+        monkeypatch.setattr(loop, "build_model", build_model)
+
+    return make

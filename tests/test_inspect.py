@@ -34,7 +34,7 @@ def test_grid_has_the_expected_size_and_differs_between_batches(converted, tmp_p
     assert "--batch 9 0: outside the set's epochs [0, 3)" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stopped:  # argparse's usage error, exit status 2
         train_main(["inspect", output, "--batch", "1", "0", "--out", one, "--columns", "0"])
-    assert stopped.value.code == 2 and "--columns must be in [1, 1024], got 0" in capsys.readouterr().err
+    assert stopped.value.code == 2 and "argument --columns: must be in [1, 1024], got 0" in capsys.readouterr().err
 
 
 def test_the_picture_is_only_ever_a_png(converted, tmp_path, capsys):

@@ -199,8 +199,9 @@ def test_replay_checks_its_files_as_fkd_convert_does_and_a_resume_finds_them_cha
     assert relabel_main([*strict, "--output", str(tmp / "seed"), "--fkd-seed", "7", "--min-alignment", "0"]) == 1
     assert "(the default threshold, a quarter of the way from chance to 1): wrong --fkd-seed" in \
         capsys.readouterr().err
-    assert relabel_main([*strict, "--output", str(tmp / "any"), "--min-replay-alignment", "-1"]) == 1
-    assert "--min-replay-alignment must be in [0, 1], got -1.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        relabel_main([*strict, "--output", str(tmp / "any"), "--min-replay-alignment", "-1"])
+    assert "argument --min-replay-alignment: must be in [0, 1], got -1" in capsys.readouterr().err
     _killed_at_the_seventh_batch(monkeypatch, train, tmp / "resumed", ["--replay", fkd], t)
     later = os.path.join(fkd, "epoch_1", "batch_3.tar")  # not yet labelled when the run was killed
     item = torch.load(later, weights_only=False)
@@ -317,13 +318,11 @@ def test_fkd_train_trains_on_a_relabelled_set(case, tmp_path):
     ("bad_device", "--device 'tpu:0' is not a device"),
     ("missing_weights", "neither a file nor a torchvision weights name"),
     ("no_batch_size", "--batch-size and --epochs are required"),
-    ("chunks", "--teacher-chunks must be at least 1, got 0"),
     ("misaligned", "Likely causes, most common first: a crop size (--input-size) or crop scale (--crop-scale)"),
     ("small_crops", "--teacher squeezenet1_0 cannot take this set's 16x16 crops (Given input size"),
     ("zero_mix", "--teacher-mix 0: every weight is 0, so every soft label would be 0"),
     ("one_row_chunks", "--teacher resnet18 --bn-mode train cannot normalise a chunk of one image at 16x16"),
     ("chunks_over_batch", "--teacher-chunks 7 is more than a batch's 6 rows"),
-    ("epochs_bound", "--epochs must be at most 100000, got 99999999999"),
     ("mix_underscore", "--teacher-mix 1_0: expected 'mean' or comma-separated numbers"),
 ])
 def test_bad_input_is_one_line_and_leaves_nothing_complete(case, capsys, setup, message):
@@ -360,8 +359,6 @@ def test_bad_input_is_one_line_and_leaves_nothing_complete(case, capsys, setup, 
         t = [("resnet18", "nowhere")]
     elif setup == "no_batch_size":
         flags = ["--epochs", "1"]
-    elif setup == "chunks":
-        flags += ["--teacher-chunks", "0"]
     elif setup == "small_crops":  # its last max-pool has no output at 16 px
         path = str(tmp / "squeeze.pth")
         torch.save(torchvision.models.squeezenet1_0(num_classes=4).state_dict(), path)
@@ -372,8 +369,6 @@ def test_bad_input_is_one_line_and_leaves_nothing_complete(case, capsys, setup, 
         flags += ["--bn-mode", "train", "--teacher-chunks", "6"]
     elif setup == "chunks_over_batch":
         flags += ["--teacher-chunks", "7"]
-    elif setup == "epochs_bound":
-        flags = ["--batch-size", "6", "--epochs", "99999999999"]
     elif setup == "mix_underscore":  # float() would read it as 10
         flags += ["--teacher-mix", "1_0"]
     out = tmp / "out"
@@ -388,7 +383,7 @@ def test_bad_input_is_one_line_and_leaves_nothing_complete(case, capsys, setup, 
     assert message.format(p=path, train=train) in err, err
     assert not os.path.exists(out / "manifest.json")
     # These are found before any output is made.
-    if setup in ("small_crops", "zero_mix", "one_row_chunks", "chunks_over_batch", "epochs_bound", "mix_underscore"):
+    if setup in ("small_crops", "zero_mix", "one_row_chunks", "chunks_over_batch", "mix_underscore"):
         assert not os.path.exists(out)
 
 

@@ -109,8 +109,9 @@ def test_a_teacher_that_does_not_fit_is_refused_before_any_work(two_folders, cap
     assert not out.exists()
     assert _convert(a, fkd, out, "--check-teacher", "resnet18", str(tmp / "missing.pth")) == 1
     assert "missing.pth" in capsys.readouterr().err and not out.exists()
-    assert _convert(a, fkd, out, "--check-teacher", "resnet18", str(other), "--check-batches", "0") == 1
-    assert "--check-batches must be in [1, 10000], got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _convert(a, fkd, out, "--check-teacher", "resnet18", str(other), "--check-batches", "0")
+    assert "argument --check-batches: must be in [1, 10000], got 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("field,value,said", [

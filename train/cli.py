@@ -13,6 +13,7 @@ import os
 import sys
 
 from fkd_shards.common.cli import run_command
+from fkd_shards.common.ranges import add_ranged
 from fkd_shards.common.text import escape
 
 from .config import build_parser
@@ -60,14 +61,12 @@ def _inspect(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog=f"{PROG} inspect", description="Summarise a shard set; with --batch and "
                                 "--out, draw that batch as the model sees it (after crop, flip and mix).")
     p.add_argument("location", help="directory or URL of the shard set")
-    p.add_argument("--batch", type=int, nargs=2, metavar=("EPOCH", "BATCH"), help="the batch to draw")
+    add_ranged(p, "--batch", nargs=2, metavar=("EPOCH", "BATCH"), help="the batch to draw")
     p.add_argument("--out", metavar="PNG", help="picture to write (with --batch)")
-    p.add_argument("--columns", type=int, default=8, help="images per row of the picture (default: 8)")
+    add_ranged(p, "--columns", default=8, help="images per row of the picture (default: 8)")
     args = p.parse_args(argv)
     if (args.batch is None) != (args.out is None):
         p.error("--batch and --out go together")
-    if not 1 <= args.columns <= 1024:
-        p.error(f"--columns must be in [1, 1024], got {args.columns}")
     if args.out is not None:
         _check_picture_path(args.out)
     from fkd_shards import shards

@@ -8,12 +8,12 @@ This module imports only the standard library at the top: ``--help`` must not wa
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from dataclasses import asdict, dataclass, replace
 
-from fkd_shards.common.cli import MAX_WORKERS, add_cuda_flags
+from fkd_shards.common.cli import add_cuda_flags
 from fkd_shards.common.distributed import DistEnv
+from fkd_shards.common.ranges import RANGES, add_ranged, check_range
 from fkd_shards.common.version import VERSION
 
 from .rundir import plain_name, resume_path
@@ -39,7 +39,7 @@ class TrainConfig:
     output_dir: str  # where this student's checkpoints, metrics and summary go
     run_dir: str  # --output-dir: output_dir itself, or the directory holding several students' directories
     model: str  # the student: a torchvision.models name or timm:NAME
-    seed: int  # seed of the student's init and every later draw, in [0, 2**63)
+    seed: int  # seed of the student's init and every later draw, in [0, 2**32)
     epochs: int  # train epochs [start_epoch, epochs) of the set's; the LR schedule spans [0, epochs)
     start_epoch: int  # the first epoch of a fresh run (a resume continues after its checkpoint)
     gradient_accumulation_steps: int  # A: micro-batches per optimizer step
@@ -109,21 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
     data = p.add_argument_group("data")
     data.add_argument("--shards", metavar="LOCATION", help="shard set written by fkd-convert or fkd-relabel "
                       "(directory or URL); required")
-    data.add_argument("--epochs", type=int, default=None, metavar="E", help="train epochs [start, E) (default: all "
+    add_ranged(data, "--epochs", default=None, metavar="E", help="train epochs [start, E) (default: all "
                       "the set holds; the LR schedule spans E)")
-    data.add_argument("--start-epoch", type=int, default=0, metavar="S", help="first epoch, with that epoch's own "
+    add_ranged(data, "--start-epoch", default=0, metavar="S", help="first epoch, with that epoch's own "
                       "batches and LR; fresh weights unless --init-weights (default: 0)")
-    data.add_argument("--batch-size", type=int, default=None, metavar="B", help="must equal the set's B (default: "
+    add_ranged(data, "--batch-size", default=None, metavar="B", help="must equal the set's B (default: "
                       "the set's); change the forward batch with --gradient-accumulation-steps")
     data.add_argument("--mix-type", default=None, choices=["mixup", "cutmix", "none"],
                       help="must match the set (default: the set's)")
-    data.add_argument("--fkd_seed", "--fkd-seed", dest="fkd_seed", type=int, default=None, metavar="SEED",
+    add_ranged(data, "--fkd_seed", "--fkd-seed", dest="fkd_seed", default=None, metavar="SEED",
                       help="must match the set (default: the set's)")
     data.add_argument("--allow-misaligned", action="store_true", help="train on a set whose replay alignment is "
                       "near chance (its soft labels probably belong to other images)")
     data.add_argument("--val-dir", default=None, metavar="DIR", help="ImageFolder to validate on (optional; "
                       "same class folders as the set)")
-    data.add_argument("--val-every", type=int, default=10, metavar="N", help="validate every N epochs and at the "
+    add_ranged(data, "--val-every", default=10, metavar="N", help="validate every N epochs and at the "
                       "last (default: 10)")
     data.add_argument("--train-dir", help=argparse.SUPPRESS)
     data.add_argument("--fkd-path", help=argparse.SUPPRESS)
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "name, or timm:NAME with the timm extra (default: resnet18); random init, no download. Repeat "
                        "for several students trained on one data pass; @lr=LR gives a student its own learning "
                        "rate (SGD's --learning-rate, or AdamW's --adamw-lr)")
-    model.add_argument("--seed", type=int, default=None, help="seed of everything random in training, the "
+    add_ranged(model, "--seed", default=None, help="seed of everything random in training, the "
                        "student's init first (default: 0)")
     model.add_argument("--seeds", default=None, metavar="S1,S2,...", help="one student per model and seed, e.g. "
                        "0,1,2 (instead of --seed)")
@@ -142,17 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "GPUs; off: exact parity)")
     model.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across ranks under torchrun")
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--gradient-accumulation-steps", type=int, default=1, metavar="A", help="micro-batches "
+    add_ranged(opt, "--gradient-accumulation-steps", default=1, metavar="A", help="micro-batches "
                      "per step; B must be divisible by A x ranks (default: 1)")
     opt.add_argument("--sgd", action="store_true", help="SGD instead of AdamW")
-    opt.add_argument("-lr", "--learning-rate", type=float, default=1.024, metavar="LR", help="SGD learning rate "
+    add_ranged(opt, "-lr", "--learning-rate", default=1.024, metavar="LR", help="SGD learning rate "
                      "(default: 1.024)")
-    opt.add_argument("--momentum", type=float, default=0.875, help="SGD momentum (default: 0.875)")
-    opt.add_argument("--weight-decay", type=float, default=3e-5, metavar="WD", help="SGD weight decay "
+    add_ranged(opt, "--momentum", default=0.875, help="SGD momentum (default: 0.875)")
+    add_ranged(opt, "--weight-decay", default=3e-5, metavar="WD", help="SGD weight decay "
                      "(default: 3e-5)")
-    opt.add_argument("--adamw-lr", type=float, default=0.001, metavar="LR", help="AdamW learning rate "
+    add_ranged(opt, "--adamw-lr", default=0.001, metavar="LR", help="AdamW learning rate "
                      "(default: 0.001)")
-    opt.add_argument("--adamw-weight-decay", type=float, default=0.01, metavar="WD", help="AdamW weight decay "
+    add_ranged(opt, "--adamw-weight-decay", default=0.01, metavar="WD", help="AdamW weight decay "
                      "(default: 0.01)")
     opt.add_argument("--cos", action="store_true", help="cosine LR schedule per epoch (default: linear decay)")
     opt.add_argument("--last-batch-loss", default="original", choices=["original", "mean"],
@@ -161,9 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--amp", default="off", choices=["bf16", "fp16", "off"], help="autocast (default: off, "
                      "exact parity)")
     kd = p.add_argument_group("distillation")
-    kd.add_argument("-T", "--temperature", type=float, default=3.0, help="KD temperature (default: 3.0; the "
+    add_ranged(kd, "-T", "--temperature", default=3.0, help="KD temperature (default: 3.0; the "
                     "paper's runs use 20)")
-    kd.add_argument("--keep-topk", type=int, default=1000, help="accepted for compatibility; unused, as in "
+    add_ranged(kd, "--keep-topk", default=1000, help="accepted for compatibility; unused, as in "
                     "train_FKD.py")
     out = p.add_argument_group("checkpoints and output")
     out.add_argument("--output-dir", default="./save/1024", metavar="DIR", help="checkpoints, metrics.jsonl, "
@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "environment wins); never printed or logged")
     system = p.add_argument_group("system")
     system.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
-    system.add_argument("-j", "--workers", type=int, default=16, metavar="N", help="crop worker processes; 0 "
+    add_ranged(system, "-j", "--workers", default=16, metavar="N", help="crop worker processes; 0 "
                         "crops in the main process (default: 16)")
     system.add_argument("--decode-cache", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
                         help="keep each image's decoded pixels after first use, in memory the workers share "
@@ -191,19 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     system.add_argument("--cache-dir", default=None, metavar="DIR", help="keep verified remote image shards "
                         "here and reuse them")
     system.add_argument("--cache-labels", action="store_true", help="with --cache-dir: cache the label shards too")
-    system.add_argument("--threads", type=int, default=None, metavar="N", help="torch's compute threads (default: "
+    add_ranged(system, "--threads", default=None, metavar="N", help="torch's compute threads (default: "
                         "OMP_NUM_THREADS if set, else the CPUs left after the crop workers, at least 1)")
     add_cuda_flags(system)
     log.add_argument("--no-progress", action="store_true", help="no progress bars (batch jobs' logs): the epoch "
                      "lines only")
     return p
-
-
-def _check_number(flag: str, value: float, low: float = 0.0, high: float = math.inf, strict: bool = False) -> None:
-    """A finite float flag within [low, high] (or (low, high] when ``strict``)."""
-    if not math.isfinite(value) or value < low or value > high or (strict and value == low):
-        bound = f"({low:g}" if strict else f"[{low:g}"
-        raise ConfigError(f"{flag} must be a finite number in {bound}, {high:g}], got {value}")
 
 
 def resolve_students(args: argparse.Namespace, manifest, env: DistEnv) -> list[TrainConfig]:
@@ -220,32 +213,22 @@ def resolve_students(args: argparse.Namespace, manifest, env: DistEnv) -> list[T
         raise ConfigError(f"--mix-type {args.mix_type} contradicts the shard set's {m.mix_type}")
     if args.fkd_seed is not None and args.fkd_seed != m.fkd_seed:
         raise ConfigError(f"--fkd_seed {args.fkd_seed} contradicts the shard set's {m.fkd_seed}")
+    for key in ("--epochs", "--start-epoch", "--gradient-accumulation-steps", "--val-every", "--workers",
+                "--temperature", "--learning-rate", "--adamw-lr", "--weight-decay", "--adamw-weight-decay",
+                "--momentum", "--threads"):
+        check_range(key, getattr(args, key[2:].replace("-", "_")), ConfigError)
     epochs = m.epochs if args.epochs is None else args.epochs
-    if epochs <= 0:
-        raise ConfigError(f"--epochs must be positive, got {epochs}")
     if epochs > m.epochs:
         raise ConfigError(f"--epochs {epochs} asked, the shard set holds {m.epochs}")
     if not 0 <= args.start_epoch < epochs:
         raise ConfigError(f"--start-epoch {args.start_epoch} outside [0, {epochs})")
     steps = args.gradient_accumulation_steps
-    if steps <= 0:
-        raise ConfigError(f"--gradient-accumulation-steps must be positive, got {steps}")
     if m.batch_size % steps:
         raise ConfigError(f"--batch-size {m.batch_size} is not divisible by --gradient-accumulation-steps {steps}")
     if m.batch_size % (env.world_size * steps):
         raise ConfigError(f"--batch-size {m.batch_size} is not divisible by world size {env.world_size} x "
                           f"--gradient-accumulation-steps {steps}")
     students = parse_students(args.model, args.seed, args.seeds)
-    if args.val_every <= 0:
-        raise ConfigError(f"--val-every must be positive, got {args.val_every}")
-    if not 0 <= args.workers <= MAX_WORKERS:
-        raise ConfigError(f"--workers must be in [0, {MAX_WORKERS}], got {args.workers}")
-    _check_number("--temperature", args.temperature, strict=True)
-    _check_number("--learning-rate", args.learning_rate)
-    _check_number("--adamw-lr", args.adamw_lr)
-    _check_number("--weight-decay", args.weight_decay)
-    _check_number("--adamw-weight-decay", args.adamw_weight_decay)
-    _check_number("--momentum", args.momentum, high=1.0)
     if args.cache_labels and not args.cache_dir:
         raise ConfigError("--cache-labels needs --cache-dir")
     if args.restart and args.resume:
@@ -324,9 +307,8 @@ def parse_students(models: list[str] | None, seed: int | None, seeds: str | None
         except ValueError:
             raise ConfigError(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
     for value in seed_list:
-        if not 0 <= value < 2**63:
-            raise ConfigError(f"--seeds: seed {value} is outside [0, 2**63)" if seeds is not None else
-                              f"--seed must be in [0, 2**63), got {value}")
+        check_range("--seed", value, lambda message: ConfigError(f"--seeds: {message}" if seeds is not None else
+                                                                 message))
     students = [StudentSpec(name, s, lr) for name, lr in map(_model_spec, models or ["resnet18"]) for s in seed_list]
     if len(students) > MAX_STUDENTS:
         raise ConfigError(f"{len(students)} students asked; at most {MAX_STUDENTS} train in one run (each holds its "
@@ -360,7 +342,8 @@ def _model_spec(text: str) -> tuple[str, float | None]:
         lr = float(value)
     except ValueError:
         raise ConfigError(f"--model {text!r}: {value!r} is not a learning rate") from None
-    _check_number(f"--model {name}@lr", lr)
+    if not RANGES["--learning-rate"].holds(lr):  # a student's own rate, in the range of --learning-rate
+        raise ConfigError(f"--model {name}@lr must be in {RANGES['--learning-rate'].words()}, got {lr}")
     return name, lr
 
 
