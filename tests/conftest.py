@@ -93,3 +93,16 @@ def diverging(monkeypatch):
         monkeypatch.setattr(loop, "build_model", build_model)
 
     return make
+
+
+def header_only_image(path) -> None:
+    """Write at ``path`` a PNG whose header parses and whose pixels do not decode (cut inside IDAT)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    with open(path, "wb") as f:
+        f.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])

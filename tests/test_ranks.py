@@ -12,7 +12,7 @@ import subprocess
 import pytest
 import torch
 
-from tests.conftest import INPUT_SIZE
+from tests.conftest import INPUT_SIZE, header_only_image
 from tests.test_distributed import _env, _torchrun, kill_after_first_checkpoint
 
 NAN_ON_RANK_1 = """
@@ -84,13 +84,21 @@ def test_a_loss_not_finite_on_one_rank_stops_both_with_one_line(converted, tmp_p
     assert _epoch(out) == 1  # epoch 0's checkpoint is kept
 
 
-def test_an_unreadable_validation_image_on_one_rank_stops_both_after_the_checkpoint(converted, tmp_path):
+def test_an_unreadable_validation_image_on_one_rank_stops_both_at_start_up_or_after_the_checkpoint(converted, tmp_path):
     output, samples, _ = converted(batch_size=8, epochs=3, per_class=10)
     val = tmp_path / "val"
     shutil.copytree(_image_folder(samples), val)
     first_class = sorted(os.listdir(val))[0]
     broken = val / first_class / sorted(os.listdir(val / first_class))[1]  # index 1: rank 1's share
-    broken.write_bytes(b"not an image")
+    broken.write_bytes(b"not an image")  # seen by rank 1's check of its headers: before anything trains
+    early = tmp_path / "early"
+    run = _run(_args(output, early, "--val-dir", str(val), "--val-every", "1"))
+    assert run.returncode != 0
+    errors = _errors(run.stderr)
+    assert len(errors) == 1 and errors[0].startswith(f"fkd-train: error: rank 1 of 2: {broken}: unreadable image"), \
+        run.stderr[-3000:]
+    assert not early.exists()
+    header_only_image(broken)  # its header parses: found when rank 1 validates
     out = tmp_path / "run"
     run = _run(_args(output, out, "--val-dir", str(val), "--val-every", "1"))
     assert run.returncode != 0

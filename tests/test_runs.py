@@ -18,6 +18,7 @@ from torch import nn
 
 from fkd_shards.train import checkpoint, loop
 from fkd_shards.train.cli import main as train_main
+from tests.conftest import header_only_image
 
 
 def _run(output, out_dir, *extra, code=0, capsys=None):
@@ -236,7 +237,12 @@ def test_an_unreadable_validation_image_is_named_after_the_epoch_is_saved(conver
     val = tmp_path / "val"
     shutil.copytree(os.path.dirname(os.path.dirname(samples[0][0])), val)
     broken = val / "new002" / sorted(os.listdir(val / "new002"))[1]
-    broken.write_bytes(b"\xff\xd8\xff broken")
+    broken.write_bytes(b"\xff\xd8\xff broken")  # not even a header: named before anything trains
+    err = _run(output, tmp_path / "early", "--epochs", "1", "--val-dir", str(val), code=1, capsys=capsys)
+    assert err == f"fkd-train: error: {broken}: unreadable image (cannot identify image file <_io.BytesIO object>)" \
+        or (err.startswith(f"fkd-train: error: {broken}: unreadable image (") and "\n" not in err), err
+    assert not (tmp_path / "early").exists()
+    header_only_image(broken)  # a header that parses, pixels that do not: found when validating
     err = _run(output, tmp_path / "run", "--epochs", "1", "--val-dir", str(val), code=1, capsys=capsys)
     assert f"{broken}: unreadable image" in err
     assert checkpoint.load_checkpoint(str(tmp_path / "run" / "checkpoint.pth.tar"))["epoch"] == 1

@@ -81,8 +81,9 @@ def train(configs: TrainConfig | list[TrainConfig], shard_set: shards.ShardSet, 
         for st in students:
             st.state = build_state(st.cfg, m, restore=False)
             st.keep_rng()
-        val = val_loader(cfg.val_dir, m.classes, m.input_size, m.batch_size, min(cfg.workers, 4), env) \
-            if cfg.val_dir else None
+        with agreed(env, cfg.device):  # each rank checks its share of the validation files' headers
+            val = val_loader(cfg.val_dir, m.classes, m.input_size, m.batch_size, min(cfg.workers, 4), env) \
+                if cfg.val_dir else None
         later = []  # what claiming decided to move and write, done once every claim and restore succeeded
         # Rank 0 alone claims the directories: every rank agrees that it could, and that each could
         # restore its checkpoint, before any collective of training (none waits for a refused rank).

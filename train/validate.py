@@ -1,8 +1,10 @@
 """Validation on an ImageFolder with the original transforms, sharded over ranks and reduced.
 
-An image that cannot be read does not crash a worker with a traceback: the dataset marks it, and
-:func:`evaluate` raises one line naming the file (after the epoch's checkpoint is written); under
-torchrun every rank raises it, whichever rank met the file.
+Before training, every file's image header is parsed (:func:`val_loader`): a file that is not an
+image is named at start-up. An image whose header parses but whose pixels do not decode does not
+crash a worker with a traceback: the dataset marks it, and :func:`evaluate` raises one line naming
+the file (after the epoch's checkpoint is written); under torchrun every rank raises it, whichever
+rank met the file.
 
 Under torchrun the students' batch-norm running statistics differ by rank (buffers are not
 broadcast while training); :func:`rank0_buffers` lends every rank rank 0's for the evaluation, so
@@ -12,6 +14,7 @@ that the reported top-1 is that of the model rank 0 saves.
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -25,12 +28,13 @@ from torchvision.datasets import ImageFolder
 
 from fkd_shards.batches.mix import MEAN, STD
 from fkd_shards.common.distributed import DistEnv, agreed, sum_across_ranks
-from fkd_shards.common.files import FileReadError, read_bounded, refuse_directory_loops
+from fkd_shards.common.files import FileReadError, open_regular, read_bounded, refuse_directory_loops
 from fkd_shards.common.text import first_line
 
 from .kd import topk_correct
 
 MAX_VAL_IMAGE_BYTES = 256 * 2**20
+HEADER_BYTES = 1 << 16  # enough for the header of every format PIL opens
 
 
 class ValidationError(ValueError):
@@ -71,10 +75,30 @@ def val_loader(val_dir: str, classes: list[str], input_size: int, batch_size: in
     if dataset.classes != classes:
         raise ValidationError(f"{val_dir}: class folders differ from the shard set's classes")
     shard = Subset(dataset, range(env.rank, len(dataset), env.world_size))
+    _check_headers([dataset.samples[k][0] for k in shard.indices])
     # Its own generator: iterating a DataLoader draws a seed, which must not move the global RNG
     # (dropout, resume parity) by whether an epoch validates.
     return DataLoader(shard, batch_size=max(1, batch_size // 4), shuffle=False, num_workers=workers,
                       generator=torch.Generator())
+
+
+def _check_headers(paths: list[str]) -> None:
+    """Each file opens as a regular file within the size bound and its image header parses (the
+    pixels are decoded only when validating): a broken file is named before the first epoch trains,
+    not after it. One that passes this and still fails to decode is named after its epoch's checkpoint."""
+    for path in paths:
+        try:
+            fd, size = open_regular(path)
+            with os.fdopen(fd, "rb") as f:
+                head = f.read(HEADER_BYTES)
+            if size > MAX_VAL_IMAGE_BYTES:
+                raise ValueError(f"{size} bytes, more than {MAX_VAL_IMAGE_BYTES}")
+            with Image.open(io.BytesIO(head)) as img:
+                img.size  # noqa: B018  (parsed from the header)
+        except FileReadError as exc:
+            raise ValidationError(str(exc)) from None
+        except Exception as exc:  # PIL raises many types for bytes that are not an image
+            raise ValidationError(f"{path}: unreadable image ({first_line(exc, 150)})") from None
 
 
 def evaluate(model: nn.Module, loader: DataLoader, device: str, env: DistEnv) -> dict[str, float]:
