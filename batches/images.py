@@ -61,6 +61,15 @@ def load_images(shard_set: shards.ShardSet) -> ImageTable:
                       paths)
 
 
+def upscale_note(shapes: np.ndarray, input_size: int) -> str | None:
+    """One line when the crop size exceeds every image's longest side (``shapes``: (N, 2) heights and
+    widths): every crop is then upscaled. Legitimate, but a wrong ``--input-size`` looks the same."""
+    if len(shapes) and input_size > int(shapes.max()):
+        return (f"note: crop size S={input_size} is larger than every image (the longest side is "
+                f"{int(shapes.max())} px): every crop is upscaled")
+    return None
+
+
 def header_size(data: bytes, index: int) -> tuple[int, int]:
     """(height, width) from an image's header; nothing is decoded."""
     try:

@@ -13,6 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fkd_shards import shards
+from fkd_shards.batches.images import upscale_note
 from fkd_shards.common.files import within
 from fkd_shards.common.prefetch import ordered_map
 from fkd_shards.common.ranges import check_range
@@ -126,6 +127,9 @@ def convert(options: ConvertOptions, log=print) -> shards.Manifest:
     with ThreadPoolExecutor(o.workers) as pool:
         with shards.ShardSetWriter(o.output, o.shard_bytes, o.overwrite, codec) as writer:
             shapes = _write_images(writer, pool, folder, o)
+            note = upscale_note(shapes, input_size)
+            if note:
+                log(f"fkd-convert: {note}")
             writer.end_images()
             started = time.perf_counter()
             job = ReplayCheck(layout=layout, labels=labels, shapes=shapes, first=first, batch_size=batch_size,

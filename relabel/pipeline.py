@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from fkd_shards import shards
 from fkd_shards.batches import draws
-from fkd_shards.batches.images import ImageTable, open_pixels
+from fkd_shards.batches.images import ImageTable, open_pixels, upscale_note
 from fkd_shards.batches.plan import plan_batch
 from fkd_shards.batches.stream import BatchMaker, make_batches
 from fkd_shards.common import distributed
@@ -137,8 +137,18 @@ def label(records: Iterator[shards.BatchRecord], expected: Iterator[tuple[int, i
     for batch in make_batches(plans, maker, expected, workers=o.workers):
         ready = time.perf_counter()
         timing.waiting += ready - started
-        soft = ensemble(batch.model_input(ensemble.device)).to(dtype).cpu().numpy()
+        logits = ensemble(batch.model_input(ensemble.device))
+        soft = logits.to(dtype).cpu().numpy()
         timing.forward += time.perf_counter() - ready
+        # A row whose largest logit lies below the label dtype's smallest normal number is stored as
+        # a handful of subnormal steps or as zeros (tiny --teacher-mix weights): refused, not written.
+        peak = logits.abs().amax(1)
+        faint = (peak > 0) & (peak < torch.finfo(dtype).tiny)
+        if bool(faint.any()):
+            raise RelabelError(f"epoch {batch.epoch} batch {batch.batch}: the mixed logits of a row are at most "
+                               f"{float(peak[faint].max()):.3g}, below {o.label_dtype}'s smallest normal number "
+                               f"{torch.finfo(dtype).tiny:.3g}: its stored labels would be (almost) all 0; scale "
+                               f"--teacher-mix {o.teacher_mix} up, or --label-dtype float32")
         if not np.isfinite(soft).all():
             raise RelabelError(f"epoch {batch.epoch} batch {batch.batch}: the teachers' logits are not all finite "
                                f"in {o.label_dtype} (a diverged teacher, or logits beyond float16: --label-dtype "
@@ -222,6 +232,9 @@ def _relabel(o: RelabelOptions, env: DistEnv, device: str, log) -> shards.Manife
                                        f"{len(folder.classes)} class folders")
             weights = parse_mix(o.teacher_mix, len(teachers))
             table, digest = read_images(folder, o.progress and env.is_main)
+            note = upscale_note(table.shapes, plan.input_size)
+            if note:
+                say(f"fkd-relabel: {note}")
             threshold = alignment_threshold(o.min_alignment, len(folder.classes), plan.mix_type != fmt.MIX_NONE)
             replay_digest = check_replay(plan, table, o, num_classes=len(folder.classes), log=say) \
                 if plan.layout is not None and env.is_main else None

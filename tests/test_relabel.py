@@ -321,6 +321,8 @@ def test_fkd_train_trains_on_a_relabelled_set(case, tmp_path):
     ("misaligned", "Likely causes, most common first: a crop size (--input-size) or crop scale (--crop-scale)"),
     ("small_crops", "--teacher squeezenet1_0 cannot take this set's 16x16 crops (Given input size"),
     ("zero_mix", "--teacher-mix 0: every weight is 0, so every soft label would be 0"),
+    ("tiny_mix", "below float16's smallest normal number 6.1e-05: its stored labels would be (almost) all 0; scale "
+                 "--teacher-mix 1e-30 up, or --label-dtype float32"),
     ("one_row_chunks", "--teacher resnet18 --bn-mode train cannot normalise a chunk of one image at 16x16"),
     ("chunks_over_batch", "--teacher-chunks 7 is more than a batch's 6 rows"),
     ("mix_underscore", "--teacher-mix 1_0: expected 'mean' or comma-separated numbers"),
@@ -365,6 +367,8 @@ def test_bad_input_is_one_line_and_leaves_nothing_complete(case, capsys, setup, 
         t = [("squeezenet1_0", path)]
     elif setup == "zero_mix":
         flags += ["--teacher-mix", "0"]
+    elif setup == "tiny_mix":  # finite, not zero, and every stored float16 label would be 0
+        flags += ["--teacher-mix", "1e-30"]
     elif setup == "one_row_chunks":  # resnet18's last feature maps are 1x1 at 16 px
         flags += ["--bn-mode", "train", "--teacher-chunks", "6"]
     elif setup == "chunks_over_batch":

@@ -189,3 +189,21 @@ def test_the_check_reads_a_set_on_object_storage_before_its_manifest_is_uploaded
     assert _convert(b, fkd, f"{s3}/sets/wrong", "--check-teacher", "resnet18", weights) == 1
     assert "epoch 0 batch 0: the teacher's logits" in capsys.readouterr().err
     assert s3fs.S3FileSystem().find("bucket/sets/wrong") == []  # the uploaded shards were removed
+
+
+def test_a_crop_size_above_every_image_is_said_in_one_line(two_folders, capsys):
+    import numpy as np
+
+    from fkd_shards.batches.images import upscale_note
+
+    assert upscale_note(np.array([[23, 19], [31, 17]]), 31) is None  # one side reaches S: no note
+    tmp, a, _, fkd, _ = two_folders  # images of 16 to 31 px
+    out = tmp / "big"
+    assert _convert(a, fkd, out) == 0
+    assert "larger than every image" not in capsys.readouterr().out
+    assert _convert(a, fkd, tmp / "upscaled", "--input-size", "32") == 0
+    assert ("fkd-convert: note: crop size S=32 is larger than every image (the longest side is 31 px): every crop "
+            "is upscaled") in capsys.readouterr().out.splitlines()
+    assert train_main(["--shards", str(tmp / "upscaled"), "--output-dir", str(tmp / "run"), "--epochs", "1", "-j", "0",
+                       "--device", "cpu", "--no-progress"]) == 0
+    assert "fkd-train: note: crop size S=32 is larger than every image" in capsys.readouterr().out

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from fkd_shards import shards
 from fkd_shards.batches.batch import Batch, to_device
-from fkd_shards.batches.images import load_images, open_pixels
+from fkd_shards.batches.images import load_images, open_pixels, upscale_note
 from fkd_shards.batches.plan import single_row_micro_batch
 from fkd_shards.batches.stream import BatchStream
 from fkd_shards.common.distributed import RankFailed, agreed, collective_device, mark_agreed, sum_across_ranks
@@ -485,6 +485,9 @@ def _stream(cfg: TrainConfig, shard_set: shards.ShardSet, first_epoch: int, conf
         f"micro-batches x {cfg.micro_batch_rows} rows, epochs {first_epoch}..{cfg.epochs - 1}, mix={m.mix_type}, "
         f"T={cfg.temperature}, {'SGD' if cfg.sgd else 'AdamW'}, amp={cfg.amp}")
     say(f"fkd-train: images proven {m.label_source()}")
+    note = upscale_note(pixels.table.shapes, m.input_size)
+    if note:
+        say(f"fkd-train: {note}")
     return stream
 
 
