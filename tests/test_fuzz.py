@@ -195,3 +195,104 @@ def test_a_sealed_nan_logit_is_refused_by_the_reader_and_by_training(converted, 
     assert len(errors) == 1 and errors[0].startswith("fkd-train: error: ") and "not finite" in errors[0]
     state = torch.load(out / "checkpoint.pth.tar", weights_only=True)
     assert state["epoch"] == 1  # epoch 0 was trained and kept; epoch 1 stopped at the poisoned record
+
+
+class _Tiny(torch.nn.Module):
+    """A model with every kind of state a weights file holds: conv and linear weights, batch-norm
+    buffers (an int64 counter among them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4, 3)
+
+
+def _confused(rng: random.Random, value):
+    """A value of another type or kind where a tensor was (what weights_only=True lets through)."""
+    return rng.choice([
+        lambda: 1, lambda: "x", lambda: None, lambda: [value], lambda: {"nested": value}, lambda: value.double(),
+        lambda: value.to(torch.float8_e4m3fn) if value.is_floating_point() else value.bool(),
+        lambda: value.to("meta"), lambda: value.to_sparse() if value.dim() else value,
+        lambda: value.float() * float("nan"), lambda: value.float() * float("inf"), lambda: value.reshape(-1)[:1],
+        lambda: value.to(torch.complex64), lambda: torch.zeros(0), lambda: value.flatten().repeat(2),
+    ])()
+
+
+def test_weights_files_mutated_or_type_confused_load_or_fail_in_one_line(tmp_path):
+    from fkd_shards.models.weights import WeightsError, load_into, load_state
+
+    torch.manual_seed(0)
+    pristine = _Tiny().state_dict()
+    rng = random.Random(20261204)
+    outcomes = {"clean error": 0, "loaded": 0}
+    for case in range(150):
+        path = tmp_path / f"w{case}.pth"
+        state = {k: v.clone() for k, v in pristine.items()}
+        wrap = rng.random() < 0.3  # a checkpoint keeps the state dict under a key, as ours do
+        if rng.random() < 0.5:
+            key = rng.choice(sorted(state))
+            state[key] = _confused(rng, state[key])
+            torch.save({"state_dict": state, "epoch": 3} if wrap else state, path)
+            sealed = True
+        else:
+            torch.save({"state_dict": state, "epoch": 3} if wrap else state, path)
+            data = bytearray(path.read_bytes())
+            at = rng.randrange(len(data))
+            kind = rng.choice(["flip", "cut", "zero"])
+            if kind == "flip":
+                data[at] ^= 1 << rng.randrange(8)
+            elif kind == "cut":
+                del data[at:]
+            else:
+                data[at:at + 64] = bytes(len(data[at:at + 64]))
+            path.write_bytes(bytes(data))
+            sealed = False
+        model = _Tiny()
+        try:
+            load_into(model, load_state(str(path)), str(path), "--init-weights")
+        except WeightsError as exc:
+            assert "\n" not in str(exc) and str(path) in str(exc), (case, str(exc))
+            outcomes["clean error"] += 1
+        else:
+            loaded = model.state_dict()
+            assert all(torch.isfinite(v).all() for v in loaded.values() if v.is_floating_point()), case
+            if not sealed:  # a changed byte that was not refused must not have changed a number
+                assert all(torch.equal(loaded[k], pristine[k]) for k in pristine), f"case {case}: corrupt bytes used"
+            outcomes["loaded"] += 1
+    assert outcomes["clean error"] > 75 and outcomes["loaded"] > 0, outcomes
+
+
+def test_summaries_mutated_or_type_confused_report_or_fail_in_one_line(tmp_path, capsys):
+    from fkd_shards.train.cli import main as train_main
+
+    base = {"model": "resnet18", "seed": 0, "shards": "/data/set", "shard_set": "ab" * 32, "epochs": 2,
+            "epochs_done": 2, "final_top1": 50.0, "best_top1": 55.0, "best_epoch": 1, "images_per_s": 100.0,
+            "wall_s": 10.0, "config": {"temperature": 3.0}, "written_by": "fkd-train 0.3.0"}
+    rng = random.Random(4)
+    outcomes = {"clean error": 0, "reported": 0}
+    for case in range(150):
+        run = tmp_path / f"run{case}"
+        run.mkdir()
+        body = dict(base)
+        if rng.random() < 0.6:
+            key = rng.choice(sorted(body))
+            body[key] = rng.choice([0, -1, 1e308, -1e308, 10**40, "x", "", None, [], {}, True, [1, "a"],
+                                    {"a": [None]}, "\x1b[2J", 1e-320])
+            text = json.dumps(body)
+        else:
+            text = bytearray(json.dumps(body).encode())
+            at = rng.randrange(len(text))
+            text[at] = rng.randrange(256)
+            text = text.decode("utf-8", errors="replace")
+        (run / "summary.json").write_text(text)
+        code = train_main(["report", str(run), "--format", rng.choice(["markdown", "csv", "json", "text"])])
+        said = capsys.readouterr()
+        if code == 0:
+            assert "\x1b" not in said.out, case  # control characters from data are escaped
+            outcomes["reported"] += 1
+        else:
+            assert code == 1 and len(said.err.strip().splitlines()) == 1, (case, said.err)
+            assert said.err.startswith("fkd-train: error: "), said.err
+            outcomes["clean error"] += 1
+    assert outcomes["clean error"] > 40 and outcomes["reported"] > 20, outcomes
