@@ -42,8 +42,8 @@ def run_command(prog: str, command: Callable[[], int], user_errors: Callable[[],
             raise
         if not agreed_elsewhere(exc):  # under torchrun, an error all ranks raise together is said once
             # Said by the rank that met it alone (torchrun then stops the others): name the rank.
-            alone = f"rank {_rank()} of {os.environ.get('WORLD_SIZE')}: " if _rank() and not isinstance(
-                exc, RankFailed) else ""
+            alone = f"rank {_rank()} of {os.environ['WORLD_SIZE']}: " if _rank() and os.environ.get(
+                "WORLD_SIZE") and not isinstance(exc, RankFailed) else ""
             print(error_line(prog, f"{alone}{exc}"), file=sys.stderr)
         return 1
 

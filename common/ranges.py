@@ -43,7 +43,7 @@ class Range:
     def holds(self, value: float) -> bool:
         if self.integer and (not isinstance(value, int) or isinstance(value, bool)):
             return False
-        if not math.isfinite(value):  # NaN compares false with everything: refused here, not let through
+        if isinstance(value, float) and not math.isfinite(value):  # NaN compares false with everything
             return False
         return (self.low < value if self.open_low else self.low <= value) and value <= self.high
 

@@ -25,7 +25,7 @@ import torch
 
 from fkd_shards import shards
 from fkd_shards.batches.stream import batches_at
-from fkd_shards.common.text import escape
+from fkd_shards.common.text import escape, first_line
 from fkd_shards.models.teachers import Ensemble, Teacher, TeacherError, load_teacher
 
 from .errors import ConvertError
@@ -74,27 +74,37 @@ def check_teacher(shard_set: shards.ShardSet, check: CheckTeacher, log=print) ->
     """Recompute :attr:`CheckTeacher.batches` batches of ``shard_set`` and compare; returns the
     manifest's ``teacher_check`` object, or raises :class:`TeacherCheckError`."""
     m, t = shard_set.manifest, check.teacher
-    relabel = m.relabel or {}  # a set fkd-relabel wrote: its teacher ran in its recorded batch-norm mode
-    ensemble = Ensemble([t], [1.0], device="cpu", bn_mode=relabel.get("bn_mode", "eval"),
-                        chunks=relabel.get("teacher_chunks", 1), amp="off")
+    # A set fkd-relabel wrote: its teacher ran as recorded (batch-norm mode, chunks, weight, autocast).
+    relabel = m.relabel or {"teachers": [{"mix_weight": 1.0}]}
+    if len(relabel["teachers"]) > 1:
+        raise TeacherCheckError(f"--check-teacher {t.name}: this set was labelled by an ensemble of "
+                                f"{len(relabel['teachers'])} teachers, and the check recomputes one; its manifest "
+                                f"names every teacher and its weights' sha256")
+    ensemble = Ensemble([t], [relabel["teachers"][0]["mix_weight"]], device="cpu",
+                        bn_mode=relabel.get("bn_mode", "eval"), chunks=relabel.get("teacher_chunks", 1),
+                        amp=relabel.get("amp", "off"))
     codec = shard_set.spec.codec
     positions = spread(m.epochs, m.batches_per_epoch, check.batches)
-    compared = []  # (epoch, batch, stored, recomputed as stored, recomputed in float32)
+    compared = []  # (epoch, batch, stored, recomputed as stored)
     for batch in batches_at(shard_set, positions):
-        logits = ensemble(batch.model_input("cpu"))
-        # The recomputed logits as the set stores them: its dtype's rounding, then its codec.
-        stored_form = logits.numpy().astype(m.soft_label_dtype)
-        expected = torch.from_numpy(np.asarray(codec.decode(codec.encode(stored_form), m.soft_label_width),
-                                               dtype=np.float32))
-        compared.append((batch.epoch, batch.batch, batch.soft_labels, expected, logits))
-    stored_rows = torch.cat([stored for _, _, stored, _, _ in compared])
+        try:
+            logits = ensemble(batch.model_input("cpu"))
+            # The recomputed logits as the set stores them: its dtype's rounding, then its codec.
+            stored_form = logits.numpy().astype(m.soft_label_dtype)
+            expected = np.asarray(codec.decode(codec.encode(stored_form), m.soft_label_width), dtype=np.float32)
+        except (TeacherError, shards.CodecError) as exc:
+            raise TeacherCheckError(f"--check-teacher {t.name}: epoch {batch.epoch} batch {batch.batch}: "
+                                    f"{first_line(exc)}") from None
+        compared.append((batch.epoch, batch.batch, batch.soft_labels, torch.from_numpy(expected)))
+    stored_rows = torch.cat([stored for _, _, stored, _ in compared])
     # How much the stored logits vary from image to image: the scale a difference is measured on.
     spread_rms = float((stored_rows - stored_rows.mean(0)).pow(2).mean().sqrt())
-    exact = all(torch.equal(stored, expected) for _, _, stored, expected, _ in compared)
-    largest_difference = max(float((stored - expected).abs().max()) for _, _, stored, expected, _ in compared)
+    exact = all(torch.equal(stored, expected) for _, _, stored, expected in compared)
+    largest_difference = max(float((stored - expected).abs().max()) for _, _, stored, expected in compared)
     largest_relative = 0.0
-    for epoch, batch, stored, _, logits in compared:
-        rms = float((stored - logits).pow(2).mean().sqrt())
+    for epoch, batch, stored, expected in compared:
+        # Both in the stored form, so that a codec's own loss (topk:K's fill) is no difference.
+        rms = float((stored - expected).pow(2).mean().sqrt())
         relative = rms / spread_rms if spread_rms > 0 else (0.0 if exact else math.inf)
         largest_relative = max(largest_relative, relative)
         if not relative <= TOLERANCE:  # NaN fails too

@@ -12,6 +12,7 @@ from fkd_shards.convert.imagefolder import ImageFolderListing
 from fkd_shards.convert.pipeline import infer_input_size, label_storage
 from fkd_shards.convert.sre2l import RelabelBatch, RelabelLayout, read_sizes, scan_layout
 from fkd_shards.shards import format as fmt
+from fkd_shards.shards.provenance import MAX_TEACHERS
 
 from .errors import RelabelError
 
@@ -78,6 +79,8 @@ class Plan:
 def check_options(o: RelabelOptions) -> shards.codecs.Codec:
     if not o.teachers:
         raise RelabelError("--teacher MODEL WEIGHTS is required (repeat it for an ensemble)")
+    if len(o.teachers) > MAX_TEACHERS:  # what a manifest's provenance holds
+        raise RelabelError(f"{len(o.teachers)} teachers given; an ensemble has at most {MAX_TEACHERS}")
     if o.replay is not None:
         given = [flag for flag, value in (("--seed", o.seed), ("--crop-scale", o.crop_scale),
                                           ("--mix-type", o.mix_type)) if value is not None]

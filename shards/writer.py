@@ -313,8 +313,8 @@ class ShardSetWriter:
         in) last and remove ``progress.json``.
 
         ``check``: given the finished set before anything is published (read from where its shards
-        wait), returns the manifest to write, or raises: then nothing is published and a set being
-        replaced stays as it was."""
+        wait), returns the manifest to write, or raises: then no manifest is written (and in a local
+        directory a set being replaced stays as it was; a remote one was removed when writing began)."""
         for kind in list(self._open):
             self._close_shard(kind)
         images = [s for s in self.completed if s.kind == fmt.IMAGES_KIND]

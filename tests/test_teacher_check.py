@@ -207,3 +207,29 @@ def test_a_crop_size_above_every_image_is_said_in_one_line(two_folders, capsys):
     assert train_main(["--shards", str(tmp / "upscaled"), "--output-dir", str(tmp / "run"), "--epochs", "1", "-j", "0",
                        "--device", "cpu", "--no-progress"]) == 0
     assert "fkd-train: note: crop size S=32 is larger than every image" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("codec", ["int8", "topk:2"])
+def test_a_set_stored_through_a_lossy_codec_is_compared_in_its_stored_form(two_folders, capsys, codec):
+    tmp, a, b, fkd, weights = two_folders
+    assert _convert(a, fkd, tmp / "right", "--label-codec", codec, "--check-teacher", "resnet18", weights) == 0
+    check = shards.ShardSet(str(tmp / "right")).manifest.teacher_check
+    assert check["result"] == "exact" and check["largest_relative"] == 0.0
+    assert _convert(b, fkd, tmp / "wrong", "--label-codec", codec, "--check-teacher", "resnet18", weights) == 1
+    assert "the teacher's logits on the stored images are not the stored labels" in capsys.readouterr().err
+
+
+def test_verify_recomputes_a_relabelled_set_as_its_provenance_says(two_folders, capsys):
+    from fkd_shards.relabel.cli import main as relabel_main
+
+    tmp, a, _, _, weights = two_folders
+    base = ["--train-dir", a, "--input-size", str(SIZE), "--batch-size", "6", "--epochs", "1", "--min-alignment", "0",
+            "-j", "0", "--device", "cpu", "--no-progress", "--teacher", "resnet18", weights]
+    assert relabel_main([*base, "--output", str(tmp / "half"), "--teacher-mix", "0.5"]) == 0
+    capsys.readouterr()
+    assert convert_main(["verify", str(tmp / "half"), "--check-teacher", "resnet18", weights]) == 0
+    assert "batch(es) on the stored images: exact" in capsys.readouterr().out  # with the recorded weight 0.5
+    assert relabel_main([*base, "--output", str(tmp / "two"), "--teacher", "resnet18", weights]) == 0
+    capsys.readouterr()
+    assert convert_main(["verify", str(tmp / "two"), "--check-teacher", "resnet18", weights]) == 1
+    assert "labelled by an ensemble of 2 teachers, and the check recomputes one" in capsys.readouterr().err
