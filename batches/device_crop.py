@@ -79,7 +79,12 @@ class HostTables:
 
 def host_tables(offsets: np.ndarray, shapes: np.ndarray, *, samples: np.ndarray, boxes: np.ndarray,
                 flips: np.ndarray, size: int, pin: bool, chunk: int = 32) -> HostTables:
-    """:class:`HostTables` of crops ``boxes`` of images ``samples`` (as :func:`crop_resize_flip_batch` takes them)."""
+    """:class:`HostTables` of PIL's crop, bilinear resize and flip of ``boxes`` of images ``samples``.
+
+    ``offsets``/``shapes``: where each image's RGB pixels (H, W, 3) start in the flat pixel buffer and
+    its (H, W); ``boxes``: from :func:`fkd_shards.shards.boxes.pixel_boxes`, none without pixels and
+    none taller than ``size``. Pixels of a box reaching outside its image are black, as PIL's crop
+    makes them."""
     arrays, chunks = [], []
     for start in range(0, len(samples), chunk):
         part = slice(start, start + chunk)
@@ -105,19 +110,6 @@ def resample(flat: torch.Tensor, tables: HostTables) -> torch.Tensor:
         out[start:start + count] = _resample(flat, [next(pieces).view(shape) for shape in shapes], rows, tables.size)
         start += count
     return out
-
-
-def crop_resize_flip_batch(flat: torch.Tensor, offsets: np.ndarray, shapes: np.ndarray, *, samples: np.ndarray,
-                           boxes: np.ndarray, flips: np.ndarray, size: int, chunk: int = 32) -> torch.Tensor:
-    """uint8 (n, 3, size, size) on ``flat``'s device: PIL's crop, bilinear resize and flip.
-
-    ``flat`` holds every image's RGB pixels (H, W, 3) one after another; ``offsets``/``shapes``:
-    where each starts and its (H, W); ``boxes``: from :func:`fkd_shards.shards.boxes.pixel_boxes`, none with pixels and
-    none taller than ``size``. Pixels of a box reaching outside its image are black, as PIL's crop makes them.
-    """
-    tables = host_tables(offsets, shapes, samples=samples, boxes=boxes, flips=flips, size=size,
-                         pin=flat.device.type == "cuda", chunk=chunk)
-    return resample(flat, tables)
 
 
 def _tables(offsets, shapes, boxes, flips, size) -> tuple[list[np.ndarray], int]:

@@ -22,6 +22,7 @@ MAX_EPOCHS = 100_000  # of labels a tool writes; SRe2L-family recipes use up to 
 MAX_INPUT_SIZE = 2048  # px; a crop this size already takes 12 MB per image
 MAX_BATCH_SIZE = 1 << 16  # rows of one batch; the field uses 16 to 1,024
 MAX_WORKERS = 256  # worker processes or threads of any command; more only contend for the same cores
+MAX_CHECK_BATCHES = 10_000  # batches --check-teacher recomputes, and a manifest's teacher_check may list
 MAX_SEED = 2**32 - 1  # torch's CPU generator keeps 32 bits: seeds 0 and 2**32 would draw the same
 
 
@@ -72,7 +73,7 @@ RANGES: dict[str, Range] = {
     "--min-replay-alignment": Range(0, 1, integer=False),
     "--teacher-chunks": Range(1, MAX_BATCH_SIZE),
     "--crop-scale": Range(0, 1, integer=False, open_low=True),
-    "--check-batches": Range(1, 10_000),
+    "--check-batches": Range(1, MAX_CHECK_BATCHES),
     "--dist-timeout": Range(1, MAX_TIMEOUT_MIN),
     "--columns": Range(1, 1024),
     "--batch": Range(0, MAX_EPOCHS * MAX_BATCH_SIZE),  # fkd-train inspect EPOCH BATCH

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import re
 
-from fkd_shards.common.ranges import MAX_EPOCHS, MAX_INPUT_SIZE  # noqa: F401  (limits of the format too)
-
 FORMAT_NAME = "fkd-shards"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"

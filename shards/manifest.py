@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 
+from fkd_shards.common.ranges import MAX_INPUT_SIZE
 from fkd_shards.common.text import escape, shown
 
 from . import codecs
@@ -205,8 +206,8 @@ class Manifest:
         for name in ("num_images", "batch_size", "num_classes", "soft_label_width", "epochs", "input_size"):
             if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
                 fail(f"{name} must be a positive integer, found {shown(getattr(self, name))}")
-        if self.input_size > fmt.MAX_INPUT_SIZE:
-            fail(f"input_size {self.input_size} is above {fmt.MAX_INPUT_SIZE}")
+        if self.input_size > MAX_INPUT_SIZE:
+            fail(f"input_size {self.input_size} is above {MAX_INPUT_SIZE}")
         if not _is_int(self.fkd_seed) or not 0 <= self.fkd_seed < 2**64:
             fail(f"fkd_seed must be an integer in [0, 2**64), found {shown(self.fkd_seed)}")
         if self.mix_type not in fmt.MIX_TYPES:

@@ -9,6 +9,7 @@ import math
 import re
 from collections.abc import Callable
 
+from fkd_shards.common.ranges import MAX_CHECK_BATCHES
 from fkd_shards.common.text import shown
 from fkd_shards.common.typed import BOOL, check_fields, integer, number, one_of, or_null, text
 
@@ -49,8 +50,8 @@ def validate_teacher_check(body: object, epochs: int, batches_per_epoch: int, fa
     """fkd-convert --check-teacher's result; its positions must lie in the set."""
     check_fields(body, _TEACHER_CHECK, "teacher_check", fail, required=tuple(_TEACHER_CHECK))
     positions = body["batches"]
-    if not (isinstance(positions, list) and 1 <= len(positions) <= 10**4 and all(
+    if not (isinstance(positions, list) and 1 <= len(positions) <= MAX_CHECK_BATCHES and all(
             isinstance(p, list) and len(p) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in p)
             and 0 <= p[0] < epochs and 0 <= p[1] < batches_per_epoch for p in positions)):
-        fail(f"teacher_check.batches must list 1 to 10000 [epoch, batch] positions of the set, found "
+        fail(f"teacher_check.batches must list 1 to {MAX_CHECK_BATCHES} [epoch, batch] positions of the set, found "
              f"{shown(positions)}")
